@@ -1,0 +1,82 @@
+"""AlphaTokenConfig: every knob of the valuation, with its meaning in DESIGN.md terms."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+SELECTIONS = ("batch", "sequence", "threshold")
+PATHS = ("full", "direct")
+TARGETS = ("batch", "validation", "none")
+
+
+@dataclass
+class AlphaTokenConfig:
+    """Configuration of the token valuation and selection (DESIGN §3–§4).
+
+    keep_ratio: share of response tokens kept ("batch" and "sequence" selection).
+    selection: "batch" (top of the batch), "sequence" (top of each sequence) or "threshold" (total > threshold).
+    stability_weight: λ in total = adaptation + λ·stability.
+    causal_weight: γ in adaptation = A(direct) + γ·A(causal), likewise for stability.
+    paths: "full" (direct + causal, one valuation backward) or "direct" (head only, no backward).
+    target: "batch" (U = ∇L_mean of this batch), "validation" (of a user batch) or "none" (adaptation = 0).
+    lr: η, the virtual step size.
+    threshold: the cut for selection="threshold".
+    min_keep_per_sequence: every sequence with response tokens keeps at least this many (its best).
+    normalize: divide adaptation and stability each by its RMS over the batch's response tokens.
+    refresh: with target="validation", recompute the validation direction every `refresh` steps.
+    tracked_layers: "all", an int k (the head and the last k transformer blocks) or a regex on module names
+        (the head is always tracked).
+    track_embeddings: also track the input nn.Embedding.
+    reference_device / reference_dtype: where the θ₀ snapshot lives (e.g. "cpu", torch.bfloat16) to save memory.
+    global_selection: under torch.distributed, select over the values of all ranks together.
+    check_finite: raise on NaN/Inf in the loss or in any layer's values, naming what was non-finite.
+    """
+
+    keep_ratio: float = 0.6
+    selection: str = "batch"
+    stability_weight: float = 1.0
+    causal_weight: float = 1.0
+    paths: str = "full"
+    target: str = "batch"
+    lr: float = 1.0
+    threshold: float = 0.0
+    min_keep_per_sequence: int = 1
+    normalize: bool = False
+    refresh: int = 1
+    tracked_layers: Union[str, int] = "all"
+    track_embeddings: bool = False
+    reference_device: Optional[Union[str, torch.device]] = None
+    reference_dtype: Optional[torch.dtype] = None
+    global_selection: bool = False
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.paths not in PATHS:
+            raise ValueError(f"paths must be one of {PATHS}, got {self.paths!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.min_keep_per_sequence < 0:
+            raise ValueError(f"min_keep_per_sequence must be >= 0, got {self.min_keep_per_sequence}")
+        if self.refresh < 1:
+            raise ValueError(f"refresh must be >= 1, got {self.refresh}")
+        if isinstance(self.tracked_layers, bool) or not isinstance(self.tracked_layers, (str, int)):
+            raise ValueError("tracked_layers must be 'all', an int (last k blocks) or a regex string")
+        if isinstance(self.tracked_layers, int) and self.tracked_layers < 0:
+            raise ValueError(f"tracked_layers as a block count must be >= 0, got {self.tracked_layers}")
+
+    def replace(self, **changes) -> "AlphaTokenConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        for key in ("reference_device", "reference_dtype"):
+            if out[key] is not None:
+                out[key] = str(out[key])
+        return out

@@ -1,0 +1,39 @@
+"""alphatoken.kernels — token-level ghost kernels (DESIGN §6).
+
+Inputs are row-matched token matrices `a (N, d_in)` and `g (N, d_out)` (fp32, bf16 or fp16; any strides);
+results are float32 with one value per row.
+
+    bilinear(a, g, M)                  g_tᵀ M_k a_t, one or several M in one pass over a and g
+    fisher_norm(a, g, F)               (g_t⊙g_t)ᵀ F (a_t⊙a_t)
+    bilinear_fisher_norm(a, g, M, F)   both of the above from one pass over a and g
+    ghost_dot(a, g, a_ref, g_ref)      Σ_v (g_t·g'_v)(a_t·a'_v), never forming N×V
+    target_dot(a, g, a_ref, g_ref)     the same value, ghost or materialized by cost (`use_ghost`)
+
+Where each call runs is decided in `gate.py` alone.
+"""
+from .gate import backend_for, interpreter_enabled, use_backend
+from .bilinear import bilinear, bilinear_fisher_norm, fisher_norm
+from .ghost_dot import ghost_dot
+from .dispatch import target_dot, use_ghost
+from .reference import (
+    bilinear_reference,
+    fisher_norm_reference,
+    ghost_dot_reference,
+    materialize_reference,
+)
+
+__all__ = [
+    "bilinear",
+    "fisher_norm",
+    "bilinear_fisher_norm",
+    "ghost_dot",
+    "target_dot",
+    "use_ghost",
+    "backend_for",
+    "interpreter_enabled",
+    "use_backend",
+    "bilinear_reference",
+    "fisher_norm_reference",
+    "ghost_dot_reference",
+    "materialize_reference",
+]

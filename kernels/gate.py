@@ -1,0 +1,68 @@
+"""The one place that decides where a kernel call runs.
+
+* CUDA tensors                          -> compiled Triton;
+* CPU tensors with `TRITON_INTERPRET=1` -> the Triton kernels in Triton's interpreter (set before import);
+* otherwise                             -> the plain-PyTorch reference.
+
+`ALPHATOKEN_KERNELS=reference` (or `use_backend("reference")`) forces the reference everywhere, e.g. to
+compare, or to keep long CPU tests off the interpreter. Call sites never test devices themselves.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+try:  # Triton is optional on machines without a Linux GPU stack.
+    import triton  # noqa: F401
+
+    TRITON_AVAILABLE = True
+except Exception:  # pragma: no cover - depends on the install
+    TRITON_AVAILABLE = False
+
+BACKENDS = ("auto", "triton", "reference")
+_forced: list[str] = []
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def requested_backend() -> str:
+    if _forced:
+        return _forced[-1]
+    choice = os.environ.get("ALPHATOKEN_KERNELS", "auto").lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"ALPHATOKEN_KERNELS must be one of {BACKENDS}, got {choice!r}")
+    return choice
+
+
+def backend_for(*tensors: torch.Tensor) -> str:
+    """'triton' (compiled or interpreted) or 'reference' for a call on these tensors."""
+    choice = requested_backend()
+    if choice == "reference" or not TRITON_AVAILABLE:
+        return "reference"
+    on_cuda = all(t.is_cuda for t in tensors)
+    if on_cuda and not interpreter_enabled():
+        return "triton"
+    if not any(t.is_cuda for t in tensors) and interpreter_enabled():
+        return "triton"
+    if choice == "triton":
+        raise RuntimeError(
+            "ALPHATOKEN_KERNELS=triton but Triton cannot run on these tensors: use CUDA tensors, "
+            "or CPU tensors with TRITON_INTERPRET=1 set before import"
+        )
+    return "reference"
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend ('auto', 'triton', 'reference') inside a `with` block."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()

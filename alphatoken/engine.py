@@ -1,0 +1,409 @@
+"""AlphaToken: value every response token on adaptation and stability, on the direct and causal paths.
+
+One call of `value(batch)`:
+  1. forward with capture hooks on the tracked layers (body outputs probed when paths="full");
+  2. head (direct path): g_t = w_t (softmax(logits_{t-1}) − onehot(y_t)) at the rows that predict response
+     tokens — no backward; values from the head credits g_t a_tᵀ;
+  3. body (causal path): one valuation backward of L = Σ_t w_t ℓ_t towards the probes (input-gradients only);
+     each layer's values are computed as its g arrives, at the response rows t;
+  4. combine (DESIGN §3) and select (DESIGN §4).
+`value_and_loss(batch)` keeps the forward graph for the training backward of the masked loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from .anchor import Anchor
+from .config import AlphaTokenConfig
+from .credits import Direction, embedding_direction, embedding_values, linear_values
+from .fisher import Fisher
+from .hooks import Capture
+from .layers import TrackedLayer, discover_layers
+from .losses import IGNORE_INDEX, masked_causal_lm_loss, response_mask
+from .select import select_tokens
+from .values import TokenValues
+
+TokenWeights = Union[None, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _accurate(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half types and float32; float64 stays float64 (exact checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf in the loss, a captured gradient or a value; the message names where."""
+
+
+def validate_batch(batch, device) -> dict:
+    """Check and move a batch: input_ids and labels (B, T) integer, attention_mask (B, T) if given."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"a batch must be a dict with input_ids and labels, got {type(batch).__name__}")
+    for key in ("input_ids", "labels"):
+        if key not in batch:
+            raise ValueError(f"the batch has no {key!r} (keys: {sorted(batch)}); labels are -100 outside the response")
+        if not isinstance(batch[key], torch.Tensor) or batch[key].dim() != 2:
+            raise ValueError(f"batch[{key!r}] must be a (B, T) tensor, got {getattr(batch[key], 'shape', type(batch[key]))}")
+    shape = tuple(batch["input_ids"].shape)
+    out = {}
+    for key, value in batch.items():
+        if key in ("input_ids", "labels", "attention_mask", "position_ids", "token_type_ids"):
+            if tuple(value.shape) != shape:
+                raise ValueError(f"batch[{key!r}] has shape {tuple(value.shape)} but input_ids has {shape}")
+            out[key] = value.to(device)
+    if out["labels"].dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be integer token ids, got {out['labels'].dtype}")
+    return out
+
+
+_FORWARD_ARGS: dict[type, set] = {}
+
+
+def model_inputs(model: nn.Module, batch: dict) -> dict:
+    """The model's forward arguments: no labels (AlphaToken computes its own losses), no cache.
+
+    With left padding and no position_ids, positions are derived from the attention mask so that a padded
+    sequence is valued exactly as the unpadded one.
+    """
+    cls = type(model)
+    if cls not in _FORWARD_ARGS:
+        _FORWARD_ARGS[cls] = set(inspect.signature(model.forward).parameters)
+    accepted = _FORWARD_ARGS[cls]
+    inputs = {k: v for k, v in batch.items() if k != "labels" and k in accepted}
+    mask = batch.get("attention_mask")
+    if mask is not None and "position_ids" not in batch and "position_ids" in accepted and bool((mask[:, 0] == 0).any()):
+        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    if "use_cache" in accepted:
+        inputs["use_cache"] = False
+    return inputs
+
+
+class AlphaToken:
+    """Path-aware token valuation for a causal LM. See DESIGN.md §3–§5 and `AlphaTokenConfig`.
+
+    model: any transformers causal LM (nn.Linear / Conv1D layers, a linear head from get_output_embeddings()).
+    fisher: an `alphatoken.Fisher` over the tracked layers, or None (stability is 0, with a warning).
+    reference: θ₀ for the drift term: None (snapshot now), a state dict, or a module.
+    validation: a batch, or an iterable of batches cycled every `cfg.refresh` steps (target="validation").
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Optional[AlphaTokenConfig] = None,
+        fisher: Optional[Fisher] = None,
+        reference=None,
+        validation=None,
+    ):
+        self.model = model
+        self.cfg = cfg = cfg or AlphaTokenConfig()
+        self.layers: list[TrackedLayer] = discover_layers(model, cfg.tracked_layers, cfg.track_embeddings)
+        self.device = self.layers[0].weight.device
+        self.fisher_entries: dict[str, tuple] = {}
+        if fisher is None:
+            warnings.warn("AlphaToken: fisher=None, so stability is 0 (pass at.estimate_fisher(...) to value it)",
+                          stacklevel=2)
+            self.anchor = None
+        else:
+            if not isinstance(fisher, Fisher):
+                raise TypeError(f"fisher must be an alphatoken.Fisher or None, got {type(fisher).__name__}")
+            fisher.check_layers(self.layers)
+            for layer in self.layers:
+                entry = fisher[layer.name]
+                entry = (entry,) if fisher.kind == "diag" else entry
+                dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+                self.fisher_entries[layer.name] = (fisher.kind, *[t.to(self.device, dtype) for t in entry])
+            self.anchor = Anchor(self.layers, reference, cfg.reference_device, cfg.reference_dtype)
+        self.validation_batches = None
+        self.directions: dict[int, Direction] = {}
+        if cfg.target == "validation":
+            if validation is None:
+                raise ValueError('target="validation" needs validation=<batch or iterable of batches>')
+            batches = [validation] if isinstance(validation, Mapping) else validation
+            if not isinstance(batches, Iterable):
+                raise TypeError("validation must be a batch dict or an iterable of batch dicts")
+            self.validation_batches = itertools.cycle(batches)
+        self.capture = Capture(self.layers)
+        self.steps = 0
+        self.last_values: Optional[TokenValues] = None
+        self.last_logits: Optional[torch.Tensor] = None
+        self.closed = False
+
+    # ---------------------------------------------------------------- public surface
+    def tracked_parameters(self) -> list[nn.Parameter]:
+        """The parameters the values are defined over (tied weights once)."""
+        seen, params = set(), []
+        for layer in self.layers:
+            if id(layer.weight) not in seen:
+                seen.add(id(layer.weight))
+                params.append(layer.weight)
+        return params
+
+    def tracked_layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def value(self, batch, token_weights: TokenWeights = None) -> TokenValues:
+        """TokenValues of one batch. Never changes any parameter's `.grad`."""
+        values, _ = self._run(batch, token_weights, keep_graph=False)
+        self.last_values = values
+        return values
+
+    def value_and_loss(
+        self,
+        batch,
+        loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+        num_items_in_batch=None,
+        token_weights: TokenWeights = None,
+    ) -> torch.Tensor:
+        """Value the batch and return the masked loss from the same forward (call `.backward()` on it).
+
+        Default loss: mean next-token NLL over the kept tokens (sum / num_items_in_batch when given).
+        `loss_fn(logits, masked_labels)` replaces it. The TokenValues are in `self.last_values`.
+        """
+        values, logits = self._run(batch, token_weights, keep_graph=True)
+        labels = values.apply(batch["labels"].to(values.mask.device))
+        self.last_values, self.last_logits = values, logits
+        if loss_fn is not None:
+            return loss_fn(logits, labels)
+        return masked_causal_lm_loss(logits, labels, num_items_in_batch)
+
+    def close(self) -> None:
+        """Remove every hook and drop captured state (idempotent)."""
+        self.capture.remove()
+        self.closed = True
+
+    def __enter__(self) -> "AlphaToken":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- one step
+    def _run(self, batch, token_weights: TokenWeights, keep_graph: bool):
+        if self.closed:
+            raise RuntimeError("this AlphaToken was closed; create a new one")
+        cfg = self.cfg
+        batch = validate_batch(batch, self.device)
+        labels = batch["labels"]
+        response = response_mask(labels)
+        B, T = labels.shape
+        if self.validation_batches is not None and self.steps % cfg.refresh == 0:
+            self._refresh_validation()
+        self.steps += 1
+
+        body = cfg.paths == "full" and len(self.layers) > 1
+        n = int(response.sum())
+        grad_ctx = torch.enable_grad() if (keep_graph or (body and n > 0)) else torch.no_grad()
+        self.capture.open(set(range(1, len(self.layers))) if body and n > 0 else set())
+        try:
+            with grad_ctx:
+                logits = self.model(**model_inputs(self.model, batch)).logits
+        finally:
+            self.capture.close_recording()
+        try:
+            if n == 0:
+                return self._empty(response), logits
+            b, t = response.nonzero(as_tuple=True)
+            head_rows, body_rows = b * T + t - 1, b * T + t
+            with torch.no_grad():
+                logp = torch.log_softmax(_accurate(logits[b, t - 1]), dim=-1)
+                nll = -logp.gather(1, labels[b, t].unsqueeze(1)).squeeze(1)
+            self._check_finite(nll, "the loss (per-token NLL of the response tokens)")
+            weights = self._weights(token_weights, nll, b, t, (B, T))
+            adapt_d, stab_d = self._direct(logp, labels[b, t], weights, head_rows, n)
+            adapt_c = torch.zeros_like(adapt_d)
+            stab_c = torch.zeros_like(adapt_d)
+            if body:
+                loss = (weights * self._nll_with_graph(logits, labels, b, t)).sum()
+                adapt_c, stab_c = self._causal(loss, batch, body_rows, n, keep_graph)
+            values = self._combine(adapt_d, stab_d, adapt_c, stab_c, b, t, response)
+            return values, logits
+        finally:
+            self.capture.release()
+
+    def _empty(self, response: torch.Tensor) -> TokenValues:
+        zero = torch.zeros(response.shape, dtype=torch.float32, device=response.device)
+        return TokenValues(zero, zero.clone(), zero.clone(), zero.clone(), zero.clone(),
+                           torch.zeros_like(response), response)
+
+    @staticmethod
+    def _nll_with_graph(logits, labels, b, t) -> torch.Tensor:
+        logp = torch.log_softmax(_accurate(logits[b, t - 1]), dim=-1)
+        return -logp.gather(1, labels[b, t].unsqueeze(1)).squeeze(1)
+
+    def _weights(self, token_weights: TokenWeights, nll, b, t, shape) -> torch.Tensor:
+        if token_weights is None:
+            return torch.ones_like(nll)
+        if callable(token_weights):
+            logprobs = torch.zeros(shape, dtype=torch.float32, device=nll.device)
+            logprobs[b, t] = -nll
+            token_weights = token_weights(logprobs)
+        if not isinstance(token_weights, torch.Tensor) or tuple(token_weights.shape) != tuple(shape):
+            raise ValueError(f"token_weights must be a {tuple(shape)} tensor (or a callable returning one)")
+        w = token_weights.to(nll.device, nll.dtype).detach()[b, t]
+        self._check_finite(w, "token_weights")
+        return w
+
+    # ---------------------------------------------------------------- the two paths
+    def _layer_fisher(self, layer: TrackedLayer):
+        return self.fisher_entries.get(layer.name)
+
+    def _delta(self, layer: TrackedLayer):
+        if self.anchor is None:
+            return None
+        delta = self.anchor.delta(layer)
+        if delta is None or layer.kind == "embedding":
+            return delta  # embeddings take Δ in storage shape (vocab, d)
+        return layer.weight_matrix(delta)
+
+    def _direct(self, logp, targets, weights, head_rows, n: int):
+        """Head credits at the rows that predict each response token: g = w (p − onehot(y))."""
+        head = self.layers[0]
+        with torch.no_grad():
+            g = torch.softmax(logp, dim=-1)
+            g[torch.arange(g.shape[0], device=g.device), targets] -= 1.0
+            g *= weights.unsqueeze(1)
+            a = self.capture.inputs[0]
+            a = a.reshape(-1, a.shape[-1]).index_select(0, head_rows)
+            if self.cfg.target == "batch":
+                direction = Direction.from_rows(a, g, 1.0 / n)
+            else:
+                direction = self.directions.get(0)
+            adapt, stab = linear_values(a, g, self.cfg.lr, direction, self._layer_fisher(head), self._delta(head))
+        self._check_values(adapt, stab, head, g)
+        return adapt, stab
+
+    def _causal(self, loss, batch, body_rows, n: int, keep_graph: bool):
+        """One valuation backward; each body layer's values at rows t as its g arrives."""
+        cfg = self.cfg
+        mask = batch.get("attention_mask")
+        ref_rows = (mask.reshape(-1) > 0).nonzero().squeeze(1) if mask is not None else None
+        acc = {"adapt": torch.zeros(body_rows.numel(), device=body_rows.device),
+               "stab": torch.zeros(body_rows.numel(), device=body_rows.device)}
+
+        @torch.no_grad()
+        def on_grad(index: int, grad: torch.Tensor) -> None:
+            layer = self.layers[index]
+            g_all = grad.reshape(-1, grad.shape[-1])
+            x = self.capture.inputs[index]
+            a_all = x.reshape(-1) if layer.kind == "embedding" else x.reshape(-1, x.shape[-1])
+            if a_all.shape[0] != g_all.shape[0] or g_all.shape[0] != batch["input_ids"].numel():
+                raise ValueError(
+                    f"unsupported tracked module {layer.name!r}: its rows ({a_all.shape[0]}) do not map to the "
+                    f"batch's (B, T) positions; exclude it with AlphaTokenConfig(tracked_layers=<regex>)"
+                )
+            a, g = a_all.index_select(0, body_rows), g_all.index_select(0, body_rows)
+            direction = self.directions.get(index)
+            if cfg.target == "batch":
+                rows = ref_rows if ref_rows is not None else slice(None)
+                a_ref, g_ref = a_all[rows], g_all[rows]
+                if layer.kind == "embedding":
+                    direction = embedding_direction(a_ref, g_ref, layer.shape[1], 1.0 / n)
+                else:
+                    direction = Direction.from_rows(a_ref, g_ref, 1.0 / n)
+            fisher, delta = self._layer_fisher(layer), self._delta(layer)
+            if layer.kind == "embedding":
+                adapt, stab = embedding_values(a, g, cfg.lr, direction, fisher, delta)
+            else:
+                adapt, stab = linear_values(a, g, cfg.lr, direction, fisher, delta)
+            self._check_values(adapt, stab, layer, g)
+            acc["adapt"] += adapt
+            acc["stab"] += stab
+
+        self.capture.backward(loss, on_grad, retain_graph=keep_graph)
+        return acc["adapt"], acc["stab"]
+
+    def _combine(self, adapt_d, stab_d, adapt_c, stab_c, b, t, response) -> TokenValues:
+        cfg = self.cfg
+        gamma, lam = cfg.causal_weight, cfg.stability_weight
+        if cfg.normalize:
+            rms_a = (adapt_d + gamma * adapt_c).pow(2).mean().sqrt()
+            rms_s = (stab_d + gamma * stab_c).pow(2).mean().sqrt()
+            if rms_a > 0:
+                adapt_d, adapt_c = adapt_d / rms_a, adapt_c / rms_a
+            if rms_s > 0:
+                stab_d, stab_c = stab_d / rms_s, stab_c / rms_s
+        rows = {
+            "adaptation": adapt_d + gamma * adapt_c,
+            "stability": stab_d + gamma * stab_c,
+            "direct": adapt_d + lam * stab_d,
+            "causal": adapt_c + lam * stab_c,
+        }
+        rows["total"] = rows["direct"] + gamma * rows["causal"]
+        self._check_finite(rows["total"], "the token values")
+        full = {}
+        for key, value in rows.items():
+            out = torch.zeros(response.shape, dtype=torch.float32, device=response.device)
+            out[b, t] = value.float()
+            full[key] = out
+        mask = select_tokens(full["total"], response, cfg)
+        return TokenValues(mask=mask, response=response, **full)
+
+    # ---------------------------------------------------------------- validation target
+    def _refresh_validation(self) -> None:
+        """U = ∇ of the mean NLL of the next validation batch, per layer, kept as factors or materialized."""
+        batch = validate_batch(next(self.validation_batches), self.device)
+        labels = batch["labels"]
+        response = response_mask(labels)
+        n = int(response.sum())
+        if n == 0:
+            raise ValueError("the validation batch has no response tokens (every label is -100)")
+        B, T = labels.shape
+        b, t = response.nonzero(as_tuple=True)
+        head_rows = b * T + t - 1
+        mask = batch.get("attention_mask")
+        body_rows = (mask.reshape(-1) > 0).nonzero().squeeze(1) if mask is not None else torch.arange(B * T, device=self.device)
+        self.capture.open(set(range(len(self.layers))))
+        try:
+            with torch.enable_grad():
+                logits = self.model(**model_inputs(self.model, batch)).logits
+        finally:
+            self.capture.close_recording()
+        directions: dict[int, Direction] = {}
+
+        @torch.no_grad()
+        def on_grad(index: int, grad: torch.Tensor) -> None:
+            layer = self.layers[index]
+            rows = head_rows if layer.is_head else body_rows
+            x = self.capture.inputs[index]
+            a = (x.reshape(-1) if layer.kind == "embedding" else x.reshape(-1, x.shape[-1])).index_select(0, rows)
+            g = grad.reshape(-1, grad.shape[-1]).index_select(0, rows)
+            self._check_finite(g, f"the validation output-gradient of layer {layer.name!r}")
+            if layer.kind == "embedding":
+                directions[index] = embedding_direction(a, g, layer.shape[1], 1.0 / n)
+            else:
+                directions[index] = Direction.from_rows(a.detach().clone(), g.detach().clone(), 1.0 / n)
+
+        try:
+            loss = self._nll_with_graph(logits, labels, b, t).sum()
+            self._check_finite(loss, "the validation loss")
+            self.capture.backward(loss, on_grad, retain_graph=False)
+        finally:
+            self.capture.release()
+        self.directions = directions
+
+    # ---------------------------------------------------------------- errors
+    def _check_finite(self, tensor: torch.Tensor, what: str) -> None:
+        if self.cfg.check_finite and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteError(f"AlphaToken: {bad} non-finite (NaN/Inf) entries in {what}")
+
+    def _check_values(self, adapt, stab, layer: TrackedLayer, g) -> None:
+        if not self.cfg.check_finite:
+            return
+        if bool(torch.isfinite(adapt).all()) and bool(torch.isfinite(stab).all()):
+            return
+        if not bool(torch.isfinite(g).all()):
+            raise NonFiniteError(f"AlphaToken: non-finite (NaN/Inf) output-gradient captured at layer {layer.name!r}")
+        raise NonFiniteError(
+            f"AlphaToken: non-finite values at layer {layer.name!r} (its input activations, Fisher entry or "
+            "reference weights hold NaN/Inf)"
+        )

@@ -1,0 +1,225 @@
+"""The reference Fisher at θ₀ (DESIGN §5): estimated with the capture hooks, stored with safetensors.
+
+Token-level Fisher of layer l:  F_l = (1/N) Σ_s (g_s ⊙ g_s)(a_s ⊙ a_s)ᵀ   (d_out, d_in)
+"kfac" keeps the factors        f_out = (1/N) Σ_s g_s ⊙ g_s,  f_in = (1/N) Σ_s a_s ⊙ a_s,  F_l ≈ f_out f_inᵀ
+with g from the summed NLL of the response tokens (labels sampled from the model, or the data's), N the
+number of response tokens, and s over the positions where g can be non-zero: the rows that predict a
+response token at the head, every non-padding position in the body (prompt positions carry gradient too).
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from .hooks import Capture
+from .layers import TrackedLayer, discover_layers
+from .losses import response_mask
+from .progress_bridge import progress
+
+KINDS = ("diag", "kfac")
+FORMAT = "alphatoken-fisher-v1"
+
+
+class Fisher:
+    """A reference Fisher keyed by module name: (d_out, d_in) for "diag", (f_out, f_in) pairs for "kfac"."""
+
+    def __init__(self, kind: str, tensors: dict, meta: Optional[dict] = None):
+        if kind not in KINDS:
+            raise ValueError(f"Fisher kind must be one of {KINDS}, got {kind!r}")
+        self.kind = kind
+        self.tensors: dict = {}
+        for name, value in tensors.items():
+            if kind == "diag":
+                if not isinstance(value, torch.Tensor) or value.dim() != 2:
+                    raise ValueError(f"diag Fisher for {name!r} must be a (d_out, d_in) tensor")
+            else:
+                if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(v.dim() == 1 for v in value)):
+                    raise ValueError(f"kfac Fisher for {name!r} must be a pair (f_out (d_out,), f_in (d_in,))")
+                value = tuple(value)
+            self.tensors[name] = value
+        self.meta = dict(meta or {})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __getitem__(self, name: str):
+        return self.tensors[name]
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def check_layers(self, layers: list[TrackedLayer]) -> None:
+        """Every tracked layer must have an entry of its (d_out, d_in) shape."""
+        missing = [layer.name for layer in layers if layer.name not in self.tensors]
+        if missing:
+            raise ValueError(
+                f"the Fisher has no entry for tracked layers {missing[:4]}{'...' if len(missing) > 4 else ''}; "
+                "estimate it with the same tracked_layers / track_embeddings settings as the valuer"
+            )
+        for layer in layers:
+            d_out, d_in = layer.shape
+            value = self.tensors[layer.name]
+            got = tuple(value.shape) if self.kind == "diag" else (value[0].numel(), value[1].numel())
+            if got != (d_out, d_in):
+                raise ValueError(f"Fisher entry {layer.name!r} has shape {got}, the layer is (d_out, d_in)={(d_out, d_in)}")
+
+    def to(self, device=None, dtype=None) -> "Fisher":
+        def move(t):
+            return t.to(device=device, dtype=dtype or t.dtype)
+
+        if self.kind == "diag":
+            tensors = {k: move(v) for k, v in self.tensors.items()}
+        else:
+            tensors = {k: (move(v[0]), move(v[1])) for k, v in self.tensors.items()}
+        return Fisher(self.kind, tensors, self.meta)
+
+    def save(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        flat = {}
+        for name, value in self.tensors.items():
+            if self.kind == "diag":
+                flat[name] = value.detach().contiguous().cpu()
+            else:
+                flat[f"{name}::f_out"] = value[0].detach().contiguous().cpu()
+                flat[f"{name}::f_in"] = value[1].detach().contiguous().cpu()
+        meta = {"format": FORMAT, "kind": self.kind, "meta": json.dumps(self.meta)}
+        save_file(flat, path, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str, device: Union[str, torch.device] = "cpu") -> "Fisher":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not an AlphaToken Fisher file (format={meta.get('format')!r})")
+            kind = meta["kind"]
+            raw = {key: f.get_tensor(key) for key in f.keys()}
+        if kind == "diag":
+            tensors = raw
+        else:
+            names = sorted({key.rsplit("::", 1)[0] for key in raw})
+            tensors = {n: (raw[f"{n}::f_out"], raw[f"{n}::f_in"]) for n in names}
+        return cls(kind, tensors, json.loads(meta.get("meta", "{}")))
+
+    def __repr__(self) -> str:
+        return f"Fisher(kind={self.kind!r}, layers={len(self.tensors)})"
+
+
+def _layer_rows(layer: TrackedLayer, head_rows: torch.Tensor, body_rows: torch.Tensor) -> torch.Tensor:
+    return head_rows if layer.is_head else body_rows
+
+
+@torch.no_grad()
+def _accumulate(kind, acc, layer, a, g):
+    if layer.kind == "embedding":  # a holds token ids; a ⊙ a is their one-hot
+        d, vocab = layer.shape
+        g2 = (g.float() ** 2)
+        if kind == "diag":
+            acc.index_add_(1, a, g2.T)  # acc (d, vocab)
+        else:
+            acc[0].add_(g2.sum(0))
+            acc[1].index_add_(0, a, torch.ones_like(a, dtype=torch.float32))
+        return
+    a2, g2 = a.float() ** 2, g.float() ** 2
+    if kind == "diag":
+        acc.addmm_(g2.T, a2)
+    else:
+        acc[0].add_(g2.sum(0))
+        acc[1].add_(a2.sum(0))
+
+
+def estimate_fisher(
+    model: nn.Module,
+    batches: Iterable[dict],
+    kind: str = "diag",
+    labels: str = "model",
+    tracked_layers: Union[str, int] = "all",
+    track_embeddings: bool = False,
+    max_batches: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    progress_bar: Optional[bool] = None,
+    **kwargs,
+) -> Fisher:
+    """Estimate the token-level reference Fisher of every tracked layer at the model's current weights (θ₀).
+
+    batches: dicts with input_ids, labels (-100 outside the response) and optionally attention_mask.
+    labels: "model" samples each response label from the model's own distribution (the true Fisher);
+        "data" uses the batch labels (the empirical Fisher).
+    Parameters' `.grad` are never touched. `progress` / `progress_bar` shows a bar (default: on a terminal).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if labels not in ("model", "data"):
+        raise ValueError(f"labels must be 'model' or 'data', got {labels!r}")
+    show = kwargs.pop("progress", progress_bar)
+    if kwargs:
+        raise TypeError(f"estimate_fisher() got unexpected arguments {sorted(kwargs)}")
+    from .engine import model_inputs, validate_batch
+
+    layers = discover_layers(model, tracked_layers, track_embeddings)
+    device = next(model.parameters()).device
+    acc: dict[int, object] = {}
+    for i, layer in enumerate(layers):
+        d_out, d_in = layer.shape
+        if kind == "diag":
+            acc[i] = torch.zeros(d_out, d_in, dtype=torch.float32, device=device)
+        else:
+            acc[i] = (torch.zeros(d_out, dtype=torch.float32, device=device),
+                      torch.zeros(d_in, dtype=torch.float32, device=device))
+    capture = Capture(layers)
+    n_tokens = 0
+    try:
+        for step, batch in enumerate(progress(batches, desc="Fisher", enabled=show)):
+            if max_batches is not None and step >= max_batches:
+                break
+            batch = validate_batch(batch, device)
+            resp = response_mask(batch["labels"])
+            n = int(resp.sum())
+            if n == 0:
+                continue
+            B, T = resp.shape
+            b, t = resp.nonzero(as_tuple=True)
+            head_rows = b * T + t - 1
+            mask = batch.get("attention_mask")
+            body_rows = (mask.reshape(-1) > 0).nonzero().squeeze(1) if mask is not None else torch.arange(B * T, device=device)
+            capture.open(set(range(len(layers))))
+            try:
+                with torch.enable_grad():
+                    logits = model(**model_inputs(model, batch)).logits
+            finally:
+                capture.close_recording()
+            rows = logits[b, t - 1].float()
+            if labels == "model":
+                with torch.no_grad():
+                    target = torch.multinomial(torch.softmax(rows, -1), 1, generator=generator).squeeze(1)
+            else:
+                target = batch["labels"][b, t]
+            loss = torch.nn.functional.cross_entropy(rows, target, reduction="sum")
+
+            def on_grad(i, grad):
+                layer = layers[i]
+                rows_i = _layer_rows(layer, head_rows, body_rows)
+                a = capture.inputs[i]
+                a = a.reshape(-1) if layer.kind == "embedding" else a.reshape(-1, a.shape[-1])
+                g = grad.reshape(-1, grad.shape[-1])
+                _accumulate(kind, acc[i], layer, a.index_select(0, rows_i), g.index_select(0, rows_i))
+
+            capture.backward(loss, on_grad, retain_graph=False)
+            capture.release()
+            n_tokens += n
+    finally:
+        capture.remove()
+    if n_tokens == 0:
+        raise ValueError("estimate_fisher: the batches hold no response tokens (every label is -100)")
+    tensors = {}
+    for i, layer in enumerate(layers):
+        if kind == "diag":
+            tensors[layer.name] = acc[i] / n_tokens
+        else:
+            tensors[layer.name] = (acc[i][0] / n_tokens, acc[i][1] / n_tokens)
+    return Fisher(kind, tensors, {"n_tokens": n_tokens, "labels": labels})

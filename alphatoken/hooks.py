@@ -1,0 +1,104 @@
+"""The thin autograd-hook layer: capture each tracked layer's input `a` and observe its output-gradient `g`.
+
+A forward hook records the input of every tracked module while a capture is open. For the layers whose
+output-gradient is wanted, it returns `z + p` with `p` a zero scalar leaf (a *probe*) and registers a tensor
+hook on that sum: `torch.autograd.grad(loss, probes)` then runs a backward that computes input-gradients only
+(no weight-gradient GEMMs), stops below the lowest probed layer, and hands each layer's `g` to a callback as
+it arrives — the callback computes that layer's values and the full `g` is dropped right after.
+
+Forward hooks exist only while a capture is open (one forward pass), so the model carries no hook between
+calls, even after an exception, and a forward recomputed by gradient checkpointing during a backward is not
+recorded twice. Reentrant checkpointing runs its first forward without autograd, which no
+`autograd.grad` can see through; that case raises an error that says what to set.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .layers import TrackedLayer
+
+
+class Capture:
+    def __init__(self, layers: list[TrackedLayer]):
+        self.layers = layers
+        self.recording = False
+        self.probe_layers: set[int] = set()
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.probes: dict[int, torch.Tensor] = {}
+        self.on_grad: Optional[Callable[[int, torch.Tensor], None]] = None
+        self.missed: list[str] = []
+        self.handles: list = []
+
+    def _forward_hook(self, index: int):
+        def hook(module, args, output):
+            if not self.recording:
+                return None
+            if index in self.inputs:
+                raise ValueError(
+                    f"unsupported tracked module {self.layers[index].name!r}: it ran twice in one forward pass "
+                    "(a shared module); exclude it with AlphaTokenConfig(tracked_layers=<regex>)"
+                )
+            self.inputs[index] = args[0]
+            if index not in self.probe_layers:
+                return None
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                self.missed.append(self.layers[index].name)
+                return None
+            probe = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            probed = output + probe
+            probed.register_hook(lambda grad: self._deliver(index, grad))
+            self.probes[index] = probe
+            return probed
+
+        return hook
+
+    def _deliver(self, index: int, grad: torch.Tensor) -> None:
+        if self.on_grad is not None:
+            self.on_grad(index, grad)
+
+    def open(self, probe_layers: set[int]) -> None:
+        """Attach the forward hooks for one forward pass (they exist only until `close_recording`)."""
+        self.inputs, self.probes, self.missed = {}, {}, []
+        self.probe_layers = set(probe_layers)
+        self._detach()
+        self.handles = [layer.module.register_forward_hook(self._forward_hook(i)) for i, layer in enumerate(self.layers)]
+        self.recording = True
+
+    def _detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def close_recording(self) -> None:
+        self.recording = False
+        self._detach()
+        if self.missed:
+            raise RuntimeError(
+                f"no autograd graph reached tracked layers {self.missed[:3]}{'...' if len(self.missed) > 3 else ''}: "
+                "the forward ran without gradients there. With gradient checkpointing, use the non-reentrant form: "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}); "
+                "and do not call value() under torch.no_grad() with paths='full'."
+            )
+
+    def backward(self, loss: torch.Tensor, on_grad: Callable[[int, torch.Tensor], None], retain_graph: bool) -> None:
+        """Run the valuation backward towards the probes; `on_grad(layer_index, g)` sees each layer's g."""
+        indices = sorted(self.probes)
+        if not indices:
+            return
+        self.on_grad = on_grad
+        try:
+            torch.autograd.grad(
+                loss, [self.probes[i] for i in indices], retain_graph=retain_graph, allow_unused=True
+            )
+        finally:
+            self.on_grad = None
+
+    def release(self) -> None:
+        self.inputs, self.probes = {}, {}
+
+    def remove(self) -> None:
+        self.recording = False
+        self._detach()
+        self.release()

@@ -1,0 +1,50 @@
+"""Losses over response tokens, HF causal-LM convention: logits at position s predict labels[:, s + 1]."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: positions t >= 1 whose label is a response token."""
+    mask = labels != IGNORE_INDEX
+    mask[:, 0] = False
+    return mask
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) float32: log p(labels[b, t]) from logits[b, t - 1]; 0 outside the response."""
+    resp = response_mask(labels)
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    if resp.any():
+        b, t = resp.nonzero(as_tuple=True)
+        logp = torch.log_softmax(logits[b, t - 1].float(), dim=-1)
+        out[b, t] = logp.gather(1, labels[b, t].unsqueeze(1)).squeeze(1)
+    return out
+
+
+def masked_causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Optional[int | torch.Tensor] = None
+) -> torch.Tensor:
+    """Mean next-token NLL over the labels that are not -100 (the kept tokens).
+
+    With `num_items_in_batch` (gradient accumulation), the sum is divided by that count instead, as
+    transformers does. A batch with nothing kept gives a zero loss that still backpropagates.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (B, T)")
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    kept = shift_labels != IGNORE_INDEX
+    if not bool(kept.any()):
+        return logits.sum() * 0.0
+    rows = shift_logits[kept]
+    total = F.cross_entropy(rows if rows.dtype == torch.float64 else rows.float(), shift_labels[kept], reduction="sum")
+    denom = num_items_in_batch if num_items_in_batch is not None else kept.sum()
+    if isinstance(denom, torch.Tensor):
+        denom = denom.to(total.device)
+    return total / denom

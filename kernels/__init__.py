@@ -9,12 +9,16 @@ results are float32 with one value per row.
     ghost_dot(a, g, a_ref, g_ref)      Σ_v (g_t·g'_v)(a_t·a'_v), never forming N×V
     target_dot(a, g, a_ref, g_ref)     the same value, ghost or materialized by cost (`use_ghost`)
 
-Where each call runs is decided in `gate.py` alone.
+Where each call runs is decided in `gate.py` alone. `launch_counts()` / `reset_launch_counts()` count the
+Triton launches (a call answered by the reference does not count); `kernel_config(op, ...)` fixes block
+sizes for a `with` block (tests, benchmarks). Block-size lists, the reduction split and determinism are
+described in `launch.py`; tiling and roofline numbers in each kernel's docstring.
 """
 from .gate import backend_for, interpreter_enabled, use_backend
 from .bilinear import bilinear, bilinear_fisher_norm, fisher_norm
 from .ghost_dot import ghost_dot
 from .dispatch import target_dot, use_ghost
+from .launch import kernel_config, launch_counts, reset_launch_counts, total_launches
 from .reference import (
     bilinear_reference,
     fisher_norm_reference,
@@ -32,6 +36,10 @@ __all__ = [
     "backend_for",
     "interpreter_enabled",
     "use_backend",
+    "launch_counts",
+    "reset_launch_counts",
+    "total_launches",
+    "kernel_config",
     "bilinear_reference",
     "fisher_norm_reference",
     "ghost_dot_reference",

@@ -43,6 +43,9 @@ class NonFiniteError(FloatingPointError):
     """NaN or Inf in the loss, a captured gradient or a value; the message names where."""
 
 
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "token_type_ids")
+
+
 def validate_batch(batch, device) -> dict:
     """Check and move a batch: input_ids and labels (B, T) integer, attention_mask (B, T) if given."""
     if not isinstance(batch, Mapping):
@@ -55,7 +58,7 @@ def validate_batch(batch, device) -> dict:
     shape = tuple(batch["input_ids"].shape)
     out = {}
     for key, value in batch.items():
-        if key in ("input_ids", "labels", "attention_mask", "position_ids", "token_type_ids"):
+        if key in BATCH_KEYS:
             if tuple(value.shape) != shape:
                 raise ValueError(f"batch[{key!r}] has shape {tuple(value.shape)} but input_ids has {shape}")
             out[key] = value.to(device)
@@ -67,15 +70,32 @@ def validate_batch(batch, device) -> dict:
 _FORWARD_ARGS: dict[type, set] = {}
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The causal LM inside a DDP / accelerate / compile wrapper (the wrapper is still what runs forward)."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if callable(getattr(model, "get_output_embeddings", None)):
+            return model
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
 def model_inputs(model: nn.Module, batch: dict) -> dict:
     """The model's forward arguments: no labels (AlphaToken computes its own losses), no cache.
 
     With left padding and no position_ids, positions are derived from the attention mask so that a padded
     sequence is valued exactly as the unpadded one.
     """
+    model = unwrap_model(model)
     cls = type(model)
     if cls not in _FORWARD_ARGS:
-        _FORWARD_ARGS[cls] = set(inspect.signature(model.forward).parameters)
+        params = inspect.signature(model.forward).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        _FORWARD_ARGS[cls] = set(params) | (set(BATCH_KEYS) | {"use_cache"} if takes_any else set())
     accepted = _FORWARD_ARGS[cls]
     inputs = {k: v for k, v in batch.items() if k != "labels" and k in accepted}
     mask = batch.get("attention_mask")
@@ -103,9 +123,11 @@ class AlphaToken:
         reference=None,
         validation=None,
     ):
-        self.model = model
+        self.model = model  # what runs forward (possibly a DDP / accelerate wrapper)
         self.cfg = cfg = cfg or AlphaTokenConfig()
-        self.layers: list[TrackedLayer] = discover_layers(model, cfg.tracked_layers, cfg.track_embeddings)
+        if not isinstance(cfg, AlphaTokenConfig):
+            raise TypeError(f"cfg must be an AlphaTokenConfig, got {type(cfg).__name__}")
+        self.layers: list[TrackedLayer] = discover_layers(unwrap_model(model), cfg.tracked_layers, cfg.track_embeddings)
         self.device = self.layers[0].weight.device
         self.fisher_entries: dict[str, tuple] = {}
         if fisher is None:

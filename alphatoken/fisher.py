@@ -159,9 +159,9 @@ def estimate_fisher(
     show = kwargs.pop("progress", progress_bar)
     if kwargs:
         raise TypeError(f"estimate_fisher() got unexpected arguments {sorted(kwargs)}")
-    from .engine import model_inputs, validate_batch
+    from .engine import model_inputs, unwrap_model, validate_batch
 
-    layers = discover_layers(model, tracked_layers, track_embeddings)
+    layers = discover_layers(unwrap_model(model), tracked_layers, track_embeddings)
     device = next(model.parameters()).device
     acc: dict[int, object] = {}
     for i, layer in enumerate(layers):

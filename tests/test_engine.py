@@ -510,3 +510,68 @@ def test_reference_snapshot_can_live_on_cpu_in_bf16():
     a, b = exact.value(batch), small.value(batch)
     r = a.response
     assert (a.stability[r] - b.stability[r]).abs().max() < 0.05 * a.stability[r].abs().max()
+
+
+class _HalfRouted(torch.nn.Module):
+    """An MoE-like block: its expert sees only some token rows, which do not map to (B, T) positions."""
+
+    def __init__(self, inner, d):
+        super().__init__()
+        self.inner = inner
+        self.expert = torch.nn.Linear(d, d, dtype=torch.float64)
+
+    def forward(self, x):
+        out = self.inner(x)
+        flat = out.reshape(-1, out.shape[-1])
+        routed = flat[::2] + self.expert(flat[::2])
+        return torch.cat([routed, flat[1::2]]).reshape(out.shape)
+
+
+def test_unsupported_tracked_module_is_named():
+    model = tiny_model("llama", seed=141)
+    model.model.layers[0].mlp = _HalfRouted(model.model.layers[0].mlp, 16)
+    batch = random_batch(142)
+    with pytest.raises(ValueError, match=r"unsupported tracked module 'model\.layers\.0\.mlp\.expert'.*tracked_layers"):
+        make_valuer(model).value(batch)
+    make_valuer(model, tracked_layers=r"^(?!.*expert)").value(batch)  # excluded by a regex, it runs
+
+
+def test_lora_adapters_are_tracked_in_place_of_frozen_base_layers():
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama", seed=145)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                       lora_dropout=0.0, init_lora_weights=False))
+    lora.eval()
+    valuer = make_valuer(lora)
+    names = valuer.tracked_layer_names()
+    assert names[0].endswith("lm_head")
+    assert names[1:] and all(".lora_A." in n or ".lora_B." in n for n in names[1:]), names
+    batch = random_batch(146)
+    tv = valuer.value(batch)
+    head = dict(lora.named_modules())[names[0]]
+    head.weight.requires_grad_(True)  # the brute force takes per-token gradients of the (frozen) head
+    try:
+        want = brute_values(lora, batch, names[0], names[1:], lam=0.0)
+    finally:
+        head.weight.requires_grad_(False)
+    assert_fields(tv, want, tv.response)
+
+
+def test_a_wrapped_model_is_unwrapped_for_discovery_and_still_runs_forward():
+    model = tiny_model("gpt2", seed=151)
+
+    class Wrapper(torch.nn.Module):  # what DDP and accelerate look like from the outside
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+            self.calls = 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    wrapped = Wrapper(model)
+    batch = random_batch(152)
+    tv = make_valuer(wrapped).value(batch)
+    assert wrapped.calls == 1
+    torch.testing.assert_close(tv.total, make_valuer(model).value(batch).total)

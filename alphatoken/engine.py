@@ -23,7 +23,8 @@ from torch import nn
 
 from .anchor import Anchor
 from .config import AlphaTokenConfig
-from .credits import Direction, embedding_direction, embedding_values, linear_values
+from .credits import Direction, embedding_direction, embedding_values, linear_values, matched
+from .distributed import all_reduce_sum, is_distributed
 from .fisher import Fisher
 from .hooks import Capture
 from .layers import TrackedLayer, discover_layers
@@ -172,9 +173,14 @@ class AlphaToken:
     def tracked_layer_names(self) -> list[str]:
         return [layer.name for layer in self.layers]
 
-    def value(self, batch, token_weights: TokenWeights = None) -> TokenValues:
-        """TokenValues of one batch. Never changes any parameter's `.grad`."""
-        values, _ = self._run(batch, token_weights, keep_graph=False)
+    def value(self, batch, token_weights: TokenWeights = None, forward_model: Optional[nn.Module] = None) -> TokenValues:
+        """TokenValues of one batch. Never changes any parameter's `.grad`.
+
+        token_weights: per-token loss weights w (B, T), or a callable of the detached per-token log-probs
+            (B, T) returning them; the valued loss is then Σ_t w_t ℓ_t (DPO uses its own credits this way).
+        forward_model: run the forward through this module instead (e.g. the DDP wrapper of the model).
+        """
+        values, _ = self._run(batch, token_weights, keep_graph=False, forward_model=forward_model)
         self.last_values = values
         return values
 
@@ -184,13 +190,15 @@ class AlphaToken:
         loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         num_items_in_batch=None,
         token_weights: TokenWeights = None,
+        forward_model: Optional[nn.Module] = None,
     ) -> torch.Tensor:
         """Value the batch and return the masked loss from the same forward (call `.backward()` on it).
 
         Default loss: mean next-token NLL over the kept tokens (sum / num_items_in_batch when given).
-        `loss_fn(logits, masked_labels)` replaces it. The TokenValues are in `self.last_values`.
+        `loss_fn(logits, masked_labels)` replaces it. The TokenValues of the batch are kept in
+        `self.last_values` (and the logits in `self.last_logits`) for logging.
         """
-        values, logits = self._run(batch, token_weights, keep_graph=True)
+        values, logits = self._run(batch, token_weights, keep_graph=True, forward_model=forward_model)
         labels = values.apply(batch["labels"].to(values.mask.device))
         self.last_values, self.last_logits = values, logits
         if loss_fn is not None:
@@ -209,7 +217,7 @@ class AlphaToken:
         self.close()
 
     # ---------------------------------------------------------------- one step
-    def _run(self, batch, token_weights: TokenWeights, keep_graph: bool):
+    def _run(self, batch, token_weights: TokenWeights, keep_graph: bool, forward_model=None):
         if self.closed:
             raise RuntimeError("this AlphaToken was closed; create a new one")
         cfg = self.cfg
@@ -223,11 +231,13 @@ class AlphaToken:
 
         body = cfg.paths == "full" and len(self.layers) > 1
         n = int(response.sum())
-        grad_ctx = torch.enable_grad() if (keep_graph or (body and n > 0)) else torch.no_grad()
+        if self._is_global():  # every rank takes the same branches and joins every collective, in order
+            n = int(all_reduce_sum(n))
+        model = forward_model if forward_model is not None else self.model
         self.capture.open(set(range(1, len(self.layers))) if body and n > 0 else set())
         try:
-            with grad_ctx:
-                logits = self.model(**model_inputs(self.model, batch)).logits
+            with torch.enable_grad():  # graph kept for the body backward, the masked loss, or a logit transform
+                logits = model(**model_inputs(model, batch)).logits
         finally:
             self.capture.close_recording()
         try:
@@ -240,11 +250,12 @@ class AlphaToken:
                 nll = -logp.gather(1, labels[b, t].unsqueeze(1)).squeeze(1)
             self._check_finite(nll, "the loss (per-token NLL of the response tokens)")
             weights = self._weights(token_weights, nll, b, t, (B, T))
-            adapt_d, stab_d = self._direct(logp, labels[b, t], weights, head_rows, n)
+            loss = (weights * self._nll_with_graph(logits, labels, b, t)).sum()
+            g_head = self._head_gradient(logits, logp, labels[b, t], weights, head_rows, loss)
+            adapt_d, stab_d = self._direct(g_head, head_rows, n)
             adapt_c = torch.zeros_like(adapt_d)
             stab_c = torch.zeros_like(adapt_d)
             if body:
-                loss = (weights * self._nll_with_graph(logits, labels, b, t)).sum()
                 adapt_c, stab_c = self._causal(loss, batch, body_rows, n, keep_graph)
             values = self._combine(adapt_d, stab_d, adapt_c, stab_c, b, t, response)
             return values, logits
@@ -286,17 +297,31 @@ class AlphaToken:
             return delta  # embeddings take Δ in storage shape (vocab, d)
         return layer.weight_matrix(delta)
 
-    def _direct(self, logp, targets, weights, head_rows, n: int):
-        """Head credits at the rows that predict each response token: g = w (p − onehot(y))."""
+    def _head_gradient(self, logits, logp, targets, weights, head_rows, loss) -> torch.Tensor:
+        """The head's output-gradient at the rows that predict response tokens.
+
+        When the model returns the head's output as its logits (the usual case) this is exactly
+        w (softmax − onehot(y)), with no backward. A model that transforms it first (final-logit soft-capping,
+        logit scaling) gets it by autograd through that step alone: a few elementwise ops.
+        """
+        head_output = self.capture.head_output
+        if head_output is None or head_output is logits or not head_output.requires_grad:
+            with torch.no_grad():
+                g = torch.softmax(logp, dim=-1)
+                g[torch.arange(g.shape[0], device=g.device), targets] -= 1.0
+                return g * weights.unsqueeze(1).to(g.dtype)
+        (grad,) = torch.autograd.grad(loss, head_output, retain_graph=True)
+        g = grad.reshape(-1, grad.shape[-1]).index_select(0, head_rows)
+        return g if g.dtype == torch.float64 else g.float()
+
+    def _direct(self, g, head_rows, n: int):
+        """Values of the head credits g_t a_tᵀ at the rows that predict each response token."""
         head = self.layers[0]
         with torch.no_grad():
-            g = torch.softmax(logp, dim=-1)
-            g[torch.arange(g.shape[0], device=g.device), targets] -= 1.0
-            g *= weights.unsqueeze(1)
             a = self.capture.inputs[0]
             a = a.reshape(-1, a.shape[-1]).index_select(0, head_rows)
             if self.cfg.target == "batch":
-                direction = Direction.from_rows(a, g, 1.0 / n)
+                direction = self._batch_direction(head, a, g, n)
             else:
                 direction = self.directions.get(0)
             adapt, stab = linear_values(a, g, self.cfg.lr, direction, self._layer_fisher(head), self._delta(head))
@@ -326,11 +351,7 @@ class AlphaToken:
             direction = self.directions.get(index)
             if cfg.target == "batch":
                 rows = ref_rows if ref_rows is not None else slice(None)
-                a_ref, g_ref = a_all[rows], g_all[rows]
-                if layer.kind == "embedding":
-                    direction = embedding_direction(a_ref, g_ref, layer.shape[1], 1.0 / n)
-                else:
-                    direction = Direction.from_rows(a_ref, g_ref, 1.0 / n)
+                direction = self._batch_direction(layer, a_all[rows], g_all[rows], n)
             fisher, delta = self._layer_fisher(layer), self._delta(layer)
             if layer.kind == "embedding":
                 adapt, stab = embedding_values(a, g, cfg.lr, direction, fisher, delta)
@@ -343,12 +364,35 @@ class AlphaToken:
         self.capture.backward(loss, on_grad, retain_graph=keep_graph)
         return acc["adapt"], acc["stab"]
 
+    def _is_global(self) -> bool:
+        return self.cfg.global_selection and is_distributed()
+
+    def _batch_direction(self, layer: TrackedLayer, a_ref, g_ref, n: int) -> Direction:
+        """U = (1/n) Σ_s g_s a_sᵀ over this batch's rows — over all ranks' rows under global selection."""
+        if layer.kind == "embedding":
+            direction = embedding_direction(a_ref, g_ref, layer.shape[1], 1.0 / n)
+        elif self._is_global():
+            a_ref, g_ref = matched(a_ref, g_ref)
+            local = g_ref.T @ a_ref
+            direction = Direction(matrix=(local if local.dtype == torch.float64 else local.float()) / n)
+        else:
+            return Direction.from_rows(a_ref, g_ref, 1.0 / n)
+        if self._is_global():  # per-rank sums, each already divided by the global n
+            direction.matrix = all_reduce_sum(direction.matrix)
+        return direction
+
+    def _rms(self, x: torch.Tensor) -> torch.Tensor:
+        square_sum, count = x.double().pow(2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)
+        if self._is_global():
+            square_sum, count = all_reduce_sum(square_sum), all_reduce_sum(count)
+        return (square_sum / count.clamp(min=1)).sqrt().to(x.dtype)
+
     def _combine(self, adapt_d, stab_d, adapt_c, stab_c, b, t, response) -> TokenValues:
         cfg = self.cfg
         gamma, lam = cfg.causal_weight, cfg.stability_weight
         if cfg.normalize:
-            rms_a = (adapt_d + gamma * adapt_c).pow(2).mean().sqrt()
-            rms_s = (stab_d + gamma * stab_c).pow(2).mean().sqrt()
+            rms_a = self._rms(adapt_d + gamma * adapt_c)
+            rms_s = self._rms(stab_d + gamma * stab_c)
             if rms_a > 0:
                 adapt_d, adapt_c = adapt_d / rms_a, adapt_c / rms_a
             if rms_s > 0:

@@ -26,6 +26,7 @@ class Capture:
         self.recording = False
         self.probe_layers: set[int] = set()
         self.inputs: dict[int, torch.Tensor] = {}
+        self.head_output: Optional[torch.Tensor] = None  # layer 0's output, before any probe
         self.probes: dict[int, torch.Tensor] = {}
         self.on_grad: Optional[Callable[[int, torch.Tensor], None]] = None
         self.missed: list[str] = []
@@ -41,6 +42,8 @@ class Capture:
                     "(a shared module); exclude it with AlphaTokenConfig(tracked_layers=<regex>)"
                 )
             self.inputs[index] = args[0]
+            if index == 0:
+                self.head_output = output
             if index not in self.probe_layers:
                 return None
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
@@ -96,7 +99,7 @@ class Capture:
             self.on_grad = None
 
     def release(self) -> None:
-        self.inputs, self.probes = {}, {}
+        self.inputs, self.probes, self.head_output = {}, {}, None
 
     def remove(self) -> None:
         self.recording = False

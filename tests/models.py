@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-FAMILIES = ("llama", "gpt2", "qwen2")
+FAMILIES = ("llama", "gpt2", "qwen2", "gemma2")
 
 
 def tiny_model(family: str, seed: int = 0, vocab: int = 37, dtype=torch.float64, tie: bool = False, layers: int = 2):
@@ -23,6 +23,11 @@ def tiny_model(family: str, seed: int = 0, vocab: int = 37, dtype=torch.float64,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                              tie_word_embeddings=tie)
         model = tf.Qwen2ForCausalLM(cfg)
+    elif family == "gemma2":  # final-logit soft-capping: the logits are not the head's own output
+        cfg = tf.Gemma2Config(vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=4, max_position_embeddings=64,
+                              final_logit_softcapping=2.0, tie_word_embeddings=tie, sliding_window=4)
+        model = tf.Gemma2ForCausalLM(cfg)
     else:
         raise ValueError(family)
     with torch.no_grad():  # lift the tiny init so values are far from zero

@@ -1,0 +1,153 @@
+"""TRL integrations (optional extra `pip install alphatoken[trl]`): AlphaTokenSFTTrainer and AlphaTokenDPOTrainer.
+
+    from alphatoken.integrations import AlphaTokenSFTTrainer, AlphaTokenDPOTrainer
+    AlphaTokenSFTTrainer(model=model, args=SFTConfig(...), train_dataset=ds, alphatoken=cfg, fisher=fisher).train()
+    AlphaTokenDPOTrainer(model=model, ref_model=ref, args=DPOConfig(...), train_dataset=pairs, alphatoken=cfg).train()
+
+SFT: see `alphatoken.integrations.trainer` (online mode runs the ordinary forward instead of TRL's fused LM head;
+`alphatoken_mode="ahead"` keeps TRL's chunked NLL for the training forward).
+
+DPO (DESIGN §4): per-token log-ratios `r_t = log π(y_t) − log π_ref(y_t)` are summed over KEPT tokens only, in the
+chosen and rejected responses alike, before `−log σ(β(Σ_c − Σ_r))`; the values are those of the DPO loss's own
+credits (`alphatoken.dpo.dpo_token_weights`). One forward of the policy serves the values, the mask and the loss;
+the reference runs TRL's fused per-token log-prob forward (no logits). Supported: `loss_type="sigmoid"` (standard
+DPO), `f_divergence_type="reverse_kl"`, no `ld_alpha`, no `precompute_ref_log_probs` (it stores only per-sequence
+sums, and the masked sums need per-token reference log-probs). Evaluation reports TRL's unmasked DPO loss.
+Logged with TRL's metrics: `alphatoken/keep_ratio`, `alphatoken/adaptation`, `alphatoken/stability`,
+`alphatoken/total`, and `rewards/*` of the masked log-ratios under `alphatoken/rewards/*`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import AlphaTokenConfig
+from ..distributed import all_reduce_sum
+from ..dpo import check_pairs, completion_labels, dpo_value_and_loss
+from ..losses import response_mask
+from .trainer import _token_stats, _unwrap, forward_through, with_alphatoken
+
+try:
+    import trl  # noqa: F401
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the TRL integrations need TRL: pip install 'alphatoken[trl]'") from err
+
+from trl import DPOTrainer, SFTTrainer
+
+AlphaTokenSFTTrainer = with_alphatoken(SFTTrainer)
+AlphaTokenSFTTrainer.__module__ = __name__
+
+
+def check_preference_dataset(dataset, name: str = "train_dataset") -> None:
+    """Raise ValueError naming the first example whose chosen or rejected side is empty."""
+    if dataset is None or not hasattr(dataset, "column_names"):
+        return
+    cols = dataset.column_names
+    if isinstance(cols, dict):  # DatasetDict
+        for split, ds in dataset.items():
+            check_preference_dataset(ds, f"{name}[{split!r}]")
+        return
+    for side in ("chosen", "rejected"):
+        for key in (side, f"{side}_ids", f"{side}_input_ids"):
+            if key not in cols:
+                continue
+            for i, value in enumerate(dataset[key]):
+                empty = value is None or len(value) == 0 or (isinstance(value, str) and not value.strip())
+                if not empty and isinstance(value, list) and value and isinstance(value[0], dict):
+                    empty = all(not str(m.get("content", "")).strip() for m in value)
+                if empty:
+                    raise ValueError(
+                        f"{name}: example {i}: the {side} response is empty; every preference pair needs a non-empty "
+                        "chosen and rejected response (drop or fix the example)"
+                    )
+    if "chosen" not in cols and "chosen_ids" not in cols:
+        raise ValueError(f"{name} has no 'chosen'/'rejected' columns (it has {cols}); DPO needs preference pairs")
+
+
+class AlphaTokenDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer with AlphaToken's masked DPO loss (see the module docstring).
+
+    Extra keyword arguments: `alphatoken` (an AlphaTokenConfig, default AlphaTokenConfig(), or a ready valuer),
+    `fisher`, `reference`, `validation` (passed to AlphaToken when it is built on the policy, at the first step).
+    """
+
+    def __init__(self, *args, alphatoken=None, fisher=None, reference=None, validation=None, **kwargs):
+        self._at_spec = AlphaTokenConfig() if alphatoken is None else alphatoken
+        self._at_kwargs = {"fisher": fisher, "reference": reference, "validation": validation}
+        self._at_valuer = None
+        check_preference_dataset(kwargs.get("train_dataset", args[4] if len(args) > 4 else None))
+        super().__init__(*args, **kwargs)
+        if self.loss_types != ["sigmoid"] or self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None:
+            raise ValueError(
+                "AlphaTokenDPOTrainer supports the standard DPO loss only: loss_type='sigmoid', "
+                f"f_divergence_type='reverse_kl', ld_alpha=None (got loss_type={self.loss_types}, "
+                f"f_divergence_type={self.f_divergence_type!r}, ld_alpha={self.ld_alpha})"
+            )
+        if self.precompute_ref_logps:
+            raise ValueError(
+                "precompute_ref_log_probs=True stores per-sequence reference sums, but the masked DPO loss sums the "
+                "reference log-probs over kept tokens only; set precompute_ref_log_probs=False"
+            )
+        if self.use_weighting:
+            raise ValueError("use_weighting=True (WPO) is not supported by AlphaTokenDPOTrainer; set it to False")
+
+    @property
+    def alphatoken_valuer(self):
+        return self._at_valuer
+
+    def _at_get_valuer(self, model):
+        if self._at_valuer is None:
+            if isinstance(self._at_spec, AlphaTokenConfig):
+                from ..engine import AlphaToken
+
+                self._at_valuer = AlphaToken(_unwrap(self.model), self._at_spec, **self._at_kwargs)
+            else:
+                self._at_valuer = self._at_spec
+        return self._at_valuer
+
+    def reference_token_logps(self, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+        """(2B, T) reference log-probs aligned with labels (0 outside the response), by TRL's own reference path."""
+        from accelerate.utils import is_peft_model
+        from trl.models.utils import disable_gradient_checkpointing
+        from trl.trainer.utils import use_adapter
+
+        kwargs = {k: v for k, v in inputs.items()
+                  if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps", "output_router_logits")}
+        kwargs["use_cache"] = False
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if is_peft_model(self.model) and self.ref_model is None:
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    out = self.model(**kwargs, labels=labels, fused_lm_head=True)
+            else:
+                out = self.ref_model(**kwargs, labels=labels, fused_lm_head=True)
+        T = labels.shape[1]
+        ref = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+        ref[:, 1:] = out.log_probs[:, -(T - 1):].float()
+        return ref * response_mask(labels)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train"
+        labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
+        check_pairs(labels)
+        ref = self.reference_token_logps(inputs, labels)
+        batch = {k: v for k, v in inputs.items()
+                 if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+        batch["labels"] = labels
+        valuer = self._at_get_valuer(model)
+        with forward_through(valuer, model):
+            loss = dpo_value_and_loss(valuer, batch, ref, self.beta)
+        tv, out = valuer.last_values, valuer.last_dpo
+        kept, n, adapt, stab, total = all_reduce_sum(_token_stats(tv).cpu()).tolist()
+        if n:
+            for key, value in (("keep_ratio", kept / n), ("adaptation", adapt / n), ("stability", stab / n),
+                               ("total", total / n)):
+                self._metrics[mode][f"alphatoken/{key}"].append(value)
+        chosen = self.accelerator.gather(self.beta * out.chosen_logratios.detach())
+        rejected = self.accelerator.gather(self.beta * out.rejected_logratios.detach())
+        self._metrics[mode]["alphatoken/rewards/chosen"].append(chosen.mean().item())
+        self._metrics[mode]["alphatoken/rewards/rejected"].append(rejected.mean().item())
+        self._metrics[mode]["alphatoken/rewards/margins"].append((chosen - rejected).mean().item())
+        self._metrics[mode]["alphatoken/rewards/accuracies"].append((chosen > rejected).float().mean().item())
+        return (loss, None) if return_outputs else loss

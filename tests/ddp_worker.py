@@ -47,6 +47,23 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
         result[f"{name}_differs_from_local"] = not bool(torch.equal(local, got.mask))
     result["T"] = mine["labels"].shape[1]
 
+    # a custom loop: the DDP-wrapped model handed straight to AlphaToken (README's accelerate loop)
+    ddp = torch.nn.parallel.DistributedDataParallel(tiny_llama())
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    with at.AlphaToken(ddp, at.AlphaTokenConfig(keep_ratio=0.5, global_selection=True), fisher=None) as valuer:
+        losses = []
+        for _ in range(3):
+            loss = valuer.value_and_loss(mine)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+    flat = torch.cat([p.detach().flatten() for p in ddp.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    result["custom_loop_in_sync"] = all(torch.equal(gathered[0], g) for g in gathered)
+    result["custom_loop_losses"] = losses
+
     # AlphaTokenTrainer under DDP (accelerate picks up the process group from the environment)
     from datasets import Dataset
     from transformers import TrainingArguments

@@ -25,4 +25,6 @@ def test_ddp_global_selection_and_trainer(tmp_path):
         assert res["batch_validation_differs_from_local"], res  # the batch selection really is global
         assert res["batch_batch_differs_from_local"], res  # and so is the batch target direction
         assert res["weights_in_sync"], res
+        assert res["custom_loop_in_sync"], res  # gradients were synchronized through the wrapper's forward
+        assert res["custom_loop_losses"][-1] < res["custom_loop_losses"][0], res
         assert len(res["logged_keep_ratio"]) == 2

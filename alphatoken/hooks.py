@@ -1,8 +1,8 @@
 """The thin autograd-hook layer: capture each tracked layer's input `a` and observe its output-gradient `g`.
 
 A forward hook records the input of every tracked module while a capture is open. For the layers whose
-output-gradient is wanted, it returns `z + p` with `p` a zero scalar leaf (a *probe*) and registers a tensor
-hook on that sum: `torch.autograd.grad(loss, probes)` then runs a backward that computes input-gradients only
+output-gradient is wanted, it ties the output `z` to a scalar leaf `p` (a *probe*, see `_Probe`) and registers
+a tensor hook on it: `torch.autograd.grad(loss, probes)` then runs a backward that computes input-gradients only
 (no weight-gradient GEMMs), stops below the lowest probed layer, and hands each layer's `g` to a callback as
 it arrives — the callback computes that layer's values and the full `g` is dropped right after.
 
@@ -18,6 +18,22 @@ from typing import Callable, Optional
 import torch
 
 from .layers import TrackedLayer
+
+
+class _Probe(torch.autograd.Function):
+    """Identity on z, tied in the graph to a scalar leaf p: asking `autograd.grad` for p makes the engine run
+    the backward down to z (so z's tensor hook sees g), while the gradient handed to p is None — no reduction
+    of g in this or in the training backward. In place (`mark_dirty`): no copy, and no view that a later
+    in-place op on z would trip over. Safe for the tracked modules, none of which saves its own output."""
+
+    @staticmethod
+    def forward(ctx, z, p):
+        ctx.mark_dirty(z)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 class Capture:
@@ -50,7 +66,7 @@ class Capture:
                 self.missed.append(self.layers[index].name)
                 return None
             probe = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-            probed = output + probe
+            probed = _Probe.apply(output, probe)
             probed.register_hook(lambda grad: self._deliver(index, grad))
             self.probes[index] = probe
             return probed

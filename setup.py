@@ -19,7 +19,7 @@ setup(
         "alphatoken.toy",
     ],
     package_dir={"alphatoken.kernels": "kernels"},
-    package_data={"alphatoken.toy": ["*.safetensors", "*.json"]},
+    package_data={"alphatoken.toy": ["builtin/*.safetensors", "builtin/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system=='Linux'",

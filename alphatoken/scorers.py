@@ -1,0 +1,213 @@
+"""Baseline token scorers with AlphaToken's API, so selection methods can be compared on the same data.
+
+Each scorer gives every response token a score in `TokenValues.total` and keeps the top `keep_ratio` with
+`alphatoken.select.select_tokens` (same selection, ties and `min_keep_per_sequence` as AlphaToken):
+
+| name            | score (higher is kept)                          | keeps                                      |
+|-----------------|-------------------------------------------------|--------------------------------------------|
+| `random`        | U(0, 1) from a seeded generator                 | a random subset                            |
+| `loss_low`      | −ℓ_t                                            | the lowest-loss (easiest) tokens            |
+| `loss_high`     | ℓ_t                                             | the highest-loss (hardest) tokens           |
+| `entropy`       | H(p_θ(· | y_<t))                                | the most uncertain positions                |
+| `excess_loss`   | ℓ_t(θ) − ℓ_t(reference)  (Rho-1)                | tokens the model finds harder than the ref  |
+
+ℓ_t = −log p_θ(y_t | y_<t), read from the logits at t−1 (HF causal-LM convention). `excess_loss` (alias `rho1`)
+compares with a reference model: by default a frozen snapshot of the model taken at construction (θ₀, the
+pre-trained model), as AlphaToken's reference. The score is stored in `total`, `adaptation` and `direct`;
+`stability` and `causal` are 0, so `total = adaptation + λ·stability = direct + γ·causal` holds.
+
+    with make_scorer("excess_loss", model, AlphaTokenConfig(keep_ratio=0.6)) as scorer:
+        loss = scorer.value_and_loss(batch)      # masked mean CE over the kept tokens
+        loss.backward()
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+
+from .config import AlphaTokenConfig
+from .losses import masked_causal_lm_loss, response_mask
+from .values import TokenValues
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+def _model_inputs(batch: dict) -> dict:
+    if "input_ids" not in batch or "labels" not in batch:
+        raise ValueError("a batch needs 'input_ids' and 'labels' (-100 outside the response); "
+                         f"got keys {sorted(batch)}")
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) float32: ℓ_t = −log p(labels[:, t]) from logits[:, t−1]; 0 outside the response."""
+    resp = response_mask(labels)
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    if resp.any():
+        b, t = resp.nonzero(as_tuple=True)
+        logp = torch.log_softmax(logits[b, t - 1].float(), dim=-1)
+        out[b, t] = -logp.gather(1, labels[b, t].to(logits.device).unsqueeze(1)).squeeze(1)
+    return out
+
+
+def token_entropies(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) float32: entropy of the predictive distribution at t−1 for response positions t; 0 elsewhere."""
+    resp = response_mask(labels)
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    if resp.any():
+        b, t = resp.nonzero(as_tuple=True)
+        logp = torch.log_softmax(logits[b, t - 1].float(), dim=-1)
+        out[b, t] = -(logp.exp() * logp).sum(-1)
+    return out
+
+
+class Scorer:
+    """Base class: subclasses implement `score(logits, batch) -> (B, T) float` (response positions matter)."""
+
+    name = "scorer"
+
+    def __init__(self, model, cfg: Optional[AlphaTokenConfig] = None):
+        self.model = model
+        self.cfg = cfg if cfg is not None else AlphaTokenConfig()
+        self.last_values: Optional[TokenValues] = None
+
+    # --- subclass hook
+    def score(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- AlphaToken-compatible API
+    def _values(self, logits: torch.Tensor, batch: dict) -> TokenValues:
+        from .select import select_tokens
+
+        labels = batch["labels"].to(logits.device)
+        response = response_mask(labels)
+        with torch.no_grad():
+            total = self.score(logits.detach(), {**batch, "labels": labels}).float()
+        total = torch.where(response, total, torch.zeros_like(total))
+        if self.cfg.check_finite and not bool(torch.isfinite(total[response]).all()):
+            raise FloatingPointError(f"{type(self).__name__} produced non-finite scores; check the model's logits")
+        mask = select_tokens(total, response, self.cfg) & response
+        zeros = torch.zeros_like(total)
+        tv = TokenValues(adaptation=total, stability=zeros, direct=total.clone(), causal=zeros.clone(),
+                         total=total.clone(), mask=mask, response=response)
+        self.last_values = tv
+        return tv
+
+    def value(self, batch: dict) -> TokenValues:
+        """Score the batch's response tokens and select (one forward, no gradients)."""
+        with torch.no_grad():
+            logits = self.model(**_model_inputs(batch)).logits
+        return self._values(logits, batch)
+
+    def value_and_loss(self, batch: dict) -> torch.Tensor:
+        """One forward: the values (in `last_values`) and the masked mean CE over kept tokens, to backpropagate."""
+        logits = self.model(**_model_inputs(batch)).logits
+        tv = self._values(logits, batch)
+        loss = masked_causal_lm_loss(logits, tv.apply(batch["labels"].to(logits.device)))
+        if self.cfg.check_finite and not bool(torch.isfinite(loss)):
+            raise FloatingPointError(f"{type(self).__name__}: the masked loss is not finite")
+        return loss
+
+    def tracked_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def close(self) -> None:
+        """Nothing to remove (scorers install no hooks); kept for API parity with AlphaToken."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RandomScorer(Scorer):
+    """Uniform random scores from a generator seeded with `seed` (reproducible masks)."""
+
+    name = "random"
+
+    def __init__(self, model, cfg: Optional[AlphaTokenConfig] = None, seed: int = 0):
+        super().__init__(model, cfg)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def score(self, logits, batch):
+        return torch.rand(batch["labels"].shape, generator=self.generator).to(logits.device)
+
+
+class LossScorer(Scorer):
+    """Per-token loss: mode "low" keeps the lowest-loss tokens (score −ℓ), "high" the highest (score ℓ)."""
+
+    def __init__(self, model, cfg: Optional[AlphaTokenConfig] = None, mode: str = "low"):
+        if mode not in ("low", "high"):
+            raise ValueError(f"LossScorer mode must be 'low' or 'high', got {mode!r}")
+        super().__init__(model, cfg)
+        self.mode = mode
+        self.name = f"loss_{mode}"
+
+    def score(self, logits, batch):
+        loss = token_losses(logits, batch["labels"])
+        return -loss if self.mode == "low" else loss
+
+
+class EntropyScorer(Scorer):
+    """Predictive entropy at the position that predicts the token; keeps the most uncertain positions."""
+
+    name = "entropy"
+
+    def score(self, logits, batch):
+        return token_entropies(logits, batch["labels"])
+
+
+class ExcessLossScorer(Scorer):
+    """Rho-1 excess loss ℓ_t(θ) − ℓ_t(reference); reference defaults to a frozen snapshot of `model` now (θ₀)."""
+
+    name = "excess_loss"
+
+    def __init__(self, model, cfg: Optional[AlphaTokenConfig] = None, reference=None):
+        super().__init__(model, cfg)
+        if reference is None:
+            reference = copy.deepcopy(model)
+        self.reference = reference.eval()
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+
+    def score(self, logits, batch):
+        labels = batch["labels"]
+        with torch.no_grad():
+            ref_inputs = {k: v.to(_device(self.reference)) for k, v in _model_inputs(batch).items()}
+            ref_logits = self.reference(**ref_inputs).logits.to(logits.device)
+        return token_losses(logits, labels) - token_losses(ref_logits, labels)
+
+    def close(self) -> None:
+        self.reference = None
+
+
+SCORERS = {
+    "random": lambda model, cfg, reference=None, seed=0: RandomScorer(model, cfg, seed=seed),
+    "loss_low": lambda model, cfg, reference=None, seed=0: LossScorer(model, cfg, mode="low"),
+    "loss_high": lambda model, cfg, reference=None, seed=0: LossScorer(model, cfg, mode="high"),
+    "entropy": lambda model, cfg, reference=None, seed=0: EntropyScorer(model, cfg),
+    "excess_loss": lambda model, cfg, reference=None, seed=0: ExcessLossScorer(model, cfg, reference=reference),
+}
+ALIASES = {"rho1": "excess_loss", "rho-1": "excess_loss", "loss": "loss_low", "high_entropy": "entropy"}
+
+
+def make_scorer(name: str, model, cfg: Optional[AlphaTokenConfig] = None, reference=None, seed: int = 0) -> Scorer:
+    """A scorer by name: random, loss_low, loss_high, entropy, excess_loss (alias rho1).
+
+    reference: the model for excess_loss (default: a frozen copy of `model` taken now); seed: for random.
+    """
+    key = ALIASES.get(name, name)
+    if key not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r}; choose one of {sorted(SCORERS)} (or alias {sorted(ALIASES)})")
+    return SCORERS[key](model, cfg, reference=reference, seed=seed)
+
+
+__all__ = ["Scorer", "RandomScorer", "LossScorer", "EntropyScorer", "ExcessLossScorer", "SCORERS", "make_scorer",
+           "token_losses", "token_entropies"]

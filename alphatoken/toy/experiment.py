@@ -1,0 +1,225 @@
+"""One fine-tuning run of the toy world per (method, seed), and the small `compare` the CLI demo calls.
+
+A method is a `MethodSpec`: plain SFT ("full"), a baseline scorer from `alphatoken.scorers`, or AlphaToken with
+config overrides and a Fisher kind. Every run starts from a fresh copy of the built-in model.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from .data import collate
+from .evaluate import evaluate_tasks, exact_match
+from .model import load_builtin
+from .tasks import RETENTION_TASKS, TargetNoise, retention_eval_sets, target_data
+from .train import finetune
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What to fine-tune with.
+
+    kind: "full" (every response token), "scorer" (`scorer` is a name for `alphatoken.scorers.make_scorer`)
+        or "alphatoken".
+    config: AlphaTokenConfig overrides (keep_ratio comes from the run unless given here).
+    fisher: "diag", "kfac" or None (AlphaToken only; estimated on target training batches at θ₀).
+    """
+
+    name: str
+    kind: str = "alphatoken"
+    scorer: Optional[str] = None
+    config: Dict = field(default_factory=dict)
+    fisher: Optional[str] = "kfac"
+
+
+# Defaults of the toy experiment (see benchmarks/quality/RESULTS.md for how they were chosen).
+DEFAULTS = dict(steps=200, batch_size=16, lr=5e-4, n_train=2000, fisher_batches=8, fisher_batch_size=32)
+ALPHATOKEN_DEFAULT = dict(stability_weight=1.0, causal_weight=1.0, paths="full", target="batch", normalize=True)
+
+
+def _strip(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+
+
+def build_method(spec: MethodSpec, model, tokenizer, data, keep_ratio: float, seed: int,
+                 fisher_batches: int = DEFAULTS["fisher_batches"],
+                 fisher_batch_size: int = DEFAULTS["fisher_batch_size"]):
+    """The object `finetune` trains with ("full" or a valuer/scorer bound to `model` at θ₀)."""
+    if spec.kind == "full":
+        return "full"
+    import alphatoken as at
+
+    cfg = at.AlphaTokenConfig(**{"keep_ratio": keep_ratio, **(ALPHATOKEN_DEFAULT if spec.kind == "alphatoken"
+                                                                else {}), **spec.config})
+    if spec.kind == "scorer":
+        from ..scorers import make_scorer
+
+        reference = None
+        if spec.scorer in ("excess_loss", "rho1"):
+            reference = copy.deepcopy(model).eval()
+            for p in reference.parameters():
+                p.requires_grad_(False)
+        return make_scorer(spec.scorer, model, cfg, reference=reference, seed=seed)
+    if spec.kind != "alphatoken":
+        raise ValueError(f"unknown method kind {spec.kind!r}")
+    fisher = None
+    if spec.fisher is not None:
+        n = min(len(data.train), fisher_batches * fisher_batch_size)
+        fb = [collate(data.train[i:i + fisher_batch_size], tokenizer) for i in range(0, n, fisher_batch_size)]
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        fisher = at.estimate_fisher(model, fb, kind=spec.fisher, tracked_layers=cfg.tracked_layers,
+                                    track_embeddings=cfg.track_embeddings, generator=gen, progress=False)
+    validation = collate(data.validation, tokenizer) if cfg.target == "validation" else None
+    with warnings.catch_warnings():
+        if fisher is None:  # stability-free by choice (e.g. adaptation-only): the engine's warning is noise here
+            warnings.filterwarnings("ignore", message=".*fisher=None.*")
+        return at.AlphaToken(model, cfg, fisher=fisher, reference=None, validation=validation)
+
+
+_BEFORE_CACHE: Dict[tuple, dict] = {}
+
+
+def accuracy_before(n_eval_retention: int = 200, n_eval_target: int = 300) -> dict:
+    """Exact match of the untouched built-in model: {"target": acc, task: acc, ...} (cached)."""
+    key = (n_eval_retention, n_eval_target)
+    if key not in _BEFORE_CACHE:
+        model, tokenizer = load_builtin()
+        data = target_data(n_train=1, n_eval=n_eval_target, seed=0)
+        acc = {"target": exact_match(model, tokenizer, data.eval)}
+        acc.update(evaluate_tasks(model, tokenizer, retention_eval_sets(n_eval_retention)))
+        _BEFORE_CACHE[key] = acc
+    return dict(_BEFORE_CACHE[key])
+
+
+def run_one(spec: MethodSpec, seed: int = 0, keep_ratio: float = 0.6, steps: int = DEFAULTS["steps"],
+            batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
+            n_train: int = DEFAULTS["n_train"], noise: Optional[TargetNoise] = None,
+            n_eval_retention: int = 200, n_eval_target: int = 300, progress: bool = False,
+            optimizer: str = "adamw") -> dict:
+    """Fine-tune a fresh built-in model with `spec` on the noisy target task; evaluate on clean held-out data.
+
+    Returns a flat dict: method, seed, keep_ratio, steps, target_exact_match, `<task>_before`, `<task>_after`,
+    `<task>_drop` (before - after, the forgetting) per retention task, mean_drop, tokens_trained,
+    response_tokens, keep_ratio_actual, noise_dropped_share, clean_dropped_share, wall_time (fine-tuning loop),
+    setup_time (Fisher estimation, valuer construction), final_loss.
+    """
+    model, tokenizer = load_builtin()
+    data = target_data(n_train=n_train, n_eval=n_eval_target, seed=seed, noise=noise)
+    before = accuracy_before(n_eval_retention, n_eval_target)
+    t0 = time.perf_counter()
+    method = build_method(spec, model, tokenizer, data, keep_ratio, seed)
+    setup = time.perf_counter() - t0
+    try:
+        stats = finetune(model, tokenizer, data.train, method, steps=steps, batch_size=batch_size, lr=lr,
+                         seed=seed, progress=progress, optimizer=optimizer)
+    finally:
+        if hasattr(method, "close"):
+            method.close()
+    after = evaluate_tasks(model, tokenizer, retention_eval_sets(n_eval_retention))
+    row = {"method": spec.name, "seed": seed, "keep_ratio": keep_ratio, "steps": steps,
+           "target_exact_match": exact_match(model, tokenizer, data.eval), "target_before": before["target"]}
+    for task in RETENTION_TASKS:
+        row[f"{task}_before"] = before[task]
+        row[f"{task}_after"] = after[task]
+        row[f"{task}_drop"] = before[task] - after[task]
+    row["mean_drop"] = statistics.mean(row[f"{t}_drop"] for t in RETENTION_TASKS)
+    row.update({k: stats[k] for k in ("tokens_trained", "response_tokens", "noise_dropped_share",
+                                      "clean_dropped_share", "wall_time")})
+    row["keep_ratio_actual"] = stats["keep_ratio"]
+    row["setup_time"] = setup
+    row["final_loss"] = statistics.mean(stats["losses"][-10:])
+    return row
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """Mean and (sample) std over seeds of every numeric field: {field: mean, field + "_std": std}."""
+    out: dict = {}
+    for key, value in rows[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "seed":
+            vals = [float(r[key]) for r in rows]
+            out[key] = statistics.mean(vals)
+            out[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return out
+
+
+def score_example(spec: MethodSpec, keep_ratio: float = 0.6, n: int = 8, seed: int = 0,
+                  noise: Optional[TargetNoise] = None) -> dict:
+    """The values a method gives `n` noisy target training examples at θ₀ (for reports).
+
+    Returns {"texts": [prompt + response], "tokens": [[str per position]], "batch": {input_ids, attention_mask,
+    labels} (CPU), "noise": (B, T) bool, "values": TokenValues on CPU}.
+    """
+    model, tokenizer = load_builtin()
+    data = target_data(n_train=max(n, 64), seed=seed, noise=noise)
+    examples = data.train[:n]
+    batch = collate(examples, tokenizer, return_noise=True)
+    noise_mask = batch.pop("noise")
+    method = build_method(spec, model, tokenizer, data, keep_ratio, seed)
+    try:
+        values = method.value(batch).detach_cpu()
+    finally:
+        method.close()
+    tokens = [tokenizer.convert_ids_to_tokens(row) for row in batch["input_ids"].tolist()]
+    return {"texts": [ex.prompt + ex.response for ex in examples], "tokens": tokens, "batch": batch,
+            "noise": noise_mask, "values": values}
+
+
+def compare(steps: int = DEFAULTS["steps"], seeds: Iterable[int] = (0,), keep_ratio: float = 0.6,
+            progress: bool = True, fisher: str = "kfac", config: Optional[dict] = None,
+            batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
+            n_train: int = DEFAULTS["n_train"]) -> dict:
+    """Fine-tune the built-in model on the noisy target task with every token and with AlphaToken; compare.
+
+    AlphaToken uses `ALPHATOKEN_DEFAULT` updated with `config` and a `fisher` ("diag"/"kfac"/None) Fisher
+    estimated at θ₀ on target training batches. Runs in well under 3 minutes on 2 CPU cores at the defaults.
+
+    Returns {
+      "settings": {steps, seeds, keep_ratio, batch_size, lr, n_train, fisher, config (AlphaTokenConfig dict)},
+      "before": {"target": acc, "add": acc, "copy": acc, "reverse": acc},     # the untouched built-in model
+      "methods": {"full" | "alphatoken": {
+          "target_exact_match": mean over seeds, "target_exact_match_std",
+          "retention_before": {task: acc}, "retention_after": {task: mean acc}, "forgetting": {task: mean drop},
+          "tokens_trained": mean, "response_tokens": mean, "noise_dropped_share": mean, "wall_time": mean s,
+          "runs": [flat row per seed (see run_one)]}},
+      "example": score_example(...) for AlphaToken: texts, tokens, batch, noise, values (TokenValues),
+    }
+    """
+    import alphatoken as at
+
+    seeds = tuple(seeds)
+    specs = [MethodSpec("full", kind="full"),
+             MethodSpec("alphatoken", kind="alphatoken", config=dict(config or {}), fisher=fisher)]
+    before = accuracy_before()
+    result = {"before": before, "methods": {}}
+    for spec in specs:
+        rows = []
+        for seed in seeds:
+            if progress:
+                print(f"[alphatoken.toy] fine-tuning with {spec.name}, seed {seed}, {steps} steps", flush=True)
+            rows.append(run_one(spec, seed=seed, keep_ratio=keep_ratio, steps=steps, batch_size=batch_size,
+                                lr=lr, n_train=n_train))
+        s = summarize(rows)
+        result["methods"][spec.name] = {
+            "target_exact_match": s["target_exact_match"], "target_exact_match_std": s["target_exact_match_std"],
+            "retention_before": {t: before[t] for t in RETENTION_TASKS},
+            "retention_after": {t: s[f"{t}_after"] for t in RETENTION_TASKS},
+            "forgetting": {t: s[f"{t}_drop"] for t in RETENTION_TASKS},
+            "tokens_trained": s["tokens_trained"], "response_tokens": s["response_tokens"],
+            "noise_dropped_share": s["noise_dropped_share"], "wall_time": s["wall_time"], "runs": rows,
+        }
+        if progress:
+            m = result["methods"][spec.name]
+            print(f"[alphatoken.toy] {spec.name}: target {m['target_exact_match']:.3f}, forgetting "
+                  f"{m['forgetting']}, tokens {m['tokens_trained']:.0f}, {m['wall_time']:.1f}s", flush=True)
+    cfg = at.AlphaTokenConfig(**{"keep_ratio": keep_ratio, **ALPHATOKEN_DEFAULT, **(config or {})})
+    result["settings"] = {"steps": steps, "seeds": list(seeds), "keep_ratio": keep_ratio,
+                          "batch_size": batch_size, "lr": lr, "n_train": n_train, "fisher": fisher,
+                          "config": cfg.to_dict()}
+    result["example"] = score_example(specs[1], keep_ratio=keep_ratio, seed=seeds[0] if seeds else 0)
+    return result

@@ -1,0 +1,62 @@
+"""The quality harness end to end on a tiny budget: rows, table and CSV come out, metrics are in range."""
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from alphatoken import toy
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (toy.BUILTIN_DIR / "model.safetensors").exists(),
+                                reason="built-in toy model not built (python -m alphatoken.toy.build)")
+
+
+def load_run():
+    spec = importlib.util.spec_from_file_location("quality_run", ROOT / "benchmarks" / "quality" / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["quality_run"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def engine_available():
+    return importlib.util.find_spec("alphatoken.engine") is not None
+
+
+def test_harness_end_to_end(tmp_path):
+    run = load_run()
+    methods = "full,random,at_adapt" if engine_available() else "full,random,rho1"
+    out = run.main(["--seeds", "0", "--steps", "3", "--methods", methods, "--out", str(tmp_path),
+                    "--n-train", "128", "--n-eval-retention", "20", "--n-eval-target", "20", "--batch-size", "8", "--keep-ratio", "0.5"])
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "table.md").exists()
+    rows = run.read_rows(tmp_path / "results.csv")
+    assert [r["method"] for r in rows] == methods.split(",")
+    for r in rows:
+        for key in ["target_exact_match", "mean_drop", "noise_dropped_share", "clean_dropped_share",
+                    *[f"{t}_{w}" for t in toy.RETENTION_TASKS for w in ("before", "after")]]:
+            assert -1.0 <= r[key] <= 1.0 and not math.isnan(r[key]), (key, r[key])
+        for t in toy.RETENTION_TASKS:
+            assert math.isclose(r[f"{t}_drop"], r[f"{t}_before"] - r[f"{t}_after"], abs_tol=1e-9)
+        assert r["tokens_trained"] > 0 and r["wall_time"] > 0
+        if r["method"] == "full":
+            assert r["tokens_trained"] == r["response_tokens"]
+        else:
+            assert 0.45 < r["tokens_trained"] / r["response_tokens"] < 0.65
+    md = (tmp_path / "table.md").read_text()
+    for name in methods.split(","):
+        assert f"| {name} | 1 |" in md
+    assert "target EM" in md and "±" in md
+    # rerunning skips the rows already in the CSV
+    run.main(["--seeds", "0", "--steps", "3", "--methods", "full", "--out", str(tmp_path), "--n-train", "128",
+              "--n-eval-retention", "20", "--n-eval-target", "20", "--batch-size", "8", "--keep-ratio", "0.5"])
+    assert len(run.read_rows(tmp_path / "results.csv")) == len(rows)
+
+
+def test_table_formats_mean_and_std():
+    run = load_run()
+    rows = [{"method": "m", "seed": s, **{k: v for k, _ in run.TABLE_COLUMNS for v in [float(s)]}}
+            for s in (0, 1, 2)]
+    md = run.table(rows)
+    assert "| m | 3 | 1.000 ± 1.000 |" in md

@@ -33,6 +33,8 @@ class AlphaTokenConfig:
     reference_device / reference_dtype: where the θ₀ snapshot lives (e.g. "cpu", torch.bfloat16) to save memory.
     global_selection: under torch.distributed, select over the values of all ranks together.
     check_finite: raise on NaN/Inf in the loss or in any layer's values, naming what was non-finite.
+    always_keep_token_ids: response tokens with these ids are always kept (e.g. the eos id, so the model
+        still learns to stop); they count towards the keep budget like any kept token.
     """
 
     keep_ratio: float = 0.6
@@ -52,6 +54,7 @@ class AlphaTokenConfig:
     reference_dtype: Optional[torch.dtype] = None
     global_selection: bool = False
     check_finite: bool = True
+    always_keep_token_ids: tuple = ()
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep_ratio <= 1.0:
@@ -68,6 +71,7 @@ class AlphaTokenConfig:
             raise ValueError(f"refresh must be >= 1, got {self.refresh}")
         if isinstance(self.tracked_layers, bool) or not isinstance(self.tracked_layers, (str, int)):
             raise ValueError("tracked_layers must be 'all', an int (last k blocks) or a regex string")
+        self.always_keep_token_ids = tuple(int(i) for i in self.always_keep_token_ids)
         if isinstance(self.tracked_layers, int) and self.tracked_layers < 0:
             raise ValueError(f"tracked_layers as a block count must be >= 0, got {self.tracked_layers}")
 

@@ -29,7 +29,7 @@ from .fisher import Fisher
 from .hooks import Capture
 from .layers import TrackedLayer, discover_layers
 from .losses import IGNORE_INDEX, masked_causal_lm_loss, response_mask
-from .select import select_tokens
+from .select import protected_tokens, select_tokens
 from .values import TokenValues
 
 TokenWeights = Union[None, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
@@ -257,7 +257,7 @@ class AlphaToken:
             stab_c = torch.zeros_like(adapt_d)
             if body:
                 adapt_c, stab_c = self._causal(loss, batch, body_rows, n, keep_graph)
-            values = self._combine(adapt_d, stab_d, adapt_c, stab_c, b, t, response)
+            values = self._combine(adapt_d, stab_d, adapt_c, stab_c, b, t, response, labels)
             return values, logits
         finally:
             self.capture.release()
@@ -387,7 +387,7 @@ class AlphaToken:
             square_sum, count = all_reduce_sum(square_sum), all_reduce_sum(count)
         return (square_sum / count.clamp(min=1)).sqrt().to(x.dtype)
 
-    def _combine(self, adapt_d, stab_d, adapt_c, stab_c, b, t, response) -> TokenValues:
+    def _combine(self, adapt_d, stab_d, adapt_c, stab_c, b, t, response, labels) -> TokenValues:
         cfg = self.cfg
         gamma, lam = cfg.causal_weight, cfg.stability_weight
         if cfg.normalize:
@@ -410,7 +410,7 @@ class AlphaToken:
             out = torch.zeros(response.shape, dtype=torch.float32, device=response.device)
             out[b, t] = value.float()
             full[key] = out
-        mask = select_tokens(full["total"], response, cfg)
+        mask = select_tokens(full["total"], response, cfg, protected_tokens(labels, response, cfg))
         return TokenValues(mask=mask, response=response, **full)
 
     # ---------------------------------------------------------------- validation target

@@ -7,6 +7,7 @@ so the same values always give the same mask. Every sequence with response token
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -29,8 +30,13 @@ def _ranked_positions(total: torch.Tensor, response: torch.Tensor):
     return order, seq, rank, counts
 
 
-def select_local(total: torch.Tensor, response: torch.Tensor, cfg: AlphaTokenConfig) -> torch.Tensor:
-    """The keep-mask (B, T) for one batch, without looking at other ranks."""
+def select_local(
+    total: torch.Tensor, response: torch.Tensor, cfg: AlphaTokenConfig, protected: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The keep-mask (B, T) for one batch, without looking at other ranks.
+
+    protected: (B, T) bool, response tokens kept whatever their value (they use up budget first).
+    """
     if total.shape != response.shape:
         raise ValueError(f"total has shape {tuple(total.shape)} but response has {tuple(response.shape)}")
     mask = torch.zeros(response.shape, dtype=torch.bool, device=response.device)
@@ -40,6 +46,8 @@ def select_local(total: torch.Tensor, response: torch.Tensor, cfg: AlphaTokenCon
     order, seq, rank, counts = _ranked_positions(total, response)
     min_keep = torch.clamp(counts, max=cfg.min_keep_per_sequence)[seq]
     forced = rank < min_keep
+    if protected is not None:
+        forced = forced | protected.reshape(-1)[order]
     if cfg.selection == "batch":
         budget = math.ceil(cfg.keep_ratio * n - 1e-9) - int(forced.sum())
         free = (~forced).nonzero().squeeze(1)[: max(budget, 0)]
@@ -47,14 +55,24 @@ def select_local(total: torch.Tensor, response: torch.Tensor, cfg: AlphaTokenCon
         keep[free] = True
     elif cfg.selection == "sequence":
         per_seq = torch.ceil(counts.double() * cfg.keep_ratio - 1e-9).long()
-        keep = (rank < torch.maximum(per_seq, torch.clamp(counts, max=cfg.min_keep_per_sequence))[seq])
+        keep = forced | (rank < torch.maximum(per_seq, torch.clamp(counts, max=cfg.min_keep_per_sequence))[seq])
     else:  # "threshold"
         keep = forced | (total.reshape(-1)[order] > cfg.threshold)
     mask.view(-1)[order[keep]] = True
     return mask
 
 
-def select_tokens(total: torch.Tensor, response: torch.Tensor, cfg: AlphaTokenConfig) -> torch.Tensor:
+def protected_tokens(labels: torch.Tensor, response: torch.Tensor, cfg: AlphaTokenConfig) -> Optional[torch.Tensor]:
+    """(B, T) bool: response tokens whose id is in `cfg.always_keep_token_ids`; None when there are none."""
+    if not cfg.always_keep_token_ids:
+        return None
+    ids = torch.tensor(cfg.always_keep_token_ids, device=labels.device, dtype=labels.dtype)
+    return response & torch.isin(labels, ids)
+
+
+def select_tokens(
+    total: torch.Tensor, response: torch.Tensor, cfg: AlphaTokenConfig, protected: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """The keep-mask (B, T). With `cfg.global_selection` under torch.distributed, ranks select together."""
     if cfg.global_selection:
         import torch.distributed as dist
@@ -62,5 +80,9 @@ def select_tokens(total: torch.Tensor, response: torch.Tensor, cfg: AlphaTokenCo
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             from .distributed import select_global
 
-            return select_global(total, response, cfg, select_local)
-    return select_local(total, response, cfg)
+            if protected is None:
+                return select_global(total, response, cfg, select_local)
+            # protected tokens travel as +inf values: they rank first, exactly as forced keeps do locally
+            lifted = total.masked_fill(protected, float("inf"))
+            return select_global(lifted, response, cfg, select_local)
+    return select_local(total, response, cfg, protected)

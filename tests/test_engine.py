@@ -575,3 +575,18 @@ def test_a_wrapped_model_is_unwrapped_for_discovery_and_still_runs_forward():
     tv = make_valuer(wrapped).value(batch)
     assert wrapped.calls == 1
     torch.testing.assert_close(tv.total, make_valuer(model).value(batch).total)
+
+
+def test_always_kept_token_ids_survive_selection():
+    model = tiny_model("llama", seed=161)
+    batch = random_batch(162, B=4, T=12)
+    protected_id = int(batch["labels"][0, -1])
+    plain = make_valuer(model, keep_ratio=0.3, min_keep_per_sequence=0).value(batch)
+    kept = make_valuer(model, keep_ratio=0.3, min_keep_per_sequence=0, always_keep_token_ids=(protected_id,)).value(batch)
+    is_protected = plain.response & (batch["labels"] == protected_id)
+    assert is_protected.any()
+    assert kept.mask[is_protected].all()
+    assert int(kept.mask.sum()) == max(math.ceil(0.3 * int(plain.response.sum())), int(is_protected.sum()))
+    others = kept.mask & ~is_protected  # the rest of the budget still goes to the top values
+    if others.any():
+        assert kept.total[others].min() >= kept.total[plain.response & ~kept.mask].max()

@@ -83,7 +83,7 @@ class Scorer:
 
     # --- AlphaToken-compatible API
     def _values(self, logits: torch.Tensor, batch: dict) -> TokenValues:
-        from .select import select_tokens
+        from .select import protected_tokens, select_tokens
 
         labels = batch["labels"].to(logits.device)
         response = response_mask(labels)
@@ -92,7 +92,7 @@ class Scorer:
         total = torch.where(response, total, torch.zeros_like(total))
         if self.cfg.check_finite and not bool(torch.isfinite(total[response]).all()):
             raise FloatingPointError(f"{type(self).__name__} produced non-finite scores; check the model's logits")
-        mask = select_tokens(total, response, self.cfg) & response
+        mask = select_tokens(total, response, self.cfg, protected_tokens(labels, response, self.cfg)) & response
         zeros = torch.zeros_like(total)
         tv = TokenValues(adaptation=total, stability=zeros, direct=total.clone(), causal=zeros.clone(),
                          total=total.clone(), mask=mask, response=response)

@@ -76,7 +76,7 @@ def parse_set(items):
     return out
 
 
-def resolve_methods(arg: str, overrides: dict, suffix: str):
+def resolve_methods(arg: str, overrides: dict, suffix: str, keep_ids: tuple = ()):
     names = list(METHODS) if arg == "all" else [m.strip() for m in arg.split(",") if m.strip()]
     specs = []
     for name in names:
@@ -90,6 +90,9 @@ def resolve_methods(arg: str, overrides: dict, suffix: str):
         elif suffix and spec.kind != "alphatoken":
             spec = MethodSpec(spec.name + suffix, kind=spec.kind, scorer=spec.scorer, config=spec.config,
                               fisher=spec.fisher)
+        if keep_ids and spec.kind != "full":  # the same rule for every masking method
+            spec = MethodSpec(spec.name, kind=spec.kind, scorer=spec.scorer,
+                              config={**spec.config, "always_keep_token_ids": list(keep_ids)}, fisher=spec.fisher)
         specs.append(spec)
     return specs
 
@@ -213,7 +216,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(HERE / "out"))
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    parser.add_argument("--optimizer", choices=["adamw", "sgd", "sgdm"], default="adamw",
+                        help="sgdm: SGD with momentum 0.9")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip; 0 turns it off")
+    parser.add_argument("--keep-eos", action="store_true",
+                        help="every masking method always keeps <eos> (always_keep_token_ids=(eos_id,))")
+    parser.add_argument("--model-dir", default=None,
+                        help="another build of the toy model (default: the built-in one)")
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-eval-retention", type=int, default=200)
     parser.add_argument("--n-eval-target", type=int, default=300)
@@ -240,8 +249,16 @@ def main(argv=None) -> dict:
         for r in read_rows(Path(other) / "results.csv"):
             if (r["method"], int(r["seed"]), int(r["steps"]), float(r["keep_ratio"])) not in have:
                 append_row(csv_path, r)
+    if args.model_dir:
+        os.environ["ALPHATOKEN_TOY_MODEL_DIR"] = str(Path(args.model_dir).resolve())
     noise = TargetNoise(**json.loads(args.noise)) if args.noise else None
-    specs = resolve_methods(args.methods, parse_set(args.set), args.suffix)
+    keep_ids = ()
+    if args.keep_eos:
+        from alphatoken.toy.tokenizer import build_tokenizer
+
+        keep_ids = (build_tokenizer().eos_token_id,)
+    specs = resolve_methods(args.methods, parse_set(args.set), args.suffix, keep_ids)
+    grad_clip = args.grad_clip if args.grad_clip > 0 else None
     done = {(r["method"], int(r["seed"]), int(r["steps"]), float(r["keep_ratio"])) for r in read_rows(csv_path)}
     env = {"torch": torch.__version__, "device": platform.processor() or platform.machine(),
            "threads": torch.get_num_threads()}
@@ -253,8 +270,9 @@ def main(argv=None) -> dict:
             row = run_one(spec, seed=seed, keep_ratio=args.keep_ratio, steps=args.steps,
                           batch_size=args.batch_size, lr=args.lr, n_train=args.n_train, noise=noise,
                           n_eval_retention=args.n_eval_retention, n_eval_target=args.n_eval_target, progress=args.progress,
-                          optimizer=args.optimizer)
-            row.update(lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, config=json.dumps(spec.config, sort_keys=True),
+                          optimizer=args.optimizer, grad_clip=grad_clip)
+            row.update(lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, grad_clip=args.grad_clip,
+                       model_dir=args.model_dir or "builtin", config=json.dumps(spec.config, sort_keys=True),
                        fisher=spec.fisher if spec.kind == "alphatoken" else "",
                        noise=args.noise or "default", **env)
             append_row(csv_path, row)

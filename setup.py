@@ -32,7 +32,7 @@ setup(
     ],
     extras_require={
         "trl": ["trl>=0.19", "datasets>=2.19"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "datasets>=2.19", "trl>=0.19", "peft>=0.13"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "datasets>=2.19", "trl>=0.19", "peft>=0.13", "pillow>=9"],
         "plot": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["alphatoken=alphatoken.cli:main"]},

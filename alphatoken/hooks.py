@@ -96,8 +96,10 @@ class Capture:
         if self.missed:
             raise RuntimeError(
                 f"no autograd graph reached tracked layers {self.missed[:3]}{'...' if len(self.missed) > 3 else ''}: "
-                "the forward ran without gradients there. With gradient checkpointing, use the non-reentrant form: "
-                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}); "
+                "the forward ran without gradients there. With gradient checkpointing, use the non-reentrant form "
+                "(use_reentrant=False, the transformers default): model.gradient_checkpointing_enable("
+                "gradient_checkpointing_kwargs={'use_reentrant': False}), or activation_checkpointing_enable("
+                "activation_checkpointing_kwargs={'use_reentrant': False}) in newer transformers; "
                 "and do not call value() under torch.no_grad() with paths='full'."
             )
 

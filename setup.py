@@ -14,6 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "alphatoken",
+        "alphatoken.cli",
         "alphatoken.kernels",
         "alphatoken.integrations",
         "alphatoken.toy",

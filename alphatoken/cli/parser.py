@@ -1,0 +1,119 @@
+"""The `alphatoken` argument parser: one subcommand per command module, and the option groups they share."""
+from __future__ import annotations
+
+import argparse
+
+from .bench import cmd_bench
+from .demo import cmd_demo
+from .score import cmd_score
+from .train import TRAIN_DEFAULTS, cmd_train
+
+DEFAULT_OUT = "alphatoken_out"
+PROG = "alphatoken"
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def add_valuation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("valuation (AlphaTokenConfig)")
+    g.add_argument("--keep-ratio", type=float, default=None, help="share of response tokens kept (default 0.6)")
+    g.add_argument("--selection", choices=("batch", "sequence", "threshold"), default=None,
+                   help="how tokens are picked (default batch)")
+    g.add_argument("--stability-weight", type=float, default=None, help="λ in total = adaptation + λ·stability")
+    g.add_argument("--causal-weight", type=float, default=None, help="γ, weight of the downstream causal path")
+    g.add_argument("--paths", choices=("full", "direct"), default=None,
+                   help="full (direct + causal) or direct (head only, cheapest)")
+    g.add_argument("--tracked-layers", default=None, help="'all', k (last k blocks + head) or a regex")
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="AlphaToken: value every response token on adaptation and stability, and train "
+                               "only on the ones worth it.")
+    parser.add_argument("--version", action="version", version=f"alphatoken {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,score,train,bench}")
+
+    p = sub.add_parser("demo", help="every token vs AlphaToken on the built-in tiny model and data (CPU, minutes)",
+                       description="Fine-tune the built-in tiny Llama on its noisy target task twice — with every "
+                                   "response token and with AlphaToken — print the comparison and write the HTML "
+                                   "report of which tokens are kept.")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT}/)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default: the toy's 150)")
+    p.add_argument("--keep-ratio", type=float, default=0.6, help="share of response tokens AlphaToken keeps")
+    p.add_argument("--fisher", choices=("diag", "kfac", "none"), default=None, help="reference Fisher (default kfac)")
+    p.add_argument("--seed", type=int, default=0)
+    add_common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("score", help="value a JSONL dataset; write values, masks and the HTML report",
+                       description="Value every response token of a JSONL dataset at the model's weights and write "
+                                   "OUT/values.jsonl (per-token values and keep masks, readable by "
+                                   "datasets.load_dataset('json')), OUT/report.html and OUT/summary.json.")
+    p.add_argument("data", help="JSONL: {prompt, response} or {prompt, chosen, rejected} per line")
+    p.add_argument("--model", default="builtin", help="local Hugging Face model folder, or 'builtin' (default)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT}/)")
+    p.add_argument("--fisher", choices=("diag", "kfac", "none"), default="kfac",
+                   help="reference Fisher for stability, estimated on the data (default kfac)")
+    p.add_argument("--fisher-batches", type=int, default=8, help="batches used to estimate the Fisher")
+    p.add_argument("--save-fisher", action="store_true", help="also write OUT/fisher.safetensors")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=None, help="truncate sequences (default: the model's limit)")
+    p.add_argument("--select-within", choices=("dataset", "batch"), default="dataset",
+                   help="select kept tokens over the whole file (default; masks independent of batching) or per "
+                        "scoring batch as in training")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO β for preference data")
+    p.add_argument("--no-eos", action="store_true", help="do not append EOS to responses")
+    p.add_argument("--report-limit", type=int, default=200, help="sequences shown in the report")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    add_valuation_flags(p)
+    add_common(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("train", help="SFT or DPO with AlphaToken from a YAML file and/or flags",
+                       description="Fine-tune with AlphaToken's masked loss (SFT, or DPO for prompt/chosen/rejected "
+                                   "data). Checkpoints (model, optimizer, step, RNG) every --save-every steps under "
+                                   "OUT/checkpoints; --resume continues exactly from the newest one. Settings: "
+                                   "defaults < --config YAML < flags. YAML keys: " + ", ".join(TRAIN_DEFAULTS))
+    p.add_argument("--config", default=None, help="YAML file of settings")
+    p.add_argument("--model", default=None, help="local Hugging Face model folder or 'builtin'")
+    p.add_argument("--data", default=None, help="JSONL training data")
+    p.add_argument("--out", default=None, help="run folder (default ./alphatoken_run)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--fisher", choices=("diag", "kfac", "none"), default=None)
+    p.add_argument("--fisher-batches", type=int, default=None)
+    p.add_argument("--dpo", action="store_true", help="DPO (the default when the data has chosen/rejected)")
+    p.add_argument("--beta", type=float, default=None, help="DPO β")
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_valuation_flags(p)
+    add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="run the kernel benchmarks and print the table",
+                       description="Run benchmarks/gpu_bench.py (kernels vs torch, torch.compile and materialized "
+                                   "per-token gradients, then the training-step cost) and print its table; without "
+                                   "that script, time alphatoken.kernels against plain torch.")
+    p.add_argument("--quick", action="store_true", help="a few sizes only")
+    p.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU (the default without CUDA)")
+    p.add_argument("--no-step", action="store_true", help="kernels only, not the training-step benchmark")
+    p.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
+    p.add_argument("--ops", nargs="*", default=None, help="only these kernel ops")
+    p.add_argument("--csv", default=None, help="also write the rows here")
+    p.add_argument("--builtin", action="store_true", help="the small built-in timing even if the script exists")
+    add_common(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+

@@ -19,7 +19,8 @@ from alphatoken import kernels as K
 
 @dataclass
 class Direction:
-    """A target direction U for one layer: materialized `matrix` (d_out, d_in), or `scale · G'ᵀA'` factors."""
+    """A target direction U = scale · G'ᵀA' for one layer: materialized (`matrix` = G'ᵀA', (d_out, d_in)) or
+    kept as the factors `a_ref`, `g_ref`."""
 
     matrix: Optional[torch.Tensor] = None
     a_ref: Optional[torch.Tensor] = None
@@ -32,8 +33,8 @@ class Direction:
         a_ref, g_ref = matched(a_ref, g_ref)
         if K.use_ghost(a_ref.shape[0], a_ref.shape[1], g_ref.shape[1]):
             return cls(a_ref=a_ref, g_ref=g_ref, scale=scale)
-        matrix = g_ref.T @ a_ref
-        return cls(matrix=(matrix if matrix.dtype == torch.float64 else matrix.float()) * scale)
+        matrix = g_ref.T @ a_ref  # the scale is applied to the values, not to this weight-sized matrix
+        return cls(matrix=matrix if matrix.dtype == torch.float64 else matrix.float(), scale=scale)
 
 
 class _Float64Kernels:
@@ -106,7 +107,7 @@ def linear_values(a, g, eta: float, direction: Optional[Direction], fisher, delt
     if "drift" in slots:
         stability = stability + eta * forms[slots["drift"]]
     if "u" in slots:
-        adaptation = eta * forms[slots["u"]]
+        adaptation = eta * direction.scale * forms[slots["u"]]
     elif direction is not None:
         adaptation = eta * direction.scale * ops.ghost_dot(a, g, *matched(direction.a_ref, direction.g_ref))
     return adaptation, stability
@@ -117,7 +118,7 @@ def embedding_direction(ids_ref: torch.Tensor, g_ref: torch.Tensor, vocab: int, 
     dtype = torch.float64 if g_ref.dtype == torch.float64 else torch.float32
     u_t = torch.zeros(vocab, g_ref.shape[1], dtype=dtype, device=g_ref.device)
     u_t.index_add_(0, ids_ref, g_ref.to(dtype))
-    return Direction(matrix=u_t * scale)
+    return Direction(matrix=u_t, scale=scale)
 
 
 def embedding_values(ids, g, eta: float, direction: Optional[Direction], fisher, delta_t: Optional[torch.Tensor]):
@@ -127,7 +128,7 @@ def embedding_values(ids, g, eta: float, direction: Optional[Direction], fisher,
     adaptation = torch.zeros(ids.shape[0], dtype=dtype, device=g.device)
     stability = torch.zeros_like(adaptation)
     if direction is not None:
-        adaptation = eta * (g * direction.matrix[ids]).sum(1)
+        adaptation = eta * direction.scale * (g * direction.matrix[ids]).sum(1)
     if fisher is not None:
         if fisher[0] == "diag":
             f_rows = fisher[1].T[ids].to(dtype)

@@ -332,7 +332,8 @@ class AlphaToken:
         """One valuation backward; each body layer's values at rows t as its g arrives."""
         cfg = self.cfg
         mask = batch.get("attention_mask")
-        ref_rows = (mask.reshape(-1) > 0).nonzero().squeeze(1) if mask is not None else None
+        padded = mask is not None and not bool(mask.all())
+        ref_rows = (mask.reshape(-1) > 0).nonzero().squeeze(1) if padded else None  # None: every row, no copy
         acc = {"adapt": torch.zeros(body_rows.numel(), device=body_rows.device),
                "stab": torch.zeros(body_rows.numel(), device=body_rows.device)}
 
@@ -350,8 +351,9 @@ class AlphaToken:
             a, g = a_all.index_select(0, body_rows), g_all.index_select(0, body_rows)
             direction = self.directions.get(index)
             if cfg.target == "batch":
-                rows = ref_rows if ref_rows is not None else slice(None)
-                direction = self._batch_direction(layer, a_all[rows], g_all[rows], n)
+                a_ref = a_all if ref_rows is None else a_all.index_select(0, ref_rows)
+                g_ref = g_all if ref_rows is None else g_all.index_select(0, ref_rows)
+                direction = self._batch_direction(layer, a_ref, g_ref, n)
             fisher, delta = self._layer_fisher(layer), self._delta(layer)
             if layer.kind == "embedding":
                 adapt, stab = embedding_values(a, g, cfg.lr, direction, fisher, delta)
@@ -371,13 +373,13 @@ class AlphaToken:
         """U = (1/n) Σ_s g_s a_sᵀ over this batch's rows — over all ranks' rows under global selection."""
         if layer.kind == "embedding":
             direction = embedding_direction(a_ref, g_ref, layer.shape[1], 1.0 / n)
-        elif self._is_global():
+        elif self._is_global():  # always materialized: the ranks' sums add up
             a_ref, g_ref = matched(a_ref, g_ref)
             local = g_ref.T @ a_ref
-            direction = Direction(matrix=(local if local.dtype == torch.float64 else local.float()) / n)
+            direction = Direction(matrix=local if local.dtype == torch.float64 else local.float(), scale=1.0 / n)
         else:
             return Direction.from_rows(a_ref, g_ref, 1.0 / n)
-        if self._is_global():  # per-rank sums, each already divided by the global n
+        if self._is_global():  # n is already the global count
             direction.matrix = all_reduce_sum(direction.matrix)
         return direction
 

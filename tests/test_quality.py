@@ -60,3 +60,23 @@ def test_table_formats_mean_and_std():
             for s in (0, 1, 2)]
     md = run.table(rows)
     assert "| m | 3 | 1.000 ± 1.000 |" in md
+
+
+def test_keep_eos_applies_to_every_masking_method():
+    """--keep-eos: scorers and AlphaToken alike keep every <eos> (always_keep_token_ids), whatever its score."""
+    from alphatoken.config import AlphaTokenConfig
+    from alphatoken.scorers import make_scorer
+
+    run = load_run()
+    specs = run.resolve_methods("full,random,loss_high,at_adapt", {}, "", (2,))
+    assert "always_keep_token_ids" not in specs[0].config
+    assert all(s.config["always_keep_token_ids"] == [2] for s in specs[1:])
+    model, tokenizer = toy.load_builtin()
+    batch = toy.collate(toy.target_data(n_train=16, n_eval=8, seed=0).train, tokenizer)
+    eos = batch["labels"] == tokenizer.eos_token_id
+    for name in ("random", "loss_high", "excess_loss"):
+        cfg = AlphaTokenConfig(keep_ratio=0.6, always_keep_token_ids=(tokenizer.eos_token_id,))
+        with make_scorer(name, model, cfg) as scorer:
+            tv = scorer.value(batch)
+        assert bool(tv.mask[eos].all()), name
+        assert int(tv.mask.sum()) == math.ceil(0.6 * int(tv.response.sum()))  # eos uses up budget

@@ -47,8 +47,12 @@ def build_model(tokenizer=None, seed: int = 0, **config_kwargs):
 
 
 def pretrain(model, tokenizer, steps: int = 3000, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-             warmup: int = 100, log_every: int = 200, progress: bool = True, eval_every: int = 0) -> dict:
+             warmup: int = 100, log_every: int = 200, progress: bool = True, eval_every: int = 0,
+             label_smoothing: float = 0.0) -> dict:
     """Pre-train on an endless stream of the clean retention mixture (response-only loss, AdamW, cosine LR).
+
+    label_smoothing > 0 caps the model's confidence (the logit margins), so that fine-tuning on a new task
+    starts from a moderate loss instead of a huge one.
 
     Returns {"losses": [...], "wall_time": s, "accuracy": {task: exact match}} (accuracy at the end).
     """
@@ -69,7 +73,13 @@ def pretrain(model, tokenizer, steps: int = 3000, batch_size: int = 64, lr: floa
             pool, cursor = retention_mixture(chunk, seed=seed * 7919 + step), 0
         batch = collate(pool[cursor:cursor + batch_size], tokenizer)
         cursor += batch_size
-        loss = model(**batch).loss
+        if label_smoothing > 0:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch["labels"][:, 1:].reshape(-1),
+                ignore_index=-100, label_smoothing=label_smoothing)
+        else:
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -102,7 +112,9 @@ def load_builtin(directory: Optional[os.PathLike] = None, device: str = "cpu"):
     """
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    directory = Path(directory) if directory is not None else BUILTIN_DIR
+    if directory is None:  # ALPHATOKEN_TOY_MODEL_DIR: try another build of the toy model without replacing it
+        directory = os.environ.get("ALPHATOKEN_TOY_MODEL_DIR") or BUILTIN_DIR
+    directory = Path(directory)
     if not (directory / "model.safetensors").exists():
         raise FileNotFoundError(
             f"no built-in toy model at {directory}; build it with `python -m alphatoken.toy.build`")

@@ -32,7 +32,8 @@ def batches(examples: Sequence[Example], tokenizer, batch_size: int, seed: int, 
 def finetune(model, tokenizer, train_examples: Sequence[Example], method: Union[str, object] = "full",
              steps: int = 150, batch_size: int = 16, lr: float = 1e-3, seed: int = 0, progress: bool = False,
              grad_clip: Optional[float] = 1.0, log_every: int = 50, optimizer: str = "adamw") -> dict:
-    """Fine-tune `model` in place with AdamW (or `optimizer="sgd"`; constant `lr`, no weight decay).
+    """Fine-tune `model` in place with AdamW (or `optimizer="sgd"`, or `"sgdm"`: SGD with momentum 0.9);
+    constant `lr`, no weight decay; `grad_clip` (global norm; None: off).
 
     method: "full" (mean cross-entropy over every response token) or an object with `value_and_loss(batch)`
         returning the masked loss and, after the call, `last_values` (TokenValues) whose `mask` says which
@@ -54,8 +55,10 @@ def finetune(model, tokenizer, train_examples: Sequence[Example], method: Union[
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     elif optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr)
+    elif optimizer == "sgdm":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
     else:
-        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        raise ValueError(f"optimizer must be 'adamw', 'sgd' or 'sgdm', got {optimizer!r}")
     stats = {"steps": steps, "tokens_trained": 0, "response_tokens": 0, "noise_tokens": 0, "noise_kept": 0,
              "clean_kept": 0, "losses": []}
     start = time.perf_counter()
@@ -71,7 +74,7 @@ def finetune(model, tokenizer, train_examples: Sequence[Example], method: Union[
             kept = values.mask.to(response.device) & response if values is not None else response
         loss.backward()
         if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            stats.setdefault("grad_norms", []).append(float(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         stats["losses"].append(float(loss.detach()))

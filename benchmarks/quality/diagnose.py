@@ -45,11 +45,13 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--set", nargs="*", default=[])
+    parser.add_argument("--keep-eos", action="store_true", help="every method always keeps <eos>")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     noise = TargetNoise()
-    specs = [s for s in resolve_methods(args.methods, parse_set(args.set), "") if s.kind != "full"]
+    keep_ids = (2,) if args.keep_eos else ()  # the toy tokenizer's <eos> id
+    specs = [s for s in resolve_methods(args.methods, parse_set(args.set), "", keep_ids) if s.kind != "full"]
     lines = ["| method | filler dropped | swap/corrupt dropped | clean dropped | eos dropped | corr(score, ℓ) |",
              "|---|---|---|---|---|---|"]
     for spec in specs:
@@ -80,7 +82,8 @@ def main(argv=None):
         share = (dropped / count.clamp(min=1)).tolist()
         lines.append(f"| {spec.name} | " + " | ".join(f"{v:.2f}" for v in share) + f" | {corr:+.2f} |")
         print(lines[-1], flush=True)
-    text = f"keep_ratio={args.keep_ratio}, {args.batches}x{args.batch_size} target training examples, at θ₀\n\n"
+    text = (f"keep_ratio={args.keep_ratio}, keep_eos={args.keep_eos}, {args.batches}x{args.batch_size} target "
+            f"training examples, at θ₀\n\n")
     text += "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).write_text(text)

@@ -5,8 +5,8 @@ responses carry low-value tokens (boilerplate filler, a systematic wrong span, r
 keeps the same share of response tokens (except `full`). Measured on clean held-out data: target exact match,
 exact match on each retention task before/after (the drop is forgetting), tokens trained, wall time.
 
-    python benchmarks/quality/run.py --seeds 0 1 2 --steps 200 --keep-ratio 0.6 --methods all --out benchmarks/quality/out
-    python benchmarks/quality/run.py --methods full,random,at_full_val_kfac --seeds 0 --steps 20   # quick look
+    python benchmarks/quality/run.py --keep-eos    # round 2: all methods, seeds 0 1 2, AdamW 4e-4, batch 64, 200 steps
+    python benchmarks/quality/run.py --methods full,random,at_full_val_kfac --seeds 0 --steps 20 --out /tmp/q  # quick look
 
 Rows are appended to <out>/results.csv as each (method, seed) finishes (rerunning skips rows already there
 unless --fresh), then <out>/table.md (mean ± std over seeds) and <out>/quality.png (from the CSV) are written.
@@ -179,15 +179,27 @@ def plot(csv_path: Path, png_path: Path) -> bool:
         if r["method"] not in names:
             names.append(r["method"])
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for name in names:
+    colors = plt.get_cmap("tab20").colors
+    for i, name in enumerate(names):
         sel = [r for r in rows if r["method"] == name]
         x = [float(r["mean_drop"]) for r in sel]
         y = [float(r["target_exact_match"]) for r in sel]
         sx = statistics.stdev(x) if len(x) > 1 else 0.0
         sy = statistics.stdev(y) if len(y) > 1 else 0.0
-        marker = "s" if name == "full" else ("o" if name.startswith("at_") else "^")
+        marker = "s" if name.startswith("full") else ("o" if name.startswith("at_") else "^")
+        color = "0.35" if name.startswith("full_lr") else colors[i % len(colors)]
         axes[0].errorbar(statistics.mean(x), statistics.mean(y), xerr=sx, yerr=sy, fmt=marker, capsize=3,
-                         label=name)
+                         label=name, color=color)
+    frontier = []  # full-token SFT at several learning rates ("full", "full_lr..."): the trade-off without masking
+    for name in names:
+        if name == "full" or name.startswith("full_lr"):
+            sel = [r for r in rows if r["method"] == name]
+            frontier.append((statistics.mean(float(r["mean_drop"]) for r in sel),
+                             statistics.mean(float(r["target_exact_match"]) for r in sel)))
+    if len(frontier) > 1:
+        frontier.sort()
+        axes[0].plot([x for x, _ in frontier], [y for _, y in frontier], "k--", lw=1, alpha=0.6,
+                     label="full SFT, lr sweep")
     axes[0].set_xlabel("mean retention drop (forgetting, lower is better)")
     axes[0].set_ylabel("target exact match on clean held-out (higher is better)")
     axes[0].set_title("target accuracy vs forgetting (mean ± std over seeds)")
@@ -213,9 +225,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--keep-ratio", type=float, default=0.6)
     parser.add_argument("--methods", default="all", help=f"'all' or a comma list of {list(METHODS) + list(VARIANTS)}")
-    parser.add_argument("--out", default=str(HERE / "out"))
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", default=str(HERE / "out_r2" / "main"))
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--optimizer", choices=["adamw", "sgd", "sgdm"], default="adamw",
                         help="sgdm: SGD with momentum 0.9")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip; 0 turns it off")

@@ -239,26 +239,30 @@ def _launch(a, g, mats, F, out_m, out_f):
             torch.sum(part_f, dim=0, out=out_f)
 
 
-def _forms(a, g, M, F, out, out_fisher):
-    """Shared body of the three launchers: validate, allocate, then reference or one Triton launch."""
+def _forms(a, g, M, F, out, out_fisher, *, with_m: bool, with_f: bool):
+    """Shared body of the three launchers: validate, allocate, then reference or one Triton launch.
+
+    `with_m` / `with_f` say which operands the launcher takes; a missing one (None) raises like any bad value.
+    N = 0 takes the same path: the launch has an empty grid (no program runs) and returns the empty result.
+    """
     N, d_in, d_out = check_rows(a, g)
-    mats, single = matrix_list(M, d_out, d_in, a.device) if M is not None else ([], False)
+    mats, single = matrix_list(M, d_out, d_in, a.device) if with_m else ([], False)
     if len({m.dtype for m in mats}) > 1:  # one base pointer needs one dtype: promote (copies the 16-bit ones)
         mats = [m.float() for m in mats]
-    if F is not None:
+    if with_f:
         check_matrix("F", F, d_out, d_in, a.device, dims=(2,))
+    else:
+        F = None
     K = len(mats)
     out_m = None
-    if M is not None:
+    if with_m:
         out_m = new_output((N,) if single else (K, N), a.device, out, "out")
         out_m = out_m.view(1, N) if single else out_m
-    out_f = new_output((N,), a.device, out_fisher, "out_fisher") if F is not None else None
-    if N == 0:
-        return out_m, out_f
-    if backend_for(a, g, *mats, *([F] if F is not None else [])) == "reference":
-        if M is not None:
+    out_f = new_output((N,), a.device, out_fisher, "out_fisher") if with_f else None
+    if backend_for(a, g, *mats, *([F] if with_f else [])) == "reference":
+        if with_m:
             out_m.copy_(bilinear_reference(a, g, torch.stack([m.float() for m in mats])))
-        if F is not None:
+        if with_f:
             out_f.copy_(fisher_norm_reference(a, g, F))
         return out_m, out_f
     _launch(a, g, mats, F, out_m, out_f)
@@ -274,26 +278,28 @@ def bilinear(a: torch.Tensor, g: torch.Tensor, M, *, out: torch.Tensor | None = 
     accumulated in fp32. `out`: optional contiguous fp32 buffer of the result's shape (every element is
     written). FLOPs ≈ 2·K·N·d_in·d_out; bytes ≈ N·(d_in + d_out)·s + K·d_out·d_in·s_M + 4·K·N.
     """
-    result, _ = _forms(a, g, M, None, out, None)
+    result, _ = _forms(a, g, M, None, out, None, with_m=True, with_f=False)
     return result if _is_stack(M) else result[0]
 
 
 def fisher_norm(a: torch.Tensor, g: torch.Tensor, F: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`out[t] = (g_t⊙g_t)ᵀ F (a_t⊙a_t) = ⟨F, (g_t a_tᵀ)²⟩`: (N,) fp32; squares taken in fp32.
+    """`out[t] = (g_t⊙g_t)ᵀ F (a_t⊙a_t) = ⟨F, (g_t a_tᵀ)²⟩`: (N,) fp32; squares taken and accumulated in fp32.
 
-    F (d_out, d_in), any float dtype. FLOPs ≈ 2·N·d_in·d_out; bytes ≈ N·(d_in + d_out)·s + d_out·d_in·s_F + 4·N.
+    a (N, d_in), g (N, d_out) as for `bilinear`; F (d_out, d_in), any float dtype and strides.
+    FLOPs ≈ 2·N·d_in·d_out; bytes ≈ N·(d_in + d_out)·s + d_out·d_in·s_F + 4·N.
     """
-    _, result = _forms(a, g, None, F, None, out)
+    _, result = _forms(a, g, None, F, None, out, with_m=False, with_f=True)
     return result
 
 
 def bilinear_fisher_norm(a: torch.Tensor, g: torch.Tensor, M, F: torch.Tensor, *, out=None, out_fisher=None):
     """`(bilinear(a, g, M), fisher_norm(a, g, F))` from one launch: one pass over a and g.
 
+    Shapes as for `bilinear` (M) and `fisher_norm` (F); results fp32, accumulated in fp32.
     The Fisher dot shares matrix 0's a and g tiles (squared in registers), so a and g are read from memory
     once for both. FLOPs ≈ 2·(K + 1)·N·d_in·d_out; bytes ≈ N·(d_in + d_out)·s + (K + 1)·d_out·d_in·s_M + 4·(K + 1)·N.
     """
-    out_m, out_f = _forms(a, g, M, F, out, out_fisher)
+    out_m, out_f = _forms(a, g, M, F, out, out_fisher, with_m=True, with_f=True)
     return (out_m[0] if not _is_stack(M) else out_m), out_f
 
 

@@ -109,13 +109,12 @@ def ghost_dot(a: torch.Tensor, g: torch.Tensor, a_ref: torch.Tensor, g_ref: torc
     """`out[t] = Σ_v (g_t·g'_v)(a_t·a'_v) = g_tᵀ (G'ᵀA') a_t` per row t: (N,) fp32, one launch.
 
     a (N, d_in), g (N, d_out), a_ref (V, d_in), g_ref (V, d_out); fp32/bf16/fp16 (a, g one dtype; a_ref,
-    g_ref one dtype), any strides. V = 0 gives zeros. `out`: optional contiguous fp32 (N,) buffer.
+    g_ref one dtype), any strides. Accumulated in fp32. V = 0 gives zeros; N = 0 an empty result (an
+    empty-grid launch). `out`: optional contiguous fp32 (N,) buffer.
     FLOPs ≈ 2·N·V·(d_in + d_out); bytes ≈ (N + V)·(d_in + d_out)·s + 4·N.
     """
     N, V, d_in, d_out = check_refs(a, g, a_ref, g_ref)
     result = new_output((N,), a.device, out, "out")
-    if N == 0:
-        return result
     if backend_for(a, g, a_ref, g_ref) == "reference":
         return result.copy_(ghost_dot_reference(a, g, a_ref, g_ref))
     unit = reduction_unit("ghost_dot", CONFIGS, DEFAULT, "BLOCK_V")

@@ -241,16 +241,76 @@ def test_outputs_poisoned_with_nan_are_fully_written(gen):
 
 
 @needs_triton
-def test_empty_batch_launches_nothing(gen):
+def test_empty_batch_is_one_empty_launch(gen):
+    """N = 0 takes the Triton path like any N: one launch on an empty grid per call, an empty fp32 result."""
     a, g = randn(gen, 0, 12, device=DEVICE), randn(gen, 0, 7, device=DEVICE)
     M = randn(gen, 7, 12, device=DEVICE)
-    assert K.bilinear(a, g, M).shape == (0,)
-    assert K.bilinear(a, g, torch.stack([M, M])).shape == (2, 0)
-    forms, norms = K.bilinear_fisher_norm(a, g, [M, M, M], M.abs())
-    assert forms.shape == (3, 0) and norms.shape == (0,)
-    assert K.fisher_norm(a, g, M).shape == (0,)
-    assert K.ghost_dot(a, g, randn(gen, 5, 12, device=DEVICE), randn(gen, 5, 7, device=DEVICE)).shape == (0,)
-    assert K.launch_counts() == {}
+    a_ref, g_ref = randn(gen, 5, 12, device=DEVICE), randn(gen, 5, 7, device=DEVICE)
+    results = [
+        K.bilinear(a, g, M),
+        K.bilinear(a, g, torch.stack([M, M])),
+        *K.bilinear_fisher_norm(a, g, [M, M, M], M.abs()),
+        K.fisher_norm(a, g, M),
+        K.ghost_dot(a, g, a_ref, g_ref),
+        K.target_dot(a, g, a_ref, g_ref, form="materialized"),
+    ]
+    assert [tuple(r.shape) for r in results] == [(0,), (2, 0), (3, 0), (0,), (0,), (0,), (0,)]
+    assert all(r.dtype == torch.float32 for r in results)
+    assert K.launch_counts() == {"bilinear": 5, "ghost_dot": 1}
+    assert K.bilinear(a, g, M, out=torch.empty(0, device=DEVICE)).shape == (0,)
+
+
+# Fresh odd shapes with every kind of operand at once (audit of issue 6): K up to 5, d = 1 on either side,
+# 16-bit rows with a matrix of the other 16-bit dtype, reference rows in a third dtype, transposed / strided /
+# broadcast (stride-0) views. (N, d_in, d_out, K, V, row dtype, matrix dtype, reference dtype)
+MIXED = [
+    (45, 65, 3, 5, 129, torch.bfloat16, torch.float32, torch.float16),
+    (17, 1, 129, 2, 63, torch.float16, torch.bfloat16, torch.float32),
+    (130, 31, 1, 1, 5, torch.float32, torch.float16, torch.bfloat16),
+    (2, 100, 31, 3, 1, torch.bfloat16, torch.float16, torch.bfloat16),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", MIXED, ids=[f"N{c[0]}-din{c[1]}-dout{c[2]}-K{c[3]}-V{c[4]}" for c in MIXED])
+def test_odd_shapes_mixed_dtypes_and_views(gen, case):
+    N, d_in, d_out, n_mat, V, dtype, m_dtype, r_dtype = case
+    rtol = max(RTOL[dtype], RTOL[m_dtype], RTOL[r_dtype])
+    a = randn(gen, d_in, N, dtype=dtype, device=DEVICE).T                          # transposed view
+    g = randn(gen, 2 * N, d_out + 1, dtype=dtype, device=DEVICE)[::2, 1:]          # strided rows, offset
+    stack = randn(gen, n_mat, d_in, d_out, dtype=m_dtype, device=DEVICE).transpose(1, 2)
+    mats = [stack[k] if k % 2 else randn(gen, d_out, 2 * d_in, dtype=m_dtype, device=DEVICE)[:, 1::2]
+            for k in range(n_mat)]                                                 # table path for K > 1
+    F = randn(gen, d_in, d_out, device=DEVICE).abs().T
+    a_ref = randn(gen, 2 * V, d_in, dtype=r_dtype, device=DEVICE)[1::2]
+    g_ref = randn(gen, d_out, V, dtype=r_dtype, device=DEVICE).T
+    nan = float("nan")
+    out_s, out_l = torch.full((n_mat, N), nan, device=DEVICE), torch.full((n_mat, N), nan, device=DEVICE)
+    out_f, out_g = torch.full((N,), nan, device=DEVICE), torch.full((N,), nan, device=DEVICE)
+    out_m = torch.full((n_mat, N), nan, device=DEVICE)
+    K.bilinear(a, g, stack, out=out_s)
+    K.bilinear(a, g, mats, out=out_l)
+    forms, norms = K.bilinear_fisher_norm(a, g, mats, F, out=out_m, out_fisher=out_f)
+    single = K.bilinear(a, g, mats[0])
+    ghost = K.ghost_dot(a, g, a_ref, g_ref, out=out_g)
+    a_bcast = randn(gen, 1, d_in, dtype=dtype, device=DEVICE).expand(N, d_in)     # stride 0 along N
+    _check_bilinear(K.bilinear(a_bcast, g, stack), a_bcast, g, list(stack), False, rtol, "broadcast rows")
+    assert K.launch_counts() == {"bilinear": 5, "ghost_dot": 1}
+    _check_bilinear(out_s, a, g, list(stack), False, rtol, "stack")
+    _check_bilinear(out_l, a, g, mats, False, rtol, "list")
+    _check_bilinear(forms, a, g, mats, False, rtol, "fused bilinear")
+    _check_bilinear(single, a, g, mats[:1], True, rtol, "single")
+    assert_matches(norms, *brute_fisher(a, g, F), rtol, "fused fisher")
+    expected, magnitude = brute_ghost(a, g, a_ref, g_ref)
+    assert_matches(ghost, expected, magnitude, rtol, "ghost_dot")
+    K.reset_launch_counts()
+    for form, op in (("ghost", "ghost_dot"), ("materialized", "bilinear"), (None, None)):
+        op = op or ("ghost_dot" if K.use_ghost(V, d_in, d_out) else "bilinear")
+        before = K.launch_counts().get(op, 0)
+        result = K.target_dot(a, g, a_ref, g_ref, scale=-2.0, form=form)
+        assert K.launch_counts().get(op, 0) == before + 1, (form, K.launch_counts())
+        assert result.shape == (N,) and result.dtype == torch.float32
+        assert_matches(result, -2.0 * expected, 2.0 * magnitude, 4 * rtol, f"target_dot ({form})")
 
 
 @needs_triton
@@ -390,6 +450,10 @@ def _bad_inputs():
         ("M stack shape", lambda: K.bilinear(a, g, torch.zeros(2, 4, 6)), r"M must have shape .*\(4, 5\)"),
         ("M list item", lambda: K.bilinear(a, g, [M, torch.zeros(4, 4)]), r"M\[1\] must have shape .*\(4, 5\)"),
         ("M empty list", lambda: K.bilinear(a, g, []), r"M must be a \(4, 5\) tensor"),
+        ("M None", lambda: K.bilinear(a, g, None), r"M must be a \(4, 5\) tensor.*got NoneType"),
+        ("fused M None", lambda: K.bilinear_fisher_norm(a, g, None, F), r"M must be a \(4, 5\) tensor"),
+        ("F None", lambda: K.fisher_norm(a, g, None), r"F must be a torch.Tensor of shape \(d_out, d_in\) = \(4, 5\)"),
+        ("fused F None", lambda: K.bilinear_fisher_norm(a, g, M, None), r"F must be a torch.Tensor .*\(4, 5\)"),
         ("F shape", lambda: K.fisher_norm(a, g, torch.zeros(5, 4)), r"F must have shape \(d_out, d_in\) = \(4, 5\)"),
         ("F 3-D", lambda: K.fisher_norm(a, g, torch.zeros(1, 4, 5)), r"F must have shape \(d_out, d_in\) = \(4, 5\)"),
         ("fused F", lambda: K.bilinear_fisher_norm(a, g, M, torch.zeros(4, 6)), r"F must have shape .*\(4, 5\)"),
@@ -406,6 +470,7 @@ def _bad_inputs():
         ("target_dot", lambda: K.target_dot(a, g, ar, torch.zeros(3, 5)), r"g_ref must have shape \(V, d_out\) = \(3, 4\)"),
         ("out shape", lambda: K.bilinear(a, g, M, out=torch.zeros(5)), r"out must have shape \(6,\)"),
         ("out dtype", lambda: K.ghost_dot(a, g, ar, gr, out=torch.zeros(6, dtype=torch.float64)), r"out must be float32"),
+        ("out device", lambda: K.ghost_dot(a, g, ar, gr, out=torch.zeros(6, device="meta")), r"out \(shape \(6,\)\) is on meta"),
     ]
 
 

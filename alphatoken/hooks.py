@@ -74,8 +74,8 @@ class Capture:
         return hook
 
     def _deliver(self, index: int, grad: torch.Tensor) -> None:
-        if self.on_grad is not None:
-            self.on_grad(index, grad)
+        if self.on_grad is not None:  # g of W a itself (a scaled or padded embedding's output is not W a)
+            self.on_grad(index, self.layers[index].output_gradient(grad, self.inputs[index]))
 
     def open(self, probe_layers: set[int]) -> None:
         """Attach the forward hooks for one forward pass (they exist only until `close_recording`)."""

@@ -41,6 +41,22 @@ class TrackedLayer:
         d_out, d_in = self.weight_matrix().shape
         return d_out, d_in
 
+    def output_gradient(self, grad: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """g = ∂L/∂(W a) from the gradient of the module's output, so that Σ_s g_s a_sᵀ = ∇_W L exactly.
+
+        The identity for Linear / Conv1D. For an Embedding: times `embed_scale` for a scaled embedding (its
+        output is `scale · W[:, x]`, e.g. Gemma), and 0 at `padding_idx` (F.embedding never updates that column).
+        """
+        if self.kind != "embedding":
+            return grad
+        scale = _embedding_scale(self.module)
+        if scale is not None:
+            grad = grad * scale
+        pad = self.module.padding_idx
+        if pad is not None:
+            grad = grad.masked_fill((inputs == pad).unsqueeze(-1), 0.0)
+        return grad
+
 
 def _kind(module: nn.Module) -> Optional[str]:
     if isinstance(module, nn.Linear):
@@ -50,6 +66,14 @@ def _kind(module: nn.Module) -> Optional[str]:
     if isinstance(module, nn.Embedding):
         return "embedding"
     return None
+
+
+def _embedding_scale(module: nn.Module):
+    """The output scale of a scaled word embedding (`forward = lookup · embed_scale`); None for nn.Embedding."""
+    if type(module).forward is nn.Embedding.forward:
+        return None
+    scale = module.embed_scale
+    return scale.to(module.weight.dtype) if isinstance(scale, torch.Tensor) else scale
 
 
 def find_head(model: nn.Module) -> tuple[str, nn.Module]:
@@ -68,12 +92,15 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, int]:
-    """The transformer blocks: the longest nn.ModuleList of same-class modules. Returns (prefix, count)."""
-    best, best_len = None, 0
+    """The transformer blocks: the longest nn.ModuleList of same-class modules that is not inside another one
+    (lists within a block — per-head norms, experts — are not the blocks). Returns (prefix, count)."""
+    best, best_len, lists = None, 0, []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > best_len:
-            classes = {type(m) for m in module}
-            if len(classes) == 1:
+        if isinstance(module, nn.ModuleList) and len({type(m) for m in module}) == 1:
+            if any(name.startswith(outer + ".") for outer in lists):
+                continue
+            lists.append(name)
+            if len(module) > best_len:
                 best, best_len = name, len(module)
     if best is None:
         raise ValueError(
@@ -105,6 +132,12 @@ def discover_layers(
     embedding = model.get_input_embeddings() if track_embeddings else None
     if track_embeddings and not isinstance(embedding, nn.Embedding):
         raise ValueError(f"track_embeddings=True needs an nn.Embedding input layer, got {type(embedding).__name__}")
+    plain = embedding is None or type(embedding).forward is nn.Embedding.forward
+    if track_embeddings and not plain and not hasattr(embedding, "embed_scale"):
+        raise ValueError(
+            f"unsupported tracked module: the input embedding {type(embedding).__name__} transforms its lookup in "
+            "its own forward (a plain or an `embed_scale`-scaled lookup is supported); use track_embeddings=False"
+        )
     for name, module in model.named_modules():
         if module is head:
             continue

@@ -114,18 +114,22 @@ def _layer_rows(layer: TrackedLayer, head_rows: torch.Tensor, body_rows: torch.T
     return head_rows if layer.is_head else body_rows
 
 
+def _acc_dtype(acc) -> torch.dtype:
+    return acc.dtype if isinstance(acc, torch.Tensor) else acc[0].dtype
+
+
 @torch.no_grad()
 def _accumulate(kind, acc, layer, a, g):
     if layer.kind == "embedding":  # a holds token ids; a ⊙ a is their one-hot
         d, vocab = layer.shape
-        g2 = (g.float() ** 2)
+        g2 = g.to(_acc_dtype(acc)) ** 2
         if kind == "diag":
             acc.index_add_(1, a, g2.T)  # acc (d, vocab)
         else:
             acc[0].add_(g2.sum(0))
-            acc[1].index_add_(0, a, torch.ones_like(a, dtype=torch.float32))
+            acc[1].index_add_(0, a, torch.ones_like(a, dtype=acc[1].dtype))
         return
-    a2, g2 = a.float() ** 2, g.float() ** 2
+    a2, g2 = a.to(_acc_dtype(acc)) ** 2, g.to(_acc_dtype(acc)) ** 2
     if kind == "diag":
         acc.addmm_(g2.T, a2)
     else:
@@ -159,18 +163,18 @@ def estimate_fisher(
     show = kwargs.pop("progress", progress_bar)
     if kwargs:
         raise TypeError(f"estimate_fisher() got unexpected arguments {sorted(kwargs)}")
-    from .engine import model_inputs, unwrap_model, validate_batch
+    from .engine import _accurate, model_inputs, unwrap_model, validate_batch
 
     layers = discover_layers(unwrap_model(model), tracked_layers, track_embeddings)
     device = next(model.parameters()).device
     acc: dict[int, object] = {}
     for i, layer in enumerate(layers):
         d_out, d_in = layer.shape
+        dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32  # float64: exact checks
         if kind == "diag":
-            acc[i] = torch.zeros(d_out, d_in, dtype=torch.float32, device=device)
+            acc[i] = torch.zeros(d_out, d_in, dtype=dtype, device=device)
         else:
-            acc[i] = (torch.zeros(d_out, dtype=torch.float32, device=device),
-                      torch.zeros(d_in, dtype=torch.float32, device=device))
+            acc[i] = (torch.zeros(d_out, dtype=dtype, device=device), torch.zeros(d_in, dtype=dtype, device=device))
     capture = Capture(layers)
     n_tokens = 0
     try:
@@ -193,7 +197,7 @@ def estimate_fisher(
                     logits = model(**model_inputs(model, batch)).logits
             finally:
                 capture.close_recording()
-            rows = logits[b, t - 1].float()
+            rows = _accurate(logits[b, t - 1])
             if labels == "model":
                 with torch.no_grad():
                     target = torch.multinomial(torch.softmax(rows, -1), 1, generator=generator).squeeze(1)

@@ -420,11 +420,11 @@ def test_estimated_fisher_matches_brute_force_with_embeddings(family):
     mods = dict(model.named_modules())
     (emb,) = [n for n in names if _kind(mods[n]) == "embedding"]
     for n in names:
-        torch.testing.assert_close(diag[n].double(), want[n], rtol=2e-6, atol=1e-9, msg=n)
+        torch.testing.assert_close(diag[n].double(), want[n], rtol=1e-10, atol=1e-12, msg=n)
     # kfac of the embedding: f_out = (1/N) Σ g², f_in = (1/N) token counts over non-pad positions
     want_kfac = brute_fisher(model, batch, [emb], "kfac")
-    torch.testing.assert_close(kfac[emb][0].double(), want_kfac[emb][0], rtol=2e-6, atol=1e-9)
-    torch.testing.assert_close(kfac[emb][1].double(), want_kfac[emb][1], rtol=2e-6, atol=1e-9)
+    torch.testing.assert_close(kfac[emb][0].double(), want_kfac[emb][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(kfac[emb][1].double(), want_kfac[emb][1], rtol=1e-10, atol=1e-12)
     # values with the estimated Fisher at θ₀ (Fisher-norm term only) match too
     valuer = valuer_for(model, diag, track_embeddings=True, stability_weight=1.0)
     tv = valuer.value(batch)

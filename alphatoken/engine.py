@@ -27,7 +27,7 @@ from .credits import Direction, embedding_direction, embedding_values, linear_va
 from .distributed import all_reduce_sum, is_distributed
 from .fisher import Fisher
 from .hooks import Capture
-from .layers import TrackedLayer, discover_layers
+from .layers import TrackedLayer, discover_layers, unvalued_weights
 from .losses import IGNORE_INDEX, masked_causal_lm_loss, response_mask
 from .select import protected_tokens, select_tokens
 from .values import TokenValues
@@ -130,6 +130,12 @@ class AlphaToken:
             raise TypeError(f"cfg must be an AlphaTokenConfig, got {type(cfg).__name__}")
         self.layers: list[TrackedLayer] = discover_layers(unwrap_model(model), cfg.tracked_layers, cfg.track_embeddings)
         self.device = self.layers[0].weight.device
+        unvalued = unvalued_weights(unwrap_model(model))
+        if unvalued:
+            warnings.warn(
+                f"AlphaToken: {len(unvalued)} trainable weights are in modules that are not nn.Linear, Conv1D or "
+                f"nn.Embedding (e.g. {unvalued[0]!r}), so the values do not cover them; "
+                "valuer.tracked_parameters() lists the weights they are defined over", stacklevel=2)
         self.fisher_entries: dict[str, tuple] = {}
         if fisher is None:
             warnings.warn("AlphaToken: fisher=None, so stability is 0 (pass at.estimate_fisher(...) to value it)",

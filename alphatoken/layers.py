@@ -173,3 +173,19 @@ def _name_filter(model: nn.Module, tracked: Union[str, int]):
     except re.error as err:
         raise ValueError(f"tracked_layers={tracked!r} is not 'all', an int or a valid regex: {err}") from err
     return lambda name: regex.search(name) is not None
+
+
+def unvalued_weights(model: nn.Module) -> list[str]:
+    """Trainable matrices (≥ 2-D) held by modules that no tracking covers: not Linear / Conv1D / Embedding.
+
+    E.g. fused mixture-of-experts weights (3-D `experts.gate_up_proj`) or a router that is not an nn.Linear.
+    The values are not defined over them; layers left out on purpose (`tracked_layers`) are not listed.
+    """
+    names = []
+    for module_name, module in model.named_modules():
+        if _kind(module) is not None:
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and param.dim() >= 2:
+                names.append(f"{module_name}.{param_name}" if module_name else param_name)
+    return names

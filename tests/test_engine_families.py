@@ -454,3 +454,15 @@ def test_an_embedding_that_transforms_its_lookup_is_named():
     with pytest.raises(ValueError, match="unsupported tracked module.*NormedEmbedding"):
         valuer_for(model, None, track_embeddings=True)
     valuer_for(model, None)  # not tracked: fine
+
+
+def test_weights_outside_every_trackable_module_are_named_in_a_warning():
+    """Fused mixture-of-experts weights (3-D, not nn.Linear) and a router that is not an nn.Linear are not
+    valued: one warning says so, by name. A dense model gets no such warning."""
+    moe = tiny("mixtral", 4002)
+    with pytest.warns(UserWarning, match=r"6 trainable weights .*'model\.layers\.0\.mlp\.gate\.weight'"):
+        at.AlphaToken(moe, at.AlphaTokenConfig(), fisher=None).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*fisher=None.*")
+        at.AlphaToken(tiny("mistral", 4003), at.AlphaTokenConfig(), fisher=None).close()

@@ -80,3 +80,26 @@ def test_keep_eos_applies_to_every_masking_method():
             tv = scorer.value(batch)
         assert bool(tv.mask[eos].all()), name
         assert int(tv.mask.sum()) == math.ceil(0.6 * int(tv.response.sum()))  # eos uses up budget
+
+
+def test_paired_read_out_against_full_and_the_lr_curve():
+    """compare.paired: per-seed differences to full SFT (mean ± se) and the gap to the full-SFT lr curve."""
+    spec = importlib.util.spec_from_file_location("quality_compare", ROOT / "benchmarks" / "quality" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+
+    def row(method, seed, em, drop):
+        return {"method": method, "seed": seed, "target_exact_match": em, "mean_drop": drop}
+
+    rows = [row("full", 0, 0.30, 0.80), row("full", 1, 0.20, 0.60),        # curve point (0.70, 0.25)
+            row("full_lr1e-4", 0, 0.05, 0.20), row("full_lr1e-4", 1, 0.15, 0.40),  # curve point (0.30, 0.10)
+            row("m", 0, 0.28, 0.50), row("m", 1, 0.22, 0.50), row("m", 2, 0.90, 0.90)]  # seed 2 has no full
+    (res,) = compare.paired(rows, ["m"])
+    assert res["seeds"] == 3 and res["paired_seeds"] == 2
+    assert math.isclose(res["d_em"][0], ((0.28 - 0.30) + (0.22 - 0.20)) / 2, abs_tol=1e-12)
+    assert math.isclose(res["d_drop"][0], ((0.50 - 0.80) + (0.50 - 0.60)) / 2, abs_tol=1e-12)
+    assert math.isclose(res["d_drop"][1], 0.1, rel_tol=1e-9)  # stdev of (-0.3, -0.1) is 0.1·√2; / √2
+    # the method's mean drop 0.633 is inside the curve: EM on the curve there is 0.10 + 0.15·(0.333/0.40)
+    drop = (0.5 + 0.5 + 0.9) / 3
+    assert math.isclose(res["curve_gap"], (0.28 + 0.22 + 0.90) / 3 - (0.10 + 0.15 * (drop - 0.30) / 0.40), rel_tol=1e-9)
+    assert "| m | 3 |" in compare.markdown([res])

@@ -198,6 +198,48 @@ def test_bench_script(capsys, tmp_path):
     assert "bilinear" in stdout and (tmp_path / "rows.csv").is_file()
 
 
+FAKE_BENCH = """
+import os
+def run(quick=False, cpu=False, *, step=True, compile=None, csv_path=None, ops=None, log=print, **kw):
+    if csv_path:
+        with open(csv_path, "w") as fh:
+            fh.write("op,median_ms\\nbilinear,1.0\\n")
+    if os.environ.get("FAKE_BENCH_FAIL"):
+        raise RuntimeError("bench broke halfway")
+    log(f"rows in {csv_path}")
+    return [{"op": "bilinear", "median_ms": 1.0}]
+def format_table(rows):
+    return "op median_ms\\n" + "\\n".join(f"{r['op']} {r['median_ms']}" for r in rows)
+"""
+
+
+def test_bench_csv_checked_first_and_written_whole(capsys, tmp_path, monkeypatch):
+    """--csv is checked before any timing (status 2, one line) and appears only once the run is complete:
+    the script's rows-as-they-come CSV goes to a temporary file that a failed run leaves nowhere."""
+    bench_dir = tmp_path / "benchmarks"
+    bench_dir.mkdir()
+    (bench_dir / "gpu_bench.py").write_text(FAKE_BENCH, encoding="utf-8")
+    monkeypatch.setenv("ALPHATOKEN_BENCHMARKS", str(bench_dir))
+    (tmp_path / "a_file").write_text("x")
+    bad = tmp_path / "a_file" / "r.csv"
+    for flags in (["--builtin"], []):
+        code, stdout, err = run_cli(capsys, "bench", "--cpu", "--quick", *flags, "--csv", bad)
+        assert code == 2 and stdout == "", (flags, err)
+        assert err.strip().splitlines() == [f"alphatoken: error: --csv {bad}: cannot write output there "
+                                            "(Not a directory); pass a writable --csv path"]
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("FAKE_BENCH_FAIL", "1")
+    code, _, err = run_cli(capsys, "bench", "--cpu", "--quick", "--csv", out / "rows.csv")
+    assert code == 1 and "bench broke halfway" in err
+    assert os.listdir(out) == []  # neither rows.csv nor its temporary file
+    monkeypatch.delenv("FAKE_BENCH_FAIL")
+    code, stdout, err = run_cli(capsys, "bench", "--cpu", "--quick", "--csv", out / "rows.csv")
+    assert code == 0, err
+    assert os.listdir(out) == ["rows.csv"] and "bilinear,1.0" in (out / "rows.csv").read_text()
+    assert f"rows in {out / 'rows.csv'}" in err and "bilinear 1.0" in stdout
+
+
 # ------------------------------------------------------------------------------------------------------ demo
 
 
@@ -231,7 +273,8 @@ def test_demo_small(capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["missing_file", "bad_json", "missing_field", "empty_response", "no_config",
-                                  "unwritable_out", "bad_yaml", "resume_nothing", "bad_keep_ratio"])
+                                  "unwritable_out", "bad_yaml", "resume_nothing", "bad_keep_ratio",
+                                  "bad_report_limit"])
 def test_bad_input_one_line_error(capsys, tmp_path, model_dir, case):
     good = _jsonl(tmp_path / "good.jsonl", SFT_LINES)
     model = str(model_dir)
@@ -261,6 +304,8 @@ def test_bad_input_one_line_error(capsys, tmp_path, model_dir, case):
         argv, expect = ["train", "--config", p], "run.yaml:"
     elif case == "resume_nothing":
         argv, expect = ["train", "--data", good, "--model", model, "--out", tmp_path / "r", "--resume"], "no checkpoint"
+    elif case == "bad_report_limit":
+        argv, expect = ["score", good, "--model", model, "--report-limit", "-1"], "--report-limit must be >= 0"
     else:
         argv, expect = ["score", good, "--model", model, "--keep-ratio", "1.5"], "keep_ratio must be in (0, 1]"
     if argv[0] == "score" and "--out" not in argv:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .shared import say
+from .shared import check_output_file, say
 
 
 def _find_bench_script() -> Optional[Path]:
@@ -108,6 +108,7 @@ def cmd_bench(args) -> int:
 
     script = None if args.builtin else _find_bench_script()
     cpu = args.cpu or not torch.cuda.is_available()
+    csv_target = check_output_file(args.csv, "--csv") if args.csv else None  # before minutes of timing
     if script is not None:
         import importlib.util
 
@@ -116,12 +117,24 @@ def cmd_bench(args) -> int:
         sys.modules[spec.name] = mod
         spec.loader.exec_module(mod)
         say(f"running {script} ({'cpu' if cpu else 'gpu'}{', quick' if args.quick else ''})")
-        kwargs = dict(quick=args.quick, cpu=cpu, step=not args.no_step, csv_path=args.csv)
+        kwargs = dict(quick=args.quick, cpu=cpu, step=not args.no_step)
         if args.no_compile:
             kwargs["compile"] = False
         if args.ops:
             kwargs["ops"] = args.ops
-        rows = mod.run(**kwargs)
+        tmp = None
+        if csv_target is not None:  # the script appends rows as it goes: let it fill a temporary file beside
+            tmp = csv_target.with_name(f".{csv_target.name}.{os.getpid()}.tmp")  # --csv, renamed when complete
+            kwargs["csv_path"] = str(tmp)
+            kwargs["log"] = lambda *a: print(*(str(x).replace(str(tmp), str(csv_target)) for x in a),
+                                             file=sys.stderr, flush=True)
+        try:
+            rows = mod.run(**kwargs)
+            if tmp is not None:
+                os.replace(tmp, csv_target)
+        finally:
+            if tmp is not None and tmp.exists():
+                tmp.unlink()
         say(mod.format_table(rows))
         if args.csv:
             say(f"rows written to {args.csv}")

@@ -31,6 +31,7 @@ def add_valuation_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
+    from ..toy.experiment import DEFAULTS as TOY_DEFAULTS
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="AlphaToken: value every response token on adaptation and stability, and train "
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "response token and with AlphaToken — print the comparison and write the HTML "
                                    "report of which tokens are kept.")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT}/)")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default: the toy's 150)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"fine-tuning steps per run (default: the toy's {TOY_DEFAULTS['steps']})")
     p.add_argument("--keep-ratio", type=float, default=0.6, help="share of response tokens AlphaToken keeps")
     p.add_argument("--fisher", choices=("diag", "kfac", "none"), default=None, help="reference Fisher (default kfac)")
     p.add_argument("--seed", type=int, default=0)
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "scoring batch as in training")
     p.add_argument("--beta", type=float, default=0.1, help="DPO β for preference data")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to responses")
-    p.add_argument("--report-limit", type=int, default=200, help="sequences shown in the report")
+    p.add_argument("--report-limit", type=int, default=200, help="sequences shown in the report (0: none)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     add_valuation_flags(p)

@@ -103,6 +103,8 @@ def cmd_score(args) -> int:
     cfg = valuation_config(config_overrides(args))
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.report_limit < 0:
+        raise UserError(f"--report-limit must be >= 0, got {args.report_limit}")
     device = resolve_device(args.device)
     show = progress_setting(args.quiet)
     model, tokenizer = load_model(args.model, device=device)

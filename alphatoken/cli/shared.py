@@ -21,6 +21,17 @@ def progress_setting(quiet: bool) -> Optional[bool]:
     return False if quiet else None
 
 
+def check_output_file(path, flag: str) -> Path:
+    """UserError, naming `flag`, unless output file `path` could be written (creates nothing)."""
+    from ..data import ensure_output_file
+
+    try:
+        return ensure_output_file(path)
+    except UserError as err:
+        reason = str(err).split(": ", 1)[-1].replace("pass a writable --out", f"pass a writable {flag} path")
+        raise UserError(f"{flag} {path}: {reason}") from None
+
+
 def resolve_device(name: Optional[str]):
     import torch
 

@@ -17,7 +17,7 @@ from torch import nn
 from .hooks import Capture
 from .layers import TrackedLayer, discover_layers
 from .losses import response_mask
-from .progress_bridge import progress
+from .progress import progress
 
 KINDS = ("diag", "kfac")
 FORMAT = "alphatoken-fisher-v1"

@@ -265,6 +265,9 @@ def test_demo_small(capsys, tmp_path, monkeypatch):
     result = json.loads((out / "demo.json").read_text())
     assert set(result["methods"]) == {"full", "alphatoken"}
     assert result["methods"]["alphatoken"]["tokens_trained"] < result["methods"]["full"]["tokens_trained"]
+    assert result["settings"]["keep_ratio"] == 0.8  # the default: where the toy shows the gain
+    alpha = result["methods"]["alphatoken"]
+    assert 0.75 <= alpha["tokens_trained"] / alpha["response_tokens"] <= 0.9
     html = (out / "report.html").read_text()
     assert "Comparison" in html and "known noise" in html
 

@@ -95,6 +95,22 @@ def test_finetune_full_and_with_a_scorer(tokenizer):
         toy.finetune(model, tokenizer, data.train, "nope", steps=1)
 
 
+def test_finetune_shows_a_bar_on_a_terminal_and_log_lines_otherwise(tokenizer, capsys, monkeypatch):
+    model = toy.build_model(tokenizer, seed=0, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
+    data = toy.target_data(n_train=32, n_eval=8, seed=0)
+    monkeypatch.setenv("ALPHATOKEN_PROGRESS", "1")
+    toy.finetune(model, tokenizer, data.train, "full", steps=4, batch_size=8, seed=0, progress=True, log_every=2)
+    out, err = capsys.readouterr()
+    assert "fine-tune (full)" in err and "/4 [" in err and "step 2/4" not in out
+    monkeypatch.setenv("ALPHATOKEN_PROGRESS", "0")
+    toy.finetune(model, tokenizer, data.train, "full", steps=4, batch_size=8, seed=0, progress=True, log_every=2)
+    out, err = capsys.readouterr()
+    assert "fine-tune" not in err and "step 2/4" in out and "step 4/4" in out
+    toy.finetune(model, tokenizer, data.train, "full", steps=4, batch_size=8, seed=0, progress=False, log_every=2)
+    out, err = capsys.readouterr()
+    assert out == "" and "fine-tune" not in err
+
+
 def test_finetune_is_deterministic(tokenizer):
     data = toy.target_data(n_train=64, n_eval=16, seed=0)
     losses = []

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT}/)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"fine-tuning steps per run (default: the toy's {TOY_DEFAULTS['steps']})")
-    p.add_argument("--keep-ratio", type=float, default=0.6, help="share of response tokens AlphaToken keeps")
+    p.add_argument("--keep-ratio", type=float, default=0.8,
+                   help="share of response tokens AlphaToken keeps (default 0.8, where the toy shows the gain)")
     p.add_argument("--fisher", choices=("diag", "kfac", "none"), default=None, help="reference Fisher (default kfac)")
     p.add_argument("--seed", type=int, default=0)
     add_common(p)

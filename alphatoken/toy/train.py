@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..progress import progress as bar, progress_enabled
 from .data import collate
 from .tasks import Example
 
@@ -62,7 +63,9 @@ def finetune(model, tokenizer, train_examples: Sequence[Example], method: Union[
     stats = {"steps": steps, "tokens_trained": 0, "response_tokens": 0, "noise_tokens": 0, "noise_kept": 0,
              "clean_kept": 0, "losses": []}
     start = time.perf_counter()
-    for step, batch in enumerate(batches(train_examples, tokenizer, batch_size, seed, steps)):
+    label = "full" if method == "full" else type(method).__name__
+    stream = batches(train_examples, tokenizer, batch_size, seed, steps)
+    for step, batch in enumerate(bar(stream, f"fine-tune ({label})", total=steps, enabled=None if progress else False)):
         noise = batch.pop("noise")
         response = batch["labels"] != -100
         if method == "full":
@@ -83,7 +86,7 @@ def finetune(model, tokenizer, train_examples: Sequence[Example], method: Union[
         stats["noise_tokens"] += int((noise & response).sum())
         stats["noise_kept"] += int((noise & kept).sum())
         stats["clean_kept"] += int((~noise & kept).sum())
-        if progress and (step + 1) % log_every == 0:
+        if progress and not progress_enabled() and (step + 1) % log_every == 0:  # no bar: a log line instead
             recent = stats["losses"][-log_every:]
             print(f"  step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f}", flush=True)
     stats["wall_time"] = time.perf_counter() - start

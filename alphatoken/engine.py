@@ -28,7 +28,7 @@ from .distributed import all_reduce_sum, is_distributed
 from .fisher import Fisher
 from .hooks import Capture
 from .layers import TrackedLayer, discover_layers, unvalued_weights
-from .losses import IGNORE_INDEX, masked_causal_lm_loss, response_mask
+from .losses import IGNORE_INDEX, kept_mean_nll, masked_causal_lm_loss, response_mask
 from .select import protected_tokens, select_tokens
 from .values import TokenValues
 
@@ -186,7 +186,7 @@ class AlphaToken:
             (B, T) returning them; the valued loss is then Σ_t w_t ℓ_t (DPO uses its own credits this way).
         forward_model: run the forward through this module instead (e.g. the DDP wrapper of the model).
         """
-        values, _ = self._run(batch, token_weights, keep_graph=False, forward_model=forward_model)
+        values, _, _ = self._run(batch, token_weights, keep_graph=False, forward_model=forward_model)
         self.last_values = values
         return values
 
@@ -204,12 +204,15 @@ class AlphaToken:
         `loss_fn(logits, masked_labels)` replaces it. The TokenValues of the batch are kept in
         `self.last_values` (and the logits in `self.last_logits`) for logging.
         """
-        values, logits = self._run(batch, token_weights, keep_graph=True, forward_model=forward_model)
+        values, logits, nll = self._run(batch, token_weights, keep_graph=True, forward_model=forward_model)
         labels = values.apply(batch["labels"].to(values.mask.device))
         self.last_values, self.last_logits = values, logits
         if loss_fn is not None:
             return loss_fn(logits, labels)
-        return masked_causal_lm_loss(logits, labels, num_items_in_batch)
+        if nll is None:  # no response token: a zero loss that still backpropagates
+            return masked_causal_lm_loss(logits, labels, num_items_in_batch)
+        # the valuation's own per-token NLL (graph kept), at the kept tokens: no second log-softmax
+        return kept_mean_nll(nll, values.mask[values.response], num_items_in_batch, logits)
 
     def close(self) -> None:
         """Remove every hook and drop captured state (idempotent)."""
@@ -248,15 +251,15 @@ class AlphaToken:
             self.capture.close_recording()
         try:
             if n == 0:
-                return self._empty(response), logits
+                return self._empty(response), logits, None
             b, t = response.nonzero(as_tuple=True)
             head_rows, body_rows = b * T + t - 1, b * T + t
-            with torch.no_grad():
-                logp = torch.log_softmax(_accurate(logits[b, t - 1]), dim=-1)
-                nll = -logp.gather(1, labels[b, t].unsqueeze(1)).squeeze(1)
+            logp_graph, nll_graph = self._nll_with_graph(logits, labels, b, t)
+            logp, nll = logp_graph.detach(), nll_graph.detach()
             self._check_finite(nll, "the loss (per-token NLL of the response tokens)")
             weights = self._weights(token_weights, nll, b, t, (B, T))
-            loss = (weights * self._nll_with_graph(logits, labels, b, t)).sum()
+            with torch.enable_grad():
+                loss = (weights * nll_graph).sum()
             g_head = self._head_gradient(logits, logp, labels[b, t], weights, head_rows, loss)
             adapt_d, stab_d = self._direct(g_head, head_rows, n)
             adapt_c = torch.zeros_like(adapt_d)
@@ -264,7 +267,7 @@ class AlphaToken:
             if body:
                 adapt_c, stab_c = self._causal(loss, batch, body_rows, n, keep_graph)
             values = self._combine(adapt_d, stab_d, adapt_c, stab_c, b, t, response, labels)
-            return values, logits
+            return values, logits, nll_graph
         finally:
             self.capture.release()
 
@@ -274,9 +277,12 @@ class AlphaToken:
                            torch.zeros_like(response), response)
 
     @staticmethod
-    def _nll_with_graph(logits, labels, b, t) -> torch.Tensor:
-        logp = torch.log_softmax(_accurate(logits[b, t - 1]), dim=-1)
-        return -logp.gather(1, labels[b, t].unsqueeze(1)).squeeze(1)
+    def _nll_with_graph(logits, labels, b, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs (n, V), NLL (n,)) of the response tokens (b, t) from logits[b, t − 1], in the graph
+        (also when the caller is under torch.no_grad: the valuation backward needs it)."""
+        with torch.enable_grad():
+            logp = torch.log_softmax(_accurate(logits[b, t - 1]), dim=-1)
+            return logp, -logp.gather(1, labels[b, t].unsqueeze(1)).squeeze(1)
 
     def _weights(self, token_weights: TokenWeights, nll, b, t, shape) -> torch.Tensor:
         if token_weights is None:
@@ -313,7 +319,7 @@ class AlphaToken:
         head_output = self.capture.head_output
         if head_output is None or head_output is logits or not head_output.requires_grad:
             with torch.no_grad():
-                g = torch.softmax(logp, dim=-1)
+                g = logp.exp()  # softmax(logits): logp is already normalized
                 g[torch.arange(g.shape[0], device=g.device), targets] -= 1.0
                 return g * weights.unsqueeze(1).to(g.dtype)
         (grad,) = torch.autograd.grad(loss, head_output, retain_graph=True)
@@ -457,7 +463,8 @@ class AlphaToken:
                 directions[index] = Direction.from_rows(a.detach().clone(), g.detach().clone(), 1.0 / n)
 
         try:
-            loss = self._nll_with_graph(logits, labels, b, t).sum()
+            with torch.enable_grad():
+                loss = self._nll_with_graph(logits, labels, b, t)[1].sum()
             self._check_finite(loss, "the validation loss")
             self.capture.backward(loss, on_grad, retain_graph=False)
         finally:

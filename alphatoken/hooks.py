@@ -99,8 +99,7 @@ class Capture:
                 "the forward ran without gradients there. With gradient checkpointing, use the non-reentrant form "
                 "(use_reentrant=False, the transformers default): model.gradient_checkpointing_enable("
                 "gradient_checkpointing_kwargs={'use_reentrant': False}), or activation_checkpointing_enable("
-                "activation_checkpointing_kwargs={'use_reentrant': False}) in newer transformers; "
-                "and do not call value() under torch.no_grad() with paths='full'."
+                "activation_checkpointing_kwargs={'use_reentrant': False}) in newer transformers."
             )
 
     def backward(self, loss: torch.Tensor, on_grad: Callable[[int, torch.Tensor], None], retain_graph: bool) -> None:

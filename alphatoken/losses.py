@@ -48,3 +48,17 @@ def masked_causal_lm_loss(
     if isinstance(denom, torch.Tensor):
         denom = denom.to(total.device)
     return total / denom
+
+
+def kept_mean_nll(nll: torch.Tensor, kept: torch.Tensor, num_items_in_batch=None, logits: Optional[torch.Tensor] = None):
+    """Σ of the per-token NLL `nll` (n,) over `kept` (n,) bool, divided by the kept count (or by
+    `num_items_in_batch`): the same loss as `masked_causal_lm_loss` on the masked labels, from NLL rows the caller
+    already has. Nothing kept gives a zero loss that still backpropagates (through `logits` when given).
+    """
+    if not bool(kept.any()):
+        return (logits if logits is not None else nll).sum() * 0.0
+    total = nll[kept].sum()
+    denom = num_items_in_batch if num_items_in_batch is not None else kept.sum()
+    if isinstance(denom, torch.Tensor):
+        denom = denom.to(total.device)
+    return total / denom

@@ -340,6 +340,24 @@ def test_value_and_loss_is_the_mean_over_kept_tokens_and_the_masked_step():
     assert math.isclose(loss2.item(), nll[kept].sum().item() / n_items, rel_tol=1e-10)
 
 
+def test_value_under_no_grad_gives_the_same_values():
+    """value() inside torch.no_grad() (an eval loop) still runs the valuation backward of paths="full",
+    and the validation direction's own backward too."""
+    model = tiny_model("qwen2", seed=91)
+    batch, validation = random_batch(92, pad="left"), random_batch(94)
+    fisher = at.Fisher("diag", random_fisher(model, make_valuer(model).tracked_layer_names(), seed=93))
+    for target in ("batch", "validation"):
+        def valuer():
+            return at.AlphaToken(model, at.AlphaTokenConfig(target=target), fisher=fisher, validation=validation)
+
+        want = valuer().value(batch)
+        with torch.no_grad():
+            got = valuer().value(batch)
+        for key in ("adaptation", "stability", "direct", "causal", "total"):
+            torch.testing.assert_close(getattr(got, key), getattr(want, key), rtol=1e-12, atol=1e-12)
+        assert bool(got.causal.abs().sum() > 0) and torch.equal(got.mask, want.mask)
+
+
 def test_value_never_touches_grad():
     model = tiny_model("gpt2", seed=97)
     batch = random_batch(98)

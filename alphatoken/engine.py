@@ -265,7 +265,7 @@ class AlphaToken:
             adapt_c = torch.zeros_like(adapt_d)
             stab_c = torch.zeros_like(adapt_d)
             if body:
-                adapt_c, stab_c = self._causal(loss, batch, body_rows, n, keep_graph)
+                adapt_c, stab_c = self._causal(g_head, head_rows, batch, body_rows, n, keep_graph)
             values = self._combine(adapt_d, stab_d, adapt_c, stab_c, b, t, response, labels)
             return values, logits, nll_graph
         finally:
@@ -340,8 +340,13 @@ class AlphaToken:
         self._check_values(adapt, stab, head, g)
         return adapt, stab
 
-    def _causal(self, loss, batch, body_rows, n: int, keep_graph: bool):
-        """One valuation backward; each body layer's values at rows t as its g arrives."""
+    def _causal(self, g_head, head_rows, batch, body_rows, n: int, keep_graph: bool):
+        """One valuation backward; each body layer's values at rows t as its g arrives.
+
+        The backward starts at the head's input, with its gradient g_head W_head at the rows that predict
+        response tokens (the head's output-gradient is already known): no (B, T, vocab) logit gradient and no
+        head GEMM over every position.
+        """
         cfg = self.cfg
         mask = batch.get("attention_mask")
         padded = mask is not None and not bool(mask.all())
@@ -375,7 +380,13 @@ class AlphaToken:
             acc["adapt"] += adapt
             acc["stab"] += stab
 
-        self.capture.backward(loss, on_grad, retain_graph=keep_graph)
+        head = self.layers[0]
+        a_head = self.capture.inputs[0]
+        weight = head.weight_matrix()  # (vocab, d)
+        grad_rows = g_head.to(weight.dtype) @ weight
+        grad_a = torch.zeros(a_head.shape, dtype=a_head.dtype, device=a_head.device)
+        grad_a.view(-1, grad_a.shape[-1]).index_copy_(0, head_rows, grad_rows.to(a_head.dtype))
+        self.capture.backward(a_head, on_grad, retain_graph=keep_graph, grad_output=grad_a)
         return acc["adapt"], acc["stab"]
 
     def _is_global(self) -> bool:

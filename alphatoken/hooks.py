@@ -102,15 +102,18 @@ class Capture:
                 "activation_checkpointing_kwargs={'use_reentrant': False}) in newer transformers."
             )
 
-    def backward(self, loss: torch.Tensor, on_grad: Callable[[int, torch.Tensor], None], retain_graph: bool) -> None:
-        """Run the valuation backward towards the probes; `on_grad(layer_index, g)` sees each layer's g."""
+    def backward(self, output: torch.Tensor, on_grad: Callable[[int, torch.Tensor], None], retain_graph: bool,
+                 grad_output: Optional[torch.Tensor] = None) -> None:
+        """Run the valuation backward from `output` (a loss, or a tensor with its `grad_output`) towards the
+        probes; `on_grad(layer_index, g)` sees each layer's g."""
         indices = sorted(self.probes)
         if not indices:
             return
         self.on_grad = on_grad
         try:
             torch.autograd.grad(
-                loss, [self.probes[i] for i in indices], retain_graph=retain_graph, allow_unused=True
+                output, [self.probes[i] for i in indices], grad_outputs=grad_output, retain_graph=retain_graph,
+                allow_unused=True,
             )
         finally:
             self.on_grad = None

@@ -1,7 +1,7 @@
 """The θ₀ snapshot that stability's drift term Δ_l = W_l − W_l⁰ is measured against."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn

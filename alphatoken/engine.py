@@ -11,7 +11,6 @@ One call of `value(batch)`:
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import itertools
 import warnings
@@ -28,7 +27,7 @@ from .distributed import all_reduce_sum, is_distributed
 from .fisher import Fisher
 from .hooks import Capture
 from .layers import TrackedLayer, discover_layers, unvalued_weights
-from .losses import IGNORE_INDEX, kept_mean_nll, masked_causal_lm_loss, response_mask
+from .losses import kept_mean_nll, masked_causal_lm_loss, response_mask
 from .select import protected_tokens, select_tokens
 from .values import TokenValues
 

@@ -89,10 +89,13 @@ def plot(rows, out: Path) -> Path:
         plain = next((r for r in srows if r["provider"] == "plain"), srows[0])
         ax.set_title("end to end: " + plain["note"].split(",")[0], fontsize=9)
         ax.grid(True, axis="x", alpha=0.3)
-    r0 = rows[0]
-    fig.suptitle(f"{r0['device']} | {r0['date']} | torch {r0['torch']} triton {r0['triton']} "
-                 f"transformers {r0['transformers']} | alphatoken {r0['alphatoken']} ({r0['git_rev']}) | {r0['mode']}",
-                 fontsize=8)
+    runs = []  # one line per distinct environment (kernel and step rows may come from different runs)
+    for r in rows:
+        line = (f"{r['device']} | {r['date']} | torch {r['torch']} triton {r['triton']} "
+                f"transformers {r['transformers']} | alphatoken {r['alphatoken']} ({r['git_rev']}) | {r['mode']}")
+        if line not in runs:
+            runs.append(line)
+    fig.suptitle("\n".join(runs), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     out = Path(out)
     fig.savefig(out, dpi=120)

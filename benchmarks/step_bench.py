@@ -19,16 +19,11 @@ If a valuer leaves hooks registered between calls, the row says so (its plain st
 The valuers share one reference θ₀ taken before the weights are nudged by a small random step, so that the
 drift terms of the stability value are not trivially zero (at θ = θ₀ they vanish).
 
-Until the engine (`alphatoken/engine.py`) exists, `StandInValuer` below plays its part, built from the public
-kernels along DESIGN §5 (one forward, one valuation backward to the captured layer outputs, the bilinear and
-Fisher kernels over the response rows, then the masked loss). Rows say which one ran (`provider`).
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
-import math
 import sys
 import time
 import warnings
@@ -40,8 +35,6 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as Fn  # noqa: E402
 
 import bench_common as C  # noqa: E402
 
@@ -99,137 +92,16 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ------------------------------------------------------------------------------------- the engine or not
-def engine_available() -> bool:
-    return importlib.util.find_spec("alphatoken.engine") is not None
+def cost_model_ratio(spec: dict, n_resp: int, paths: str, fisher: str, tracked, drift: bool = True) -> float:
+    """The GEMM FLOPs of the work the engine does, as (plain step + AlphaToken's extra work) / plain step.
 
-
-def last_k_prefixes(model, k: int) -> List[str]:
-    n = model.config.num_hidden_layers
-    return [f"model.layers.{i}." for i in range(n - k, n)]
-
-
-class StandInValuer:
-    """A stand-in for `at.AlphaToken` (engine not landed yet), following DESIGN §5's step protocol.
-
-    Forward with hooks that keep each tracked linear's input (detached) and output (in the graph); direct
-    values at the head from softmax − onehot (no backward); for paths="full" one `torch.autograd.grad` of the
-    summed response loss to the body outputs (input gradients only), the batch target U_l = (1/n)Σ_s g aᵀ
-    over all positions, and the kernels over the response rows; then the top `keep_ratio` tokens' mean loss.
-    Its numbers are what the design's cost model gives with the public kernels, not the engine's.
-    """
-
-    def __init__(self, model, cfg, fisher=None, reference=None):
-        self.model, self.cfg, self.fisher = model, cfg, fisher
-        self.reference = reference
-        self.head = model.get_output_embeddings()
-        body = []
-        k = cfg.tracked_layers
-        prefixes = last_k_prefixes(model, k) if isinstance(k, int) else None
-        if cfg.paths == "full":
-            for name, mod in model.named_modules():
-                if isinstance(mod, nn.Linear) and mod is not self.head:
-                    if prefixes is None or any(name.startswith(p) for p in prefixes):
-                        body.append((name, mod))
-        self.body = body
-        self._io: Dict[str, tuple] = {}
-        self._handles = []
-
-    def _hook(self, name):
-        def fn(mod, inp, out):
-            self._io[name] = (inp[0].detach(), out)
-
-        return fn
-
-    def _stability(self, name, weight, a, g):
-        import alphatoken.kernels as K
-
-        if self.fisher is None:
-            return 0.0
-        F = self.fisher[name]
-        if isinstance(F, tuple):  # kfac: (g²·f_out)(a²·f_in), O(N·d)
-            f_out, f_in = F
-            return -0.5 * ((g.float() ** 2) @ f_out) * ((a.float() ** 2) @ f_in)
-        return -0.5 * K.fisher_norm(a, g, F)
-
-    def value_and_loss(self, batch):
-        import alphatoken.kernels as K
-
-        self._io.clear()
-        labels = batch["labels"]
-        self._handles = [self.head.register_forward_hook(self._hook("__head__"))]  # hooks only during the call
-        self._handles += [m.register_forward_hook(self._hook(n)) for n, m in self.body]
-        try:
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        finally:
-            self.close()
-        logits = out.logits
-        resp = labels[:, 1:] != IGNORE  # tokens t ≥ 1; the head row is position t − 1
-        n = int(resp.sum())
-        y = labels[:, 1:][resp]
-        z = logits[:, :-1][resp].float()
-        loss_tok = Fn.cross_entropy(z, y, reduction="none")
-        with torch.no_grad():
-            p = torch.softmax(z, dim=-1)
-            p[torch.arange(n, device=p.device), y] -= 1.0
-            h = self._io["__head__"][0][:, :-1][resp]
-            g_head = p.to(h.dtype)
-            U = (g_head.T @ h).float() / n
-            total = K.bilinear(h, g_head, U) + self._stability("__head__", self.head.weight, h, g_head)
-        if self.cfg.paths == "full" and self.body:
-            outs = [self._io[name][1] for name, _ in self.body]
-            grads = torch.autograd.grad(loss_tok.sum(), outs, retain_graph=True)
-            with torch.no_grad():
-                rows = labels != IGNORE
-                rows[:, 0] = False
-                for (name, mod), g_all in zip(self.body, grads):
-                    a_all = self._io[name][0]
-                    U = (g_all.reshape(-1, g_all.shape[-1]).T @ a_all.reshape(-1, a_all.shape[-1])).float() / n
-                    a, g = a_all[rows], g_all[rows]
-                    if self.fisher is not None and not isinstance(self.fisher[name], tuple):
-                        bil, fis = K.bilinear_fisher_norm(a, g, U, self.fisher[name])
-                        total = total + self.cfg.causal_weight * (bil - 0.5 * fis)
-                    else:
-                        total = total + self.cfg.causal_weight * (K.bilinear(a, g, U)
-                                                                  + self._stability(name, mod.weight, a, g))
-        self._io.clear()
-        keep_n = max(1, math.ceil(self.cfg.keep_ratio * n))
-        keep = torch.zeros(n, dtype=torch.bool, device=total.device)
-        keep[torch.topk(total, keep_n).indices] = True
-        return (loss_tok * keep).sum() / keep_n
-
-    def close(self):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-def standin_fisher(model, kind: str, body_names: List[str], dtype=torch.float32) -> dict:
-    """Random positive Fisher tensors with the engine's shapes (stand-in only: not an estimate)."""
-    g = torch.Generator().manual_seed(1)
-    head = model.get_output_embeddings()
-    mods = {"__head__": head}
-    mods.update({n: m for n, m in model.named_modules() if n in set(body_names)})
-    out = {}
-    for name, m in mods.items():
-        d_out, d_in = m.weight.shape
-        dev = m.weight.device
-        if kind == "kfac":
-            out[name] = (torch.rand(d_out, generator=g).to(dev), torch.rand(d_in, generator=g).to(dev))
-        else:
-            out[name] = torch.rand(d_out, d_in, generator=g).to(dev, dtype)
-    return out
-
-
-def cost_model_ratio(spec: dict, n_resp: int, paths: str, fisher: str, tracked) -> float:
-    """DESIGN §8's count, in GEMM FLOPs only: (plain step + AlphaToken's extra work) / plain step.
-
-    plain = 3F, F = 2·tokens·(P_body + P_head) + attention 4·B·T²·h per layer;
-    direct adds U_head and one bilinear over the response rows (2·n·h·V each; "diag" one more, "kfac" O(n·d));
-    full adds the valuation backward (input gradients only) from the loss down to the lowest tracked block,
-    then per tracked body layer U_l over all positions (2·tokens·P_l) and the bilinear over response rows
-    (2·n·P_l; "diag" one more). Element-wise work (softmax − onehot, squares) and Python overhead are left
-    out: this is a floor, not a prediction.
+    plain = 3F, F = 2·tokens·(P_body + P_head) + attention 4·B·T²·h per layer. Per tracked layer (the head
+    with P = h·V and n rows for U; the body with U over every position): U_l and one bilinear over the n
+    response rows (DESIGN §8); "diag" one more pass (the Fisher norm); with `drift` (θ ≠ θ₀, any step after
+    the first) "kfac" and "diag" one more bilinear each, the Fisher-weighted drift gᵀ(F ⊙ Δ)a, which §8 does
+    not count. paths="full" adds the valuation backward, input gradients only: the head's over the response
+    rows (it starts at the head input with g_head·W_head) and each tracked block's over every position.
+    Element-wise work (softmax − onehot, squares) and Python overhead are left out: a floor, not a prediction.
     """
     h, I, L, V = spec["hidden"], spec["inter"], spec["layers"], spec["vocab"]
     kvd = h // spec["heads"] * spec["kv"]
@@ -237,11 +109,12 @@ def cost_model_ratio(spec: dict, n_resp: int, paths: str, fisher: str, tracked) 
     tok = spec["B"] * spec["T"]
     attn = 4 * spec["B"] * spec["T"] ** 2 * h
     F = 2 * tok * (L * p_block + h * V) + L * attn
-    extra = 2 * n_resp * h * V * (3 if fisher == "diag" else 2)
+    passes = 1 + (fisher == "diag") + (drift and fisher != "none")  # bilinear passes over the response rows
+    extra = 2 * n_resp * h * V * (1 + passes)  # U_head, then the head's passes
     if paths == "full":
         k = L if tracked == "all" else int(tracked)
-        extra += 2 * tok * h * V + k * (2 * tok * p_block + 2 * attn)  # valuation backward, input grads only
-        extra += k * (2 * tok * p_block + 2 * n_resp * p_block * (2 if fisher == "diag" else 1))
+        extra += 2 * n_resp * h * V + k * (2 * tok * p_block + 2 * attn)  # valuation backward, input grads only
+        extra += k * (2 * tok * p_block + 2 * n_resp * p_block * passes)
     return (3 * F + extra) / (3 * F)
 
 
@@ -257,7 +130,7 @@ def step_configs(spec: dict, quick: bool, device: torch.device) -> List[dict]:
 
 
 def run(device: Optional[torch.device] = None, quick: bool = False, env: Optional[dict] = None,
-        engine: str = "auto", optimizer: Optional[str] = None, budget_s: float = 240.0,
+        optimizer: Optional[str] = None, budget_s: float = 240.0,
         spec_overrides: Optional[dict] = None, rounds: Optional[int] = None, log=None) -> List[dict]:
     """Measure the plain step and every AlphaToken configuration side by side; return the rows."""
     log = log or (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -270,8 +143,7 @@ def run(device: Optional[torch.device] = None, quick: bool = False, env: Optiona
         spec["rounds"] = rounds
     import alphatoken as at
 
-    use_engine = engine == "alphatoken" or (engine == "auto" and engine_available())
-    provider = "alphatoken" if use_engine else "standin"
+    provider = "alphatoken"
     t_start = time.monotonic()
     model = build_model(spec, device)
     batch = make_batch(spec, device, seed=0)
@@ -288,33 +160,18 @@ def run(device: Optional[torch.device] = None, quick: bool = False, env: Optiona
     configs = step_configs(spec, quick, device)
     fishers: Dict[str, object] = {"none": None}
     fisher_ms: Dict[str, float] = {}
-    all_body = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-                and m is not model.get_output_embeddings()]
     for kind in sorted({c["fisher"] for c in configs} - {"none"}):
         t0 = time.perf_counter()
-        if use_engine:
-            fishers[kind] = at.estimate_fisher(model, [batch], kind=kind)
-        else:
-            fishers[kind] = standin_fisher(model, kind, all_body)
+        fishers[kind] = at.estimate_fisher(model, [batch], kind=kind)
         C.sync(device)
         fisher_ms[kind] = (time.perf_counter() - t0) * 1e3
         model.zero_grad(set_to_none=True)
 
-    ref_arg = {"reference": reference}
-
     def make_valuer(c):
         cfg = at.AlphaTokenConfig(paths=c["paths"], tracked_layers=c["tracked"], keep_ratio=0.6)
-        fisher = fishers[c["fisher"]]
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if not use_engine:
-                return StandInValuer(model, cfg, fisher=fisher, reference=reference)
-            try:
-                return at.AlphaToken(model, cfg, fisher=fisher, **ref_arg)
-            except (TypeError, ValueError) as e:  # reference format not accepted: let the engine snapshot
-                log(f"[step_bench] reference= not accepted ({type(e).__name__}: {e}); engine takes its own θ₀")
-                ref_arg.clear()
-                return at.AlphaToken(model, cfg, fisher=fisher)
+            warnings.simplefilter("ignore")  # fisher=None's stability warning
+            return at.AlphaToken(model, cfg, fisher=fishers[c["fisher"]], reference=reference)
 
     def finish(loss):
         loss.backward()
@@ -423,7 +280,6 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--engine", choices=("auto", "alphatoken", "standin"), default="auto")
     p.add_argument("--optimizer", choices=("none", "adamw"), default="none")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--vocab", type=int, default=None, help="override the model's vocabulary size")
@@ -436,7 +292,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(max(1, args.threads))
     mode = ("cpu" if device.type == "cpu" else "gpu") + ("-quick" if args.quick else "")
     env = C.environment(device, mode + ("" if args.vocab is None else f"-vocab{args.vocab}"))
-    rows = run(device=device, quick=args.quick, env=env, engine=args.engine,
+    rows = run(device=device, quick=args.quick, env=env,
                optimizer=None if args.optimizer == "none" else args.optimizer, budget_s=args.budget_s,
                spec_overrides={"vocab": args.vocab} if args.vocab else None, rounds=args.rounds)
     csv_path = args.csv or str(C.RESULTS_DIR / f"step_{mode}_{time.strftime('%Y-%m-%d')}.csv")

@@ -22,6 +22,19 @@ CONFIGS = [(None, None, None)] + [(p, f, t) for p in ("direct", "full") for f in
                                      for t in ("all", SPEC["last_k"])]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cpu_runs_the_reference():
+    """On a CPU a training step uses the kernels' PyTorch reference, as it would without this folder's
+    TRITON_INTERPRET=1 (which is there for the kernel benchmarks): the interpreter would take hours here."""
+    import alphatoken.kernels as K
+
+    if DEVICE.type != "cpu":
+        yield
+        return
+    with K.use_backend("reference"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def setup():
     model = SB.build_model(SPEC, DEVICE)
@@ -35,11 +48,7 @@ def _fisher(setup, kind):
     if kind == "none":
         return None
     if kind not in setup["fishers"]:
-        if SB.engine_available():
-            setup["fishers"][kind] = at.estimate_fisher(setup["model"], [setup["batch"]], kind=kind)
-        else:
-            body = [n for n, m in setup["model"].named_modules() if isinstance(m, torch.nn.Linear)]
-            setup["fishers"][kind] = SB.standin_fisher(setup["model"], kind, body)
+        setup["fishers"][kind] = at.estimate_fisher(setup["model"], [setup["batch"]], kind=kind)
         setup["model"].zero_grad(set_to_none=True)
     return setup["fishers"][kind]
 
@@ -60,8 +69,7 @@ def test_step(benchmark, setup, paths, fisher, tracked):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             f = _fisher(setup, fisher)
-            valuer = (at.AlphaToken(model, cfg, fisher=f) if SB.engine_available()
-                      else SB.StandInValuer(model, cfg, fisher=f))
+            valuer = at.AlphaToken(model, cfg, fisher=f)
 
         def step():
             valuer.value_and_loss(batch).backward()

@@ -381,7 +381,7 @@ class AlphaToken:
 
         head = self.layers[0]
         a_head = self.capture.inputs[0]
-        weight = head.weight_matrix()  # (vocab, d)
+        weight = head.weight_matrix().detach()  # (vocab, d)
         grad_rows = g_head.to(weight.dtype) @ weight
         grad_a = torch.zeros(a_head.shape, dtype=a_head.dtype, device=a_head.device)
         grad_a.view(-1, grad_a.shape[-1]).index_copy_(0, head_rows, grad_rows.to(a_head.dtype))

@@ -44,6 +44,11 @@ def masked_causal_lm_loss(
         return logits.sum() * 0.0
     rows = shift_logits[kept]
     total = F.cross_entropy(rows if rows.dtype == torch.float64 else rows.float(), shift_labels[kept], reduction="sum")
+    return _per_item(total, kept, num_items_in_batch)
+
+
+def _per_item(total: torch.Tensor, kept: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """`total` divided by the kept count, or by `num_items_in_batch` (the count of a whole accumulation window)."""
     denom = num_items_in_batch if num_items_in_batch is not None else kept.sum()
     if isinstance(denom, torch.Tensor):
         denom = denom.to(total.device)
@@ -57,8 +62,4 @@ def kept_mean_nll(nll: torch.Tensor, kept: torch.Tensor, num_items_in_batch=None
     """
     if not bool(kept.any()):
         return (logits if logits is not None else nll).sum() * 0.0
-    total = nll[kept].sum()
-    denom = num_items_in_batch if num_items_in_batch is not None else kept.sum()
-    if isinstance(denom, torch.Tensor):
-        denom = denom.to(total.device)
-    return total / denom
+    return _per_item(nll[kept].sum(), kept, num_items_in_batch)

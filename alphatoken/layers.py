@@ -68,9 +68,14 @@ def _kind(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _plain_lookup(module: nn.Module) -> bool:
+    """Whether the embedding's forward is nn.Embedding's own (a bare lookup)."""
+    return type(module).forward is nn.Embedding.forward
+
+
 def _embedding_scale(module: nn.Module):
     """The output scale of a scaled word embedding (`forward = lookup · embed_scale`); None for nn.Embedding."""
-    if type(module).forward is nn.Embedding.forward:
+    if _plain_lookup(module):
         return None
     scale = module.embed_scale
     return scale.to(module.weight.dtype) if isinstance(scale, torch.Tensor) else scale
@@ -132,8 +137,7 @@ def discover_layers(
     embedding = model.get_input_embeddings() if track_embeddings else None
     if track_embeddings and not isinstance(embedding, nn.Embedding):
         raise ValueError(f"track_embeddings=True needs an nn.Embedding input layer, got {type(embedding).__name__}")
-    plain = embedding is None or type(embedding).forward is nn.Embedding.forward
-    if track_embeddings and not plain and not hasattr(embedding, "embed_scale"):
+    if track_embeddings and not _plain_lookup(embedding) and not hasattr(embedding, "embed_scale"):
         raise ValueError(
             f"unsupported tracked module: the input embedding {type(embedding).__name__} transforms its lookup in "
             "its own forward (a plain or an `embed_scale`-scaled lookup is supported); use track_embeddings=False"

@@ -251,8 +251,6 @@ def _forms(a, g, M, F, out, out_fisher, *, with_m: bool, with_f: bool):
         mats = [m.float() for m in mats]
     if with_f:
         check_matrix("F", F, d_out, d_in, a.device, dims=(2,))
-    else:
-        F = None
     K = len(mats)
     out_m = None
     if with_m:

@@ -10,6 +10,7 @@ import torch
 SELECTIONS = ("batch", "sequence", "threshold")
 PATHS = ("full", "direct")
 TARGETS = ("batch", "validation", "none")
+COMBINES = ("linear", "rank")
 
 
 @dataclass
@@ -26,6 +27,12 @@ class AlphaTokenConfig:
     threshold: the cut for selection="threshold".
     min_keep_per_sequence: every sequence with response tokens keeps at least this many (its best).
     normalize: divide adaptation and stability each by its RMS over the batch's response tokens.
+    cosine: divide each path's adaptation by the norm of the token's credit on that path, so the value measures
+        how well a step on the token aligns with the target direction U, not how large the step is.
+    combine: "linear" (total = adaptation + λ·stability) or "rank" (total = rank(adaptation) + λ·rank(stability),
+        percentile ranks over the batch's response tokens; see alphatoken/combine.py).
+    leave_one_out: with target="batch", take U without the token's own credit (U − C_t/n), which removes the
+        self-influence term η|C_t|²/n that otherwise favours high-loss tokens.
     refresh: with target="validation", recompute the validation direction every `refresh` steps.
     tracked_layers: "all", an int k (the head and the last k transformer blocks) or a regex on module names
         (the head is always tracked).
@@ -47,6 +54,9 @@ class AlphaTokenConfig:
     threshold: float = 0.0
     min_keep_per_sequence: int = 1
     normalize: bool = False
+    cosine: bool = False
+    combine: str = "linear"
+    leave_one_out: bool = False
     refresh: int = 1
     tracked_layers: Union[str, int] = "all"
     track_embeddings: bool = False
@@ -63,6 +73,11 @@ class AlphaTokenConfig:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.paths not in PATHS:
             raise ValueError(f"paths must be one of {PATHS}, got {self.paths!r}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
+        if self.combine == "rank" and self.global_selection:
+            raise ValueError('combine="rank" ranks within one rank\'s batch, so it cannot be used with '
+                             'global_selection=True; use combine="linear" with normalize=True for global selection')
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.min_keep_per_sequence < 0:

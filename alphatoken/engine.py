@@ -22,6 +22,7 @@ from torch import nn
 
 from .anchor import Anchor
 from .config import AlphaTokenConfig
+from .combine import PathValues, combine_paths, credit_square_norm
 from .credits import Direction, embedding_direction, embedding_values, linear_values, matched
 from .distributed import all_reduce_sum, is_distributed
 from .fisher import Fisher
@@ -260,12 +261,11 @@ class AlphaToken:
             with torch.enable_grad():
                 loss = (weights * nll_graph).sum()
             g_head = self._head_gradient(logits, logp, labels[b, t], weights, head_rows, loss)
-            adapt_d, stab_d = self._direct(g_head, head_rows, n)
-            adapt_c = torch.zeros_like(adapt_d)
-            stab_c = torch.zeros_like(adapt_d)
+            direct = self._direct(g_head, head_rows, n)
+            causal = PathValues.zeros_like(direct)
             if body:
-                adapt_c, stab_c = self._causal(g_head, head_rows, batch, body_rows, n, keep_graph)
-            values = self._combine(adapt_d, stab_d, adapt_c, stab_c, b, t, response, labels)
+                causal = self._causal(g_head, head_rows, batch, body_rows, n, keep_graph)
+            values = self._combine(direct, causal, n, b, t, response, labels)
             return values, logits, nll_graph
         finally:
             self.capture.release()
@@ -336,8 +336,9 @@ class AlphaToken:
             else:
                 direction = self.directions.get(0)
             adapt, stab = linear_values(a, g, self.cfg.lr, direction, self._layer_fisher(head), self._delta(head))
+            square_norm = credit_square_norm(a, g)
         self._check_values(adapt, stab, head, g)
-        return adapt, stab
+        return PathValues(adapt, stab, square_norm)
 
     def _causal(self, g_head, head_rows, batch, body_rows, n: int, keep_graph: bool):
         """One valuation backward; each body layer's values at rows t as its g arrives.
@@ -350,8 +351,7 @@ class AlphaToken:
         mask = batch.get("attention_mask")
         padded = mask is not None and not bool(mask.all())
         ref_rows = (mask.reshape(-1) > 0).nonzero().squeeze(1) if padded else None  # None: every row, no copy
-        acc = {"adapt": torch.zeros(body_rows.numel(), device=body_rows.device),
-               "stab": torch.zeros(body_rows.numel(), device=body_rows.device)}
+        acc = PathValues.zeros(body_rows.numel(), body_rows.device, g_head.dtype)
 
         @torch.no_grad()
         def on_grad(index: int, grad: torch.Tensor) -> None:
@@ -373,11 +373,12 @@ class AlphaToken:
             fisher, delta = self._layer_fisher(layer), self._delta(layer)
             if layer.kind == "embedding":
                 adapt, stab = embedding_values(a, g, cfg.lr, direction, fisher, delta)
+                square_norm = credit_square_norm(None, g)
             else:
                 adapt, stab = linear_values(a, g, cfg.lr, direction, fisher, delta)
+                square_norm = credit_square_norm(a, g)
             self._check_values(adapt, stab, layer, g)
-            acc["adapt"] += adapt
-            acc["stab"] += stab
+            acc.add_(adapt, stab, square_norm)
 
         head = self.layers[0]
         a_head = self.capture.inputs[0]
@@ -386,7 +387,7 @@ class AlphaToken:
         grad_a = torch.zeros(a_head.shape, dtype=a_head.dtype, device=a_head.device)
         grad_a.view(-1, grad_a.shape[-1]).index_copy_(0, head_rows, grad_rows.to(a_head.dtype))
         self.capture.backward(a_head, on_grad, retain_graph=keep_graph, grad_output=grad_a)
-        return acc["adapt"], acc["stab"]
+        return acc
 
     def _is_global(self) -> bool:
         return self.cfg.global_selection and is_distributed()
@@ -411,31 +412,27 @@ class AlphaToken:
             square_sum, count = all_reduce_sum(square_sum), all_reduce_sum(count)
         return (square_sum / count.clamp(min=1)).sqrt().to(x.dtype)
 
-    def _combine(self, adapt_d, stab_d, adapt_c, stab_c, b, t, response, labels) -> TokenValues:
+    def _combine(self, direct: "PathValues", causal: "PathValues", n: int, b, t, response, labels) -> TokenValues:
+        """DESIGN §3: the per-path values of every response token, combined by the config's rule, then selected."""
         cfg = self.cfg
-        gamma, lam = cfg.causal_weight, cfg.stability_weight
-        if cfg.normalize:
-            rms_a = self._rms(adapt_d + gamma * adapt_c)
-            rms_s = self._rms(stab_d + gamma * stab_c)
-            if rms_a > 0:
-                adapt_d, adapt_c = adapt_d / rms_a, adapt_c / rms_a
-            if rms_s > 0:
-                stab_d, stab_c = stab_d / rms_s, stab_c / rms_s
-        rows = {
-            "adaptation": adapt_d + gamma * adapt_c,
-            "stability": stab_d + gamma * stab_c,
-            "direct": adapt_d + lam * stab_d,
-            "causal": adapt_c + lam * stab_c,
-        }
-        rows["total"] = rows["direct"] + gamma * rows["causal"]
+        adapt_d, adapt_c = direct.adaptation, causal.adaptation
+        if cfg.leave_one_out and cfg.target == "batch":  # U without the token's own credit: ⟨C, U − C/n⟩
+            adapt_d = adapt_d - cfg.lr * direct.square_norm / n
+            adapt_c = adapt_c - cfg.lr * causal.square_norm / n
+        parts = {"adaptation_direct": adapt_d, "adaptation_causal": adapt_c,
+                 "stability_direct": direct.stability, "stability_causal": causal.stability,
+                 "credit_norm_direct": direct.square_norm.clamp(min=0).sqrt(),
+                 "credit_norm_causal": causal.square_norm.clamp(min=0).sqrt()}
+        rows = combine_paths(parts, cfg, self._rms)
         self._check_finite(rows["total"], "the token values")
         full = {}
-        for key, value in rows.items():
+        for key, value in {**rows, **parts}.items():
             out = torch.zeros(response.shape, dtype=torch.float32, device=response.device)
             out[b, t] = value.float()
             full[key] = out
         mask = select_tokens(full["total"], response, cfg, protected_tokens(labels, response, cfg))
-        return TokenValues(mask=mask, response=response, **full)
+        return TokenValues(mask=mask, response=response, parts={k: full[k] for k in parts},
+                           **{k: full[k] for k in rows})
 
     # ---------------------------------------------------------------- validation target
     def _refresh_validation(self) -> None:

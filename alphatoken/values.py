@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 
@@ -22,6 +23,10 @@ class TokenValues:
     total: torch.Tensor
     mask: torch.Tensor
     response: torch.Tensor  # bool (B, T): the response tokens that were valued
+    # The raw per-path parts before the combination rule (alphatoken.combine): adaptation_direct,
+    # adaptation_causal, stability_direct, stability_causal, credit_norm_direct, credit_norm_causal; (B, T) each.
+    # None for scorers that have no paths.
+    parts: Optional[dict] = None
 
     def apply(self, labels: torch.Tensor) -> torch.Tensor:
         """Labels with every dropped token set to -100, so any HF loss averages over kept tokens only."""
@@ -34,8 +39,18 @@ class TokenValues:
         n = int(self.response.sum())
         return float(self.mask.sum()) / n if n else 0.0
 
+    def _map(self, fn) -> "TokenValues":
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                out[f.name] = {k: fn(v) for k, v in value.items()}
+            else:
+                out[f.name] = None if value is None else fn(value)
+        return TokenValues(**out)
+
     def to(self, device) -> "TokenValues":
-        return TokenValues(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return self._map(lambda x: x.to(device))
 
     def detach_cpu(self) -> "TokenValues":
-        return TokenValues(**{f.name: getattr(self, f.name).detach().cpu() for f in fields(self)})
+        return self._map(lambda x: x.detach().cpu())

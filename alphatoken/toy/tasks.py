@@ -150,13 +150,17 @@ class TargetData:
 
 
 def target_data(n_train: int = 2000, n_validation: int = 64, n_eval: int = 300, seed: int = 0,
-                noise: Optional[TargetNoise] = None) -> TargetData:
+                noise: Optional[TargetNoise] = None, task: str = TARGET_TASK) -> TargetData:
     """The target task's splits; training responses spoiled by `noise` (default `TargetNoise()`).
 
+    task: "sort" (the new task) by default; a retention task such as "add" gives a noisy fine-tuning set of a
+    task the built-in model already knows (noisy addition: every spoiled digit is surprising to the model).
     The evaluation set is fixed across seeds (seed-independent) so that seeds only vary training data and order.
     """
     noise = TargetNoise() if noise is None else noise
-    ev = make_examples(TARGET_TASK, n_eval, seed=987654)
-    val = make_examples(TARGET_TASK, n_validation, seed=555000 + seed, exclude=ev)
-    train = make_examples(TARGET_TASK, n_train, seed=seed, noise=noise, exclude=ev + val)
+    if task not in TASK_CODES:
+        raise ValueError(f"unknown task {task!r}; tasks are {sorted(TASK_CODES)}")
+    ev = make_examples(task, n_eval, seed=987654)
+    val = make_examples(task, n_validation, seed=555000 + seed, exclude=ev)
+    train = make_examples(task, n_train, seed=seed, noise=noise, exclude=ev + val)
     return TargetData(train=train, validation=val, eval=ev)

@@ -52,7 +52,7 @@ def main(argv=None):
     noise = TargetNoise()
     keep_ids = (2,) if args.keep_eos else ()  # the toy tokenizer's <eos> id
     specs = [s for s in resolve_methods(args.methods, parse_set(args.set), "", keep_ids) if s.kind != "full"]
-    lines = ["| method | filler dropped | swap/corrupt dropped | clean dropped | eos dropped | corr(score, ℓ) |",
+    lines = ["| method | clean dropped | filler dropped | swap/corrupt dropped | eos dropped | corr(score, ℓ) |",
              "|---|---|---|---|---|---|"]
     for spec in specs:
         model, tokenizer = load_builtin()
@@ -79,7 +79,7 @@ def main(argv=None):
         method.close() if hasattr(method, "close") else None
         s, l_ = torch.cat(scores), torch.cat(losses)
         corr = float(torch.corrcoef(torch.stack([s, l_]))[0, 1]) if s.std() > 0 else float("nan")
-        share = (dropped / count.clamp(min=1)).tolist()
+        share = (dropped / count.clamp(min=1)).tolist()  # kinds 0..3: clean, filler, swap/corrupt, eos
         lines.append(f"| {spec.name} | " + " | ".join(f"{v:.2f}" for v in share) + f" | {corr:+.2f} |")
         print(lines[-1], flush=True)
     text = (f"keep_ratio={args.keep_ratio}, keep_eos={args.keep_eos}, {args.batches}x{args.batch_size} target "

@@ -1,0 +1,108 @@
+"""How the per-path values of a token become its total (DESIGN §3): per-path parts in, TokenValues rows out.
+
+For response token t the engine measures, on each path p ∈ {direct, causal}:
+    A_p   adaptation  η ⟨C_p, U⟩            (with leave_one_out: η ⟨C_p, U − C_p/n⟩ = A_p − η |C_p|²/n)
+    S_p   stability   η gᵀ(F⊙Δ)a − ½η² (g⊙g)ᵀF(a⊙a), summed over the path's layers
+    |C_p| the Frobenius norm of the path's credit, √(Σ_l |g_l|² |a_l|²) (a rank-1 credit per layer)
+and combines them as
+
+    cosine:     A_p ← A_p / |C_p|              (the alignment of the token's step with U, not its size)
+    normalize:  A ← A / RMS(A), S ← S / RMS(S) over the batch's response tokens (signs kept)
+    adaptation = A_direct + γ A_causal,  stability = S_direct + γ S_causal
+    direct = A_direct + λ S_direct,      causal = A_causal + λ S_causal
+    total = adaptation + λ·stability = direct + γ·causal                          (combine="linear")
+
+combine="rank" fuses the two objectives by rank instead of by value: adaptation and stability are replaced by
+their percentile ranks among the batch's response tokens (in (0, 1], highest value → 1; ties by position), and
+total = rank(adaptation) + λ·rank(stability). A heavy-tailed objective then cannot drown the other, whatever its
+scale. direct and causal keep the per-path linear values (direct + γ·causal is then not the total).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class PathValues:
+    """Adaptation, stability and squared credit norm of every response token on one path, (n,) each."""
+
+    adaptation: torch.Tensor
+    stability: torch.Tensor
+    square_norm: torch.Tensor
+
+    @classmethod
+    def zeros(cls, n: int, device, dtype=torch.float32) -> "PathValues":
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        zero = torch.zeros(n, dtype=dtype, device=device)
+        return cls(zero, zero.clone(), zero.clone())
+
+    @classmethod
+    def zeros_like(cls, other: "PathValues") -> "PathValues":
+        return cls(*(torch.zeros_like(x) for x in (other.adaptation, other.stability, other.square_norm)))
+
+    def add_(self, adaptation: torch.Tensor, stability: torch.Tensor, square_norm: torch.Tensor) -> None:
+        self.adaptation += adaptation.to(self.adaptation.dtype)
+        self.stability += stability.to(self.stability.dtype)
+        self.square_norm += square_norm.to(self.square_norm.dtype)
+
+
+def credit_square_norm(a: Optional[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
+    """|g_t a_tᵀ|²_F = |g_t|² |a_t|² per row (a=None: an embedding, whose a_t is one-hot)."""
+    dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+    out = g.to(dtype).pow(2).sum(-1)
+    if a is not None:
+        out = out * a.to(dtype).pow(2).sum(-1)
+    return out
+
+
+def _divide(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    return torch.where(norm > 0, x / norm.clamp(min=torch.finfo(norm.dtype).tiny), torch.zeros_like(x))
+
+
+def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """{adaptation, stability, direct, causal, total} (n,) from the parts (see the module docstring).
+
+    parts: adaptation_direct, adaptation_causal, stability_direct, stability_causal, credit_norm_direct,
+    credit_norm_causal. rms: the root mean square over the batch's response tokens (over every rank's under
+    global selection).
+    """
+    gamma, lam = cfg.causal_weight, cfg.stability_weight
+    adapt_d, adapt_c = parts["adaptation_direct"], parts["adaptation_causal"]
+    stab_d, stab_c = parts["stability_direct"], parts["stability_causal"]
+    if cfg.cosine:
+        adapt_d = _divide(adapt_d, parts["credit_norm_direct"])
+        adapt_c = _divide(adapt_c, parts["credit_norm_causal"])
+    if cfg.normalize:
+        rms_a = rms(adapt_d + gamma * adapt_c)
+        rms_s = rms(stab_d + gamma * stab_c)
+        if rms_a > 0:
+            adapt_d, adapt_c = adapt_d / rms_a, adapt_c / rms_a
+        if rms_s > 0:
+            stab_d, stab_c = stab_d / rms_s, stab_c / rms_s
+    rows = {
+        "adaptation": adapt_d + gamma * adapt_c,
+        "stability": stab_d + gamma * stab_c,
+        "direct": adapt_d + lam * stab_d,
+        "causal": adapt_c + lam * stab_c,
+    }
+    rows["total"] = rows["direct"] + gamma * rows["causal"]
+    if getattr(cfg, "combine", "linear") == "rank":
+        rows["adaptation"] = percentile_rank(rows["adaptation"])
+        rows["stability"] = percentile_rank(rows["stability"])
+        rows["total"] = rows["adaptation"] + lam * rows["stability"]
+    return rows
+
+
+def percentile_rank(x: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry among all of `x`, scaled to (0, 1]: the largest gets 1, the smallest 1/n. Equal values
+    are ranked by position (earlier first), so the result is deterministic."""
+    n = x.numel()
+    if n == 0:
+        return x.clone()
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty(n, dtype=x.dtype, device=x.device)
+    ranks[order] = torch.arange(1, n + 1, dtype=x.dtype, device=x.device)
+    return ranks / n

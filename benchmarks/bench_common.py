@@ -2,7 +2,7 @@
 
 Every stored row is one measurement (one case, one provider) in the long format below, with the device, the
 date and the library versions repeated in the row, so that rows from different runs can be concatenated and
-plotted without losing where they came from (STYLE.md, Benchmarks).
+plotted without losing where they came from (DESIGN §14).
 
 Timing
 * CUDA: `triton.testing.do_bench` (CUDA events, L2 flushed before every call, median and quantiles).

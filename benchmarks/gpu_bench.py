@@ -76,7 +76,7 @@ def kernel_cases(quick: bool, cpu: bool) -> List[dict]:
             for N in Ns:
                 for op in OPS:
                     cases.append(dict(op=op, dtype=dt, N=N, V=N if op == "ghost_dot" else None, d=d))
-        for N, d in extra_ghost:  # the issue's ghost_dot target point N = V = 8192
+        for N, d in extra_ghost:  # the ghost_dot target point N = V = 8192 of DESIGN §8.2
             cases.append(dict(op="ghost_dot", dtype=dt, N=N, V=N, d=d))
     return cases
 
@@ -259,7 +259,7 @@ def bench_kernel_case(case, device, env, cfg) -> List[dict]:
     t = make_inputs(op, dtype, N, V, d_in, d_out, device, seed=cfg["seed"] + N + d)
     m, k, n = matmul_shape(op, N, V, d_in, d_out)
     gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 1)
-    A = torch.randn(m, k, generator=gen, device=device).to(dtype)  # random, never zeros (METHOD.md)
+    A = torch.randn(m, k, generator=gen, device=device).to(dtype)  # random, never zeros (DESIGN §14)
     B = torch.randn(k, n, generator=gen, device=device).to(dtype)
     mm_name = "cublas" if device.type == "cuda" else "matmul"
     mm = lambda: A @ B  # noqa: E731
@@ -508,7 +508,7 @@ def format_table(rows: List[dict]) -> str:
 
 
 def _target_of(r) -> str:
-    """The issue's target for this step row (CPU: ≤1.25 direct, ≤1.9 full; GPU: ≤1.10 direct, ≤1.45 full kfac)."""
+    """The DESIGN §8.2 target for this step row (CPU: ≤1.25 direct, ≤1.9 full; GPU: ≤1.10 direct, ≤1.45 full kfac)."""
     label = str(r["op"])
     cpu = str(r["mode"]).startswith("cpu")
     if label.startswith("plain"):

@@ -4,7 +4,7 @@
     python benchmarks/plot.py results/a.csv results/b.csv --out fig.png        # several runs together
 
 Left: each kernel case's time per provider (log scale), one panel per op, cases along x. Right: the step
-configurations' ratio to the plain SFT step, with the issue's targets drawn as lines. The device, date and
+configurations' ratio to the plain SFT step, with the DESIGN §8.2 targets drawn as lines. The device, date and
 versions are taken from the rows and written into the title. Needs matplotlib (`pip install alphatoken[plot]`).
 """
 from __future__ import annotations

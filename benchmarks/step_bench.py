@@ -47,7 +47,7 @@ def model_spec(device: torch.device, quick: bool) -> dict:
     if device.type == "cpu" and quick:  # the smoke test's seconds-long run
         return dict(name="micro-llama-2x64", layers=2, hidden=64, inter=172, heads=4, kv=4, vocab=512,
                     tie=False, B=2, T=32, dtype=torch.float32, last_k=1, rounds=2, inner=1)
-    if device.type == "cpu":  # the tiny Llama: 4 layers, hidden 256, batch 8×128
+    if device.type == "cpu":  # the CPU step model of DESIGN §8.2: 4 layers, hidden 256, batch 8×128
         return dict(name="tiny-llama-4x256", layers=4, hidden=256, inter=688, heads=4, kv=4, vocab=8192,
                     tie=False, B=8, T=128, dtype=torch.float32, last_k=2, rounds=7, inner=2)
     # a Qwen2-0.5B-like Llama (hidden 896, 24 layers, GQA 14/2, vocab 151936, tied embeddings): 494M params

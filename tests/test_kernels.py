@@ -1,4 +1,4 @@
-"""Kernel layer (DESIGN §6, issue 6): every kernel against a float64 brute force.
+"""Kernel layer (DESIGN §6): every kernel against a float64 brute force.
 
 On CPU the Triton kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 when CUDA is absent),
 fp32 (plus a bf16/fp16-input smoke test: the interpreter upcasts tiles). Tests marked `gpu` run the compiled
@@ -260,7 +260,7 @@ def test_empty_batch_is_one_empty_launch(gen):
     assert K.bilinear(a, g, M, out=torch.empty(0, device=DEVICE)).shape == (0,)
 
 
-# Fresh odd shapes with every kind of operand at once (audit of issue 6): K up to 5, d = 1 on either side,
+# Fresh odd shapes with every kind of operand DESIGN §6.2 accepts, at once: K up to 5, d = 1 on either side,
 # 16-bit rows with a matrix of the other 16-bit dtype, reference rows in a third dtype, transposed / strided /
 # broadcast (stride-0) views. (N, d_in, d_out, K, V, row dtype, matrix dtype, reference dtype)
 MIXED = [

@@ -1,4 +1,4 @@
-"""Quality experiment (issue 5): AlphaToken vs baselines on target accuracy and forgetting, on the toy world.
+"""Quality experiment (DESIGN §13): AlphaToken vs baselines on target accuracy and forgetting, on the toy world.
 
 The built-in tiny Llama (pre-trained on add / copy / reverse) is fine-tuned on the new "sort" task whose training
 responses carry low-value tokens (boilerplate filler, a systematic wrong span, random corruptions). Every method

@@ -13,7 +13,8 @@ and combines them as
     total = adaptation + λ·stability = direct + γ·causal                          (combine="linear")
 
 combine="rank" fuses the two objectives by rank instead of by value: adaptation and stability are replaced by
-their percentile ranks among the batch's response tokens (in (0, 1], highest value → 1; ties by position), and
+their percentile ranks among the batch's response tokens (in (0, 1], highest value → 1; equal values share
+their average rank; an objective that is 0 for every token, e.g. without a Fisher, stays 0), and
 total = rank(adaptation) + λ·rank(stability). A heavy-tailed objective then cannot drown the other, whatever its
 scale. direct and causal keep the per-path linear values (direct + γ·causal is then not the total).
 """
@@ -62,12 +63,13 @@ def _divide(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, x / norm.clamp(min=torch.finfo(norm.dtype).tiny), torch.zeros_like(x))
 
 
-def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
+                  rank: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
     """{adaptation, stability, direct, causal, total} (n,) from the parts (see the module docstring).
 
     parts: adaptation_direct, adaptation_causal, stability_direct, stability_causal, credit_norm_direct,
-    credit_norm_causal. rms: the root mean square over the batch's response tokens (over every rank's under
-    global selection).
+    credit_norm_causal. rms: the root mean square over the batch's response tokens; rank: the percentile rank
+    among them (default `percentile_rank`); both over every rank's tokens under global selection.
     """
     gamma, lam = cfg.causal_weight, cfg.stability_weight
     adapt_d, adapt_c = parts["adaptation_direct"], parts["adaptation_causal"]
@@ -90,19 +92,24 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor])
     }
     rows["total"] = rows["direct"] + gamma * rows["causal"]
     if getattr(cfg, "combine", "linear") == "rank":
-        rows["adaptation"] = percentile_rank(rows["adaptation"])
-        rows["stability"] = percentile_rank(rows["stability"])
+        rank = rank or percentile_rank
+        for key in ("adaptation", "stability"):  # an objective that is 0 everywhere (no target, no Fisher) stays 0
+            x = rows[key]
+            rows[key] = torch.where((x == 0).all(), torch.zeros_like(x), rank(x))
         rows["total"] = rows["adaptation"] + lam * rows["stability"]
     return rows
 
 
 def percentile_rank(x: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry among all of `x`, scaled to (0, 1]: the largest gets 1, the smallest 1/n. Equal values
-    are ranked by position (earlier first), so the result is deterministic."""
+    """Rank of each entry among all of `x`, scaled to (0, 1]: the largest gets 1, the smallest 1/n; equal values
+    share the average of their ranks (deterministic, independent of position)."""
     n = x.numel()
     if n == 0:
         return x.clone()
-    order = torch.argsort(x, stable=True)
+    values, order = torch.sort(x, stable=True)
+    _, inverse, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
+    last = torch.cumsum(counts, 0).to(x.dtype)
+    average = last - (counts.to(x.dtype) - 1) / 2  # mean of the 1-based ranks first..last of each run
     ranks = torch.empty(n, dtype=x.dtype, device=x.device)
-    ranks[order] = torch.arange(1, n + 1, dtype=x.dtype, device=x.device)
+    ranks[order] = average[inverse]
     return ranks / n

@@ -22,9 +22,9 @@ from torch import nn
 
 from .anchor import Anchor
 from .config import AlphaTokenConfig
-from .combine import PathValues, combine_paths, credit_square_norm
+from .combine import PathValues, combine_paths, credit_square_norm, percentile_rank
 from .credits import Direction, embedding_direction, embedding_values, linear_values, matched
-from .distributed import all_reduce_sum, is_distributed
+from .distributed import all_reduce_sum, gather_values, is_distributed
 from .fisher import Fisher
 from .hooks import Capture
 from .layers import TrackedLayer, discover_layers, unvalued_weights
@@ -151,6 +151,15 @@ class AlphaToken:
                 dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
                 self.fisher_entries[layer.name] = (fisher.kind, *[t.to(self.device, dtype) for t in entry])
             self.anchor = Anchor(self.layers, reference, cfg.reference_device, cfg.reference_dtype)
+        if cfg.target == "auto":
+            self.cfg = cfg = cfg.replace(target="validation" if validation is not None else "none")
+            if validation is None:
+                warnings.warn(
+                    "AlphaToken: no validation batch, so adaptation is 0 and tokens are ranked by stability alone "
+                    + ("(and fisher=None: every value is 0, so selection keeps tokens by position). " if fisher is None
+                       else "") + "For the recommended setting pass validation=<a few clean target-task examples>; "
+                    "target='batch' needs no extra data but ranks noise above clean tokens in benchmarks/quality "
+                    "(DESIGN §3.5)", stacklevel=2)
         self.validation_batches = None
         self.directions: dict[int, Direction] = {}
         if cfg.target == "validation":
@@ -412,6 +421,17 @@ class AlphaToken:
             square_sum, count = all_reduce_sum(square_sum), all_reduce_sum(count)
         return (square_sum / count.clamp(min=1)).sqrt().to(x.dtype)
 
+    def _rank(self, x: torch.Tensor, b, t, response) -> torch.Tensor:
+        """Percentile ranks of the response tokens' values x (n,): over every rank's tokens under global selection."""
+        if not self._is_global():
+            return percentile_rank(x)
+        full = torch.zeros(response.shape, dtype=torch.float32, device=response.device)
+        full[b, t] = x.float()
+        global_values, global_response, mine = gather_values(full, response)
+        ranks = torch.zeros_like(global_values, dtype=torch.float64)
+        ranks[global_response] = percentile_rank(global_values[global_response].double())
+        return ranks[mine][b, t].to(x.dtype)
+
     def _combine(self, direct: "PathValues", causal: "PathValues", n: int, b, t, response, labels) -> TokenValues:
         """DESIGN §3: the per-path values of every response token, combined by the config's rule, then selected."""
         cfg = self.cfg
@@ -423,7 +443,7 @@ class AlphaToken:
                  "stability_direct": direct.stability, "stability_causal": causal.stability,
                  "credit_norm_direct": direct.square_norm.clamp(min=0).sqrt(),
                  "credit_norm_causal": causal.square_norm.clamp(min=0).sqrt()}
-        rows = combine_paths(parts, cfg, self._rms)
+        rows = combine_paths(parts, cfg, self._rms, lambda x: self._rank(x, b, t, response))
         self._check_finite(rows["total"], "the token values")
         full = {}
         for key, value in {**rows, **parts}.items():

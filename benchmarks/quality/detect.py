@@ -290,6 +290,9 @@ def metrics(world: World, scores: Dict[str, List[torch.Tensor]]) -> Dict[str, di
 
 # ----------------------------------------------------------------------------------------------- driver
 def git_revision() -> str:
+    """The checkout's short revision (+dirty); ALPHATOKEN_GIT_REV overrides it (runs from a frozen copy)."""
+    if os.environ.get("ALPHATOKEN_GIT_REV"):
+        return os.environ["ALPHATOKEN_GIT_REV"]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
                              check=True).stdout.strip()

@@ -6,6 +6,11 @@ import transformers as tf
 
 FAMILIES = ("llama", "gpt2", "qwen2", "gemma2")
 
+# The combination rule the brute force writes out (DESIGN §3.4: linear, raw dot products, the batch target,
+# λ = 1). The library's defaults are the measured ones (§3.5); exactness tests of the formulas pin this rule and
+# change only what they test.
+SPEC_RULE = dict(target="batch", cosine=False, combine="linear", stability_weight=1.0)
+
 
 def tiny_model(family: str, seed: int = 0, vocab: int = 37, dtype=torch.float64, tie: bool = False, layers: int = 2):
     torch.manual_seed(seed)

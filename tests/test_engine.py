@@ -12,7 +12,7 @@ from alphatoken.engine import NonFiniteError
 from alphatoken.layers import discover_layers
 
 from brute import brute_fisher, brute_values, capture_credits, nll_per_token, target_gradients
-from models import FAMILIES, move_weights, random_batch, random_fisher, tiny_model
+from models import FAMILIES, SPEC_RULE, move_weights, random_batch, random_fisher, tiny_model
 
 FIELDS = ("adaptation", "stability", "direct", "causal", "total")
 
@@ -20,7 +20,7 @@ FIELDS = ("adaptation", "stability", "direct", "causal", "total")
 def make_valuer(model, fisher=None, **cfg):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return at.AlphaToken(model, at.AlphaTokenConfig(**cfg), fisher=fisher)
+        return at.AlphaToken(model, at.AlphaTokenConfig(**{**SPEC_RULE, **cfg}), fisher=fisher)
 
 
 def names_of(model, **kw):
@@ -139,8 +139,8 @@ def test_validation_target_matches_brute_force(ghost, monkeypatch):
     head, body = names_of(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        valuer = at.AlphaToken(model, at.AlphaTokenConfig(target="validation", stability_weight=0.0),
-                               validation=val)
+        valuer = at.AlphaToken(model, at.AlphaTokenConfig(**{**SPEC_RULE, "target": "validation",
+                                                                 "stability_weight": 0.0}), validation=val)
     tv = valuer.value(batch)
     U = target_gradients(model, val, [head] + body)
     want = brute_values(model, batch, head, body, target=U)

@@ -26,6 +26,8 @@ from transformers.pytorch_utils import Conv1D
 
 import alphatoken as at
 
+from models import SPEC_RULE
+
 V = 37
 FIELDS = ("adaptation", "stability", "direct", "causal", "total")
 _C = dict(vocab_size=V, hidden_size=16, intermediate_size=24, num_attention_heads=4, num_key_value_heads=2,
@@ -347,7 +349,7 @@ def assert_values(tv, want, labels, keep_ratio, selection, min_keep, rtol=1e-5):
 def valuer_for(model, fisher, validation=None, **cfg):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return at.AlphaToken(model, at.AlphaTokenConfig(**cfg), fisher=fisher, validation=validation)
+        return at.AlphaToken(model, at.AlphaTokenConfig(**{**SPEC_RULE, **cfg}), fisher=fisher, validation=validation)
 
 
 # ------------------------------------------------------------------ tests

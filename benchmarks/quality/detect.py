@@ -197,7 +197,9 @@ def alphatoken_rules() -> Dict[str, dict]:
         "at_val_cos_norm_l0.1": dict(target="validation", cosine=True, normalize=True, lam=0.1),
         "at_val_cos_norm_l0.5": dict(target="validation", cosine=True, normalize=True, lam=0.5),
         "at_val_cos_rank_l0.3": dict(target="validation", cosine=True, rank=True, lam=0.3),
-        "at_val_cos_rank_l0.5": dict(target="validation", cosine=True, rank=True, lam=0.5),
+        "at_val_cos_rank_l0.5": dict(target="validation", cosine=True, rank=True, lam=0.5),  # the defaults
+        "at_val_cos_rank_l0.5_direct": dict(target="validation", cosine=True, rank=True, lam=0.5, gamma=0.0),
+        "at_none_rank": dict(target="batch", adapt_weight=0.0, rank=True, lam=0.5),  # no validation: auto → none
         "at_val_cos_rank_l1": dict(target="validation", cosine=True, rank=True, lam=1.0),
         "at_val_rank_l0.5": dict(target="validation", rank=True, lam=0.5),
     }

@@ -93,6 +93,29 @@ def test_float32_engine_through_the_interpreted_kernels_matches_float64_brute_fo
     _check(tv, want, rtol=1e-4)
 
 
+def test_float64_reaches_the_kernels_launchers_and_the_gate_answers_it(monkeypatch):
+    """One dispatcher: the engine hands every dtype to the kernels' launchers (float64 included), and the gate
+    sends float64 to the reference (no Triton launch), instead of a second float64 path in the engine."""
+    seen = []
+    for name in ("bilinear", "fisher_norm", "bilinear_fisher_norm", "ghost_dot"):
+        def spy(*args, _real=getattr(K, name), _name=name, **kw):
+            seen.append((_name, args[0].dtype))
+            return _real(*args, **kw)
+        monkeypatch.setattr(K, name, spy)
+    monkeypatch.setattr(K, "use_ghost", lambda *args: True)
+    model = tiny_model("gpt2", seed=460, layers=1)
+    names = [layer.name for layer in discover_layers(model)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        valuer = at.AlphaToken(model, at.AlphaTokenConfig(), fisher=at.Fisher("diag", random_fisher(model, names, 461)))
+    move_weights(model, 462)
+    K.reset_launch_counts()
+    valuer.value(random_batch(463, B=2, T=8))
+    assert K.launch_counts() == {}
+    assert {op for op, _ in seen} == {"bilinear_fisher_norm", "ghost_dot"}, seen
+    assert all(dtype == torch.float64 for _, dtype in seen) and len(seen) >= 2 * len(names)
+
+
 @interpreter
 def test_matched_casts_mixed_precision_rows_before_the_interpreted_kernels():
     """Autocast hands a layer bf16 activations and float32 output-gradients (or the reverse): `matched()` casts

@@ -121,9 +121,11 @@ def _number(name: str, value, *, low: Optional[float] = None, low_open: bool = F
         raise ConfigError(f"{name} must be a number, not NaN{hint}")
     if finite and math.isinf(v):
         raise ConfigError(f"{name} must be a finite number, got {v}{hint}")
-    if low is not None and (v <= low if low_open else v < low):
-        raise ConfigError(f"{name} must be {'>' if low_open else '>='} {low:g}{'' if high is None else f' and <= {high:g}'}, "
-                          f"got {v:g}{hint}")
+    too_low = low is not None and (v <= low if low_open else v < low)
+    if low is not None and high is not None and (too_low or v > high):
+        raise ConfigError(f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}], got {v:g}{hint}")
+    if too_low:
+        raise ConfigError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {v:g}{hint}")
     if high is not None and v > high:
         raise ConfigError(f"{name} must be <= {high:g}, got {v:g}{hint}")
     return v

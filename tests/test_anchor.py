@@ -53,8 +53,8 @@ def _load_moved_state(model, seed):
 MOVES = {"data_add": _move_through_data, "ema": _ema_towards, "load_state": _load_moved_state}
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("move", list(MOVES))
+@pytest.mark.parametrize("family,move", [("llama", "data_add"), ("gpt2", "data_add"), ("llama", "ema"),
+                                         ("gpt2", "load_state")])
 def test_weights_moved_without_a_version_bump_give_the_explicit_reference_stability(family, move):
     seed = {"llama": 3, "gpt2": 5}[family] * 10 + list(MOVES).index(move)
     model = tiny_model(family, seed=seed)

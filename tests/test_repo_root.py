@@ -39,3 +39,29 @@ def test_transformers_builds_and_runs_a_llama_from_the_repository_root():
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().startswith("OK"), run.stdout
+
+
+NO_HUB = r"""
+import sys
+import importlib.machinery
+import torch  # imported before the site folder leaves sys.path below
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+hub = importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if p not in ("", sys.argv[1])])
+if hub is not None:  # hide the hub package's folder: this checks the machine without it
+    sys.path = [p for p in sys.path if not hub.origin.startswith(p.rstrip("/") + "/") or p in ("", sys.argv[1])]
+import kernels
+assert kernels.__file__.startswith(sys.argv[1]), kernels.__file__
+assert not hasattr(kernels, "__version__")  # transformers' probe reads "N/A": not available
+print("OK")
+"""
+
+
+def test_without_the_hub_package_the_bare_name_stays_an_unversioned_module():
+    env = dict(os.environ, PYTHONPATH="", TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-c", NO_HUB, str(ROOT)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "OK", run.stdout

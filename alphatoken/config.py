@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import operator
+import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -70,25 +74,35 @@ class AlphaTokenConfig:
     always_keep_token_ids: tuple = ()
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if self.paths not in PATHS:
-            raise ValueError(f"paths must be one of {PATHS}, got {self.paths!r}")
-        if self.combine not in COMBINES:
-            raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
-        if self.min_keep_per_sequence < 0:
-            raise ValueError(f"min_keep_per_sequence must be >= 0, got {self.min_keep_per_sequence}")
-        if self.refresh < 1:
-            raise ValueError(f"refresh must be >= 1, got {self.refresh}")
-        if isinstance(self.tracked_layers, bool) or not isinstance(self.tracked_layers, (str, int)):
-            raise ValueError("tracked_layers must be 'all', an int (last k blocks) or a regex string")
-        self.always_keep_token_ids = tuple(int(i) for i in self.always_keep_token_ids)
-        if isinstance(self.tracked_layers, int) and self.tracked_layers < 0:
-            raise ValueError(f"tracked_layers as a block count must be >= 0, got {self.tracked_layers}")
+        """Every field checked for type and range where it enters (STYLE: validate at the door); numbers and
+        flags are stored as plain float / int / bool."""
+        self.keep_ratio = _number("keep_ratio", self.keep_ratio, low=0.0, low_open=True, high=1.0,
+                                  hint="the share of response tokens kept, e.g. 0.8")
+        self.selection = _choice("selection", self.selection, SELECTIONS)
+        self.stability_weight = _number("stability_weight", self.stability_weight, low=0.0,
+                                        hint="λ >= 0 weighs stability in the total (0 ignores it)")
+        self.causal_weight = _number("causal_weight", self.causal_weight, low=0.0,
+                                     hint="γ >= 0 weighs the causal path (0 ignores it)")
+        self.paths = _choice("paths", self.paths, PATHS)
+        self.target = _choice("target", self.target, TARGETS)
+        self.lr = _number("lr", self.lr, low=0.0, low_open=True,
+                          hint="η, the virtual step size, must be > 0 (0 makes every value 0, a negative one "
+                               "keeps the worst tokens), e.g. 1.0")
+        self.threshold = _number("threshold", self.threshold, finite=False,
+                                 hint='the cut of selection="threshold" (tokens with total > threshold are kept)')
+        self.min_keep_per_sequence = _integer("min_keep_per_sequence", self.min_keep_per_sequence, low=0)
+        self.normalize = _flag("normalize", self.normalize)
+        self.cosine = _flag("cosine", self.cosine)
+        self.combine = _choice("combine", self.combine, COMBINES)
+        self.leave_one_out = _flag("leave_one_out", self.leave_one_out)
+        self.refresh = _integer("refresh", self.refresh, low=1)
+        self.tracked_layers = _tracked_layers(self.tracked_layers)
+        self.track_embeddings = _flag("track_embeddings", self.track_embeddings)
+        self.reference_device = _device("reference_device", self.reference_device)
+        self.reference_dtype = _float_dtype("reference_dtype", self.reference_dtype)
+        self.global_selection = _flag("global_selection", self.global_selection)
+        self.check_finite = _flag("check_finite", self.check_finite)
+        self.always_keep_token_ids = _token_ids("always_keep_token_ids", self.always_keep_token_ids)
 
     def replace(self, **changes) -> "AlphaTokenConfig":
         return dataclasses.replace(self, **changes)
@@ -99,3 +113,125 @@ class AlphaTokenConfig:
             if out[key] is not None:
                 out[key] = str(out[key])
         return out
+
+
+# ------------------------------------------------------------------ field checks (one helper per kind of field)
+class ConfigError(TypeError, ValueError):
+    """A bad AlphaTokenConfig field: the message names the field, what it got, and what to write instead.
+    Both a TypeError and a ValueError, so either `except` catches it."""
+
+
+def _got(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _number(name: str, value, *, low: Optional[float] = None, low_open: bool = False, high: Optional[float] = None,
+            finite: bool = True, hint: str = "") -> float:
+    """A real number (not a bool, not a string, not NaN; finite unless `finite=False`) in [low, high]
+    ((low, high] with `low_open`)."""
+    hint = f"; {hint}" if hint else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name} must be a number, got {_got(value)}{hint}")
+    v = float(value)
+    if math.isnan(v):
+        raise ConfigError(f"{name} must be a number, not NaN{hint}")
+    if finite and math.isinf(v):
+        raise ConfigError(f"{name} must be a finite number, got {v}{hint}")
+    too_low = low is not None and (v <= low if low_open else v < low)
+    if low is not None and high is not None and (too_low or v > high):
+        raise ConfigError(f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}], got {v:g}{hint}")
+    if too_low:
+        raise ConfigError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {v:g}{hint}")
+    if high is not None and v > high:
+        raise ConfigError(f"{name} must be <= {high:g}, got {v:g}{hint}")
+    return v
+
+
+def _integer(name: str, value, *, low: Optional[int] = None) -> int:
+    """A whole number (an int, a numpy integer; not a bool, a float or a string) >= low."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a whole number, got {_got(value)}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be a whole number, got {_got(value)}") from None
+    if low is not None and v < low:
+        raise ConfigError(f"{name} must be >= {low}, got {v}")
+    return v
+
+
+def _flag(name: str, value) -> bool:
+    """True or False (a numpy bool too); a string such as "false" is refused: any non-empty string is truthy."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    fix = f"write {name}=False / {name}=True (a non-empty string such as 'false' would be true)" \
+        if isinstance(value, str) else f"write {name}=True or {name}=False"
+    raise ConfigError(f"{name} must be True or False, got {_got(value)}; {fix}")
+
+
+def _choice(name: str, value, choices: tuple) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name} must be one of {choices}, got {_got(value)}")
+    return value
+
+
+def _tracked_layers(value):
+    """'all', a block count k >= 0 (the head and the last k blocks), or a regex on module names."""
+    name = "tracked_layers"
+    if isinstance(value, str):
+        if value != "all":
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ConfigError(f"{name} is not a valid regex ({err}): {value!r}; pass 'all', a block count "
+                                  "or a regex on module names") from None
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be 'all', an int (last k blocks) or a regex string, got {_got(value)}")
+    if value < 0:
+        raise ConfigError(f"{name} as a block count must be >= 0, got {value}")
+    return int(value)
+
+
+def _device(name: str, value):
+    """None, a torch.device, or a device string such as "cpu" or "cuda:0"."""
+    if value is None or isinstance(value, torch.device):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be None, a torch.device or a string such as 'cpu', got {_got(value)}")
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"{name} is not a device: {value!r} ({err}); e.g. 'cpu' or 'cuda:0'") from None
+    return value
+
+
+def _float_dtype(name: str, value):
+    """None, a floating torch.dtype, or its name ("bfloat16", "torch.float16"): returned as the torch.dtype."""
+    if value is None:
+        return None
+    dtype = value
+    if isinstance(value, str):
+        dtype = getattr(torch, value[len("torch."):] if value.startswith("torch.") else value, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"{name} must be None or a floating torch dtype (torch.bfloat16, 'float16', ...), "
+                          f"got {_got(value)}")
+    return dtype
+
+
+def _token_ids(name: str, value) -> tuple:
+    """A list or tuple of token ids (whole numbers >= 0)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ConfigError(f"{name} must be a list of token ids (whole numbers >= 0), got {_got(value)}")
+    ids = []
+    for item in value:
+        if isinstance(item, bool):
+            raise ConfigError(f"{name} must hold token ids (whole numbers >= 0), got {_got(item)}")
+        try:
+            i = operator.index(item)
+        except TypeError:
+            raise ConfigError(f"{name} must hold token ids (whole numbers >= 0), got {_got(item)}") from None
+        if i < 0:
+            raise ConfigError(f"{name} must hold token ids >= 0, got {i}")
+        ids.append(i)
+    return tuple(ids)

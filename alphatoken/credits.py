@@ -1,5 +1,8 @@
 """Per-layer values of token credits C_t = g_t a_tᵀ (DESIGN §3), through alphatoken.kernels.
 
+Every dtype goes through the kernels' launchers; where a call runs (Triton, the interpreter, or the
+reference, which is also what computes float64) is decided by `kernels/gate.py` alone.
+
 For one layer with response rows a (N, d_in), g (N, d_out):
     adaptation_t = η ⟨C_t, U⟩                        = η g_tᵀ U a_t
     stability_t  = η gᵀ(F ⊙ Δ)a − ½ η² (g⊙g)ᵀ F (a⊙a)            ("diag")
@@ -37,32 +40,6 @@ class Direction:
         return cls(matrix=matrix if matrix.dtype == torch.float64 else matrix.float(), scale=scale)
 
 
-class _Float64Kernels:
-    """float64 (exact checks, CPU studies) is outside the kernels' dtypes: the references compute it as is."""
-
-    @staticmethod
-    def bilinear(a, g, M):
-        if isinstance(M, (list, tuple)):
-            return K.bilinear_reference(a, g, torch.stack(list(M)))
-        return K.bilinear_reference(a, g, M.unsqueeze(0))[0] if M.dim() == 2 else K.bilinear_reference(a, g, M)
-
-    @staticmethod
-    def fisher_norm(a, g, F):
-        return K.fisher_norm_reference(a, g, F)
-
-    @staticmethod
-    def bilinear_fisher_norm(a, g, M, F):
-        return _Float64Kernels.bilinear(a, g, M), K.fisher_norm_reference(a, g, F)
-
-    @staticmethod
-    def ghost_dot(a, g, a_ref, g_ref):
-        return K.ghost_dot_reference(a, g, a_ref, g_ref)
-
-
-def _kernels_for(a: torch.Tensor):
-    return _Float64Kernels if a.dtype == torch.float64 else K
-
-
 def matched(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernels take a and g in one dtype: mixed precision (autocast) goes to float32."""
     if a.dtype != g.dtype:
@@ -73,7 +50,6 @@ def matched(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def linear_values(a, g, eta: float, direction: Optional[Direction], fisher, delta: Optional[torch.Tensor]):
     """(adaptation (N,), stability (N,)) for a Linear/Conv1D layer. fisher: None, ("diag", F), ("kfac", fo, fi)."""
     a, g = matched(a, g)
-    ops = _kernels_for(a)
     n = a.shape[0]
     acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     zero = torch.zeros(n, dtype=acc_dtype, device=a.device)
@@ -90,12 +66,12 @@ def linear_values(a, g, eta: float, direction: Optional[Direction], fisher, delt
     forms = None
     if kind == "diag":
         if matrices:
-            forms, norm = ops.bilinear_fisher_norm(a, g, matrices, fisher[1])
+            forms, norm = K.bilinear_fisher_norm(a, g, matrices, fisher[1])
         else:
-            norm = ops.fisher_norm(a, g, fisher[1])
+            norm = K.fisher_norm(a, g, fisher[1])
         stability = stability - 0.5 * eta * eta * norm
     elif matrices:
-        forms = ops.bilinear(a, g, matrices)
+        forms = K.bilinear(a, g, matrices)
     if kind == "kfac":
         f_out, f_in = fisher[1], fisher[2]
         g32, a32 = g.to(acc_dtype), a.to(acc_dtype)
@@ -103,13 +79,13 @@ def linear_values(a, g, eta: float, direction: Optional[Direction], fisher, delt
         norm = ((g32 * g32) @ f_out) * ((a32 * a32) @ f_in)
         stability = stability - 0.5 * eta * eta * norm
         if delta is not None:
-            stability = stability + eta * ops.bilinear(a32 * f_in, g32 * f_out, delta.to(acc_dtype))
+            stability = stability + eta * K.bilinear(a32 * f_in, g32 * f_out, delta.to(acc_dtype))
     if "drift" in slots:
         stability = stability + eta * forms[slots["drift"]]
     if "u" in slots:
         adaptation = eta * direction.scale * forms[slots["u"]]
     elif direction is not None:
-        adaptation = eta * direction.scale * ops.ghost_dot(a, g, *matched(direction.a_ref, direction.g_ref))
+        adaptation = eta * direction.scale * K.ghost_dot(a, g, *matched(direction.a_ref, direction.g_ref))
     return adaptation, stability
 
 

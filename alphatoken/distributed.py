@@ -11,7 +11,7 @@ for a single process or when torch.distributed is not initialized.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import torch
 
@@ -108,22 +108,3 @@ def select_global(
     global_mask = select_local(global_total, global_response, cfg)
     return global_mask[my_slice].to(response.device).contiguous()
 
-
-def world_info() -> Tuple[int, int]:
-    """(rank, world_size); (0, 1) without torch.distributed."""
-    if not is_distributed():
-        return 0, 1
-    import torch.distributed as dist
-
-    return dist.get_rank(), dist.get_world_size()
-
-
-def broadcast_object(obj, src: int = 0) -> Optional[object]:
-    """Broadcast a picklable object from `src`; identity for a single process."""
-    if not is_distributed():
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

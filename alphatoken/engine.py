@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
+import numbers
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from typing import Callable, Optional, Union
 
 import torch
@@ -168,6 +170,8 @@ class AlphaToken:
             batches = [validation] if isinstance(validation, Mapping) else validation
             if not isinstance(batches, Iterable):
                 raise TypeError("validation must be a batch dict or an iterable of batch dicts")
+            if isinstance(batches, Sized) and len(batches) == 0:
+                raise ValueError("validation is empty: pass a batch dict or a non-empty list of batch dicts")
             self.validation_batches = itertools.cycle(batches)
         self.capture = Capture(self.layers)
         self.steps = 0
@@ -213,6 +217,7 @@ class AlphaToken:
         `loss_fn(logits, masked_labels)` replaces it. The TokenValues of the batch are kept in
         `self.last_values` (and the logits in `self.last_logits`) for logging.
         """
+        _check_num_items(num_items_in_batch)
         values, logits, nll = self._run(batch, token_weights, keep_graph=True, forward_model=forward_model)
         labels = values.apply(batch["labels"].to(values.mask.device))
         self.last_values, self.last_logits = values, logits
@@ -457,7 +462,10 @@ class AlphaToken:
     # ---------------------------------------------------------------- validation target
     def _refresh_validation(self) -> None:
         """U = ∇ of the mean NLL of the next validation batch, per layer, kept as factors or materialized."""
-        batch = validate_batch(next(self.validation_batches), self.device)
+        batch = next(self.validation_batches, None)  # a bare StopIteration would silently end a caller's map()
+        if batch is None:
+            raise ValueError("the validation iterable yielded no batch: pass a batch dict or a non-empty list of them")
+        batch = validate_batch(batch, self.device)
         labels = batch["labels"]
         response = response_mask(labels)
         n = int(response.sum())
@@ -502,7 +510,8 @@ class AlphaToken:
     def _check_finite(self, tensor: torch.Tensor, what: str) -> None:
         if self.cfg.check_finite and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise NonFiniteError(f"AlphaToken: {bad} non-finite (NaN/Inf) entries in {what}")
+            raise NonFiniteError(f"AlphaToken: {bad} non-finite (NaN/Inf) entries in {what}"
+                                 + _broken_weights(unwrap_model(self.model)))
 
     def _check_values(self, adapt, stab, layer: TrackedLayer, g) -> None:
         if not self.cfg.check_finite:
@@ -513,5 +522,31 @@ class AlphaToken:
             raise NonFiniteError(f"AlphaToken: non-finite (NaN/Inf) output-gradient captured at layer {layer.name!r}")
         raise NonFiniteError(
             f"AlphaToken: non-finite values at layer {layer.name!r} (its input activations, Fisher entry or "
-            "reference weights hold NaN/Inf)"
+            "reference weights hold NaN/Inf)" + _broken_weights(unwrap_model(self.model))
         )
+
+
+def _broken_weights(model: nn.Module) -> str:
+    """Where a non-finite result comes from when the model itself is broken: the parameters holding NaN/Inf
+    (looked up only once a check has failed)."""
+    broken = [(name, int((~torch.isfinite(p)).sum())) for name, p in model.named_parameters()
+              if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if not broken:
+        return ""
+    listed = ", ".join(f"{name!r} ({count} entries)" for name, count in broken[:4])
+    more = f" and {len(broken) - 4} more" if len(broken) > 4 else ""
+    return f"; the model's weights hold NaN/Inf: {listed}{more} (a diverged step or a bad checkpoint?)"
+
+
+def _check_num_items(num_items_in_batch) -> None:
+    """num_items_in_batch divides the summed loss: None, or a positive finite count."""
+    if num_items_in_batch is None:
+        return
+    value = num_items_in_batch
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be one count, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"num_items_in_batch must be a positive count (the kept tokens of the accumulation "
+                         f"window), or None for this batch's own count; got {num_items_in_batch!r}")

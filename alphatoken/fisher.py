@@ -23,6 +23,22 @@ KINDS = ("diag", "kfac")
 FORMAT = "alphatoken-fisher-v1"
 
 
+def _check_entries(name: str, value) -> None:
+    """A Fisher is an average of squares: every entry finite and >= 0 (a negative one would reward drift)."""
+    parts = zip((" f_out", " f_in"), value) if isinstance(value, tuple) else [("", value)]
+    for part, t in parts:
+        if not t.is_floating_point():
+            raise ValueError(f"Fisher entry {name!r}{part} must be a floating tensor, got {t.dtype}")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"Fisher entry {name!r}{part} has {bad} non-finite (NaN/Inf) entries; re-estimate it "
+                             "with at.estimate_fisher")
+        negative = int((t < 0).sum())
+        if negative:
+            raise ValueError(f"Fisher entry {name!r}{part} has {negative} negative entries (min {float(t.min()):.3g}); "
+                             "a Fisher is an average of squares, >= 0 everywhere (re-estimate it, or clamp(min=0))")
+
+
 class Fisher:
     """A reference Fisher keyed by module name: (d_out, d_in) for "diag", (f_out, f_in) pairs for "kfac"."""
 
@@ -39,6 +55,7 @@ class Fisher:
                 if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(v.dim() == 1 for v in value)):
                     raise ValueError(f"kfac Fisher for {name!r} must be a pair (f_out (d_out,), f_in (d_in,))")
                 value = tuple(value)
+            _check_entries(name, value)
             self.tensors[name] = value
         self.meta = dict(meta or {})
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .gate import backend_for
+from .gate import backend_for, result_dtype
 from .launch import cdiv, choose_split, n_bucket, new_output, reduction_unit, run
 from .reference import bilinear_reference, fisher_norm_reference
 from .validate import check_matrix, check_rows, matrix_list
@@ -248,18 +248,21 @@ def _forms(a, g, M, F, out, out_fisher, *, with_m: bool, with_f: bool):
     N, d_in, d_out = check_rows(a, g)
     mats, single = matrix_list(M, d_out, d_in, a.device) if with_m else ([], False)
     if len({m.dtype for m in mats}) > 1:  # one base pointer needs one dtype: promote (copies the 16-bit ones)
-        mats = [m.float() for m in mats]
+        wide = result_dtype(*mats)
+        mats = [m.to(wide) for m in mats]
     if with_f:
         check_matrix("F", F, d_out, d_in, a.device, dims=(2,))
     K = len(mats)
+    operands = (a, g, *mats, *([F] if with_f else []))
+    dtype = result_dtype(*operands)
     out_m = None
     if with_m:
-        out_m = new_output((N,) if single else (K, N), a.device, out, "out")
+        out_m = new_output((N,) if single else (K, N), a.device, out, "out", dtype)
         out_m = out_m.view(1, N) if single else out_m
-    out_f = new_output((N,), a.device, out_fisher, "out_fisher") if with_f else None
-    if backend_for(a, g, *mats, *([F] if with_f else [])) == "reference":
+    out_f = new_output((N,), a.device, out_fisher, "out_fisher", dtype) if with_f else None
+    if backend_for(*operands) == "reference":
         if with_m:
-            out_m.copy_(bilinear_reference(a, g, torch.stack([m.float() for m in mats])))
+            out_m.copy_(bilinear_reference(a, g, torch.stack([m.to(dtype) for m in mats])))
         if with_f:
             out_f.copy_(fisher_norm_reference(a, g, F))
         return out_m, out_f

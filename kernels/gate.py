@@ -1,5 +1,7 @@
 """The one place that decides where a kernel call runs.
 
+* any float64 operand                   -> the plain-PyTorch reference, in float64 (exact checks, CPU
+                                           studies: float64 is outside the Triton kernels' dtypes);
 * CUDA tensors                          -> compiled Triton;
 * CPU tensors with `TRITON_INTERPRET=1` -> the Triton kernels in Triton's interpreter (set before import);
 * otherwise                             -> the plain-PyTorch reference.
@@ -38,10 +40,22 @@ def requested_backend() -> str:
     return choice
 
 
+def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype of a kernel call's results: float64 when any operand is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def backend_for(*tensors: torch.Tensor) -> str:
     """'triton' (compiled or interpreted) or 'reference' for a call on these tensors."""
     choice = requested_backend()
     if choice == "reference" or not TRITON_AVAILABLE:
+        return "reference"
+    if result_dtype(*tensors) == torch.float64:
+        if choice == "triton":
+            raise RuntimeError(
+                "ALPHATOKEN_KERNELS=triton but an operand is float64, which only the reference computes: "
+                "cast the operands to float32, bfloat16 or float16"
+            )
         return "reference"
     on_cuda = all(t.is_cuda for t in tensors)
     if on_cuda and not interpreter_enabled():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .bilinear import FP32_DOT_PRECISION
-from .gate import backend_for
+from .gate import backend_for, result_dtype
 from .launch import cdiv, choose_split, n_bucket, new_output, reduction_unit, run
 from .reference import ghost_dot_reference
 from .validate import check_refs
@@ -114,7 +114,7 @@ def ghost_dot(a: torch.Tensor, g: torch.Tensor, a_ref: torch.Tensor, g_ref: torc
     FLOPs ≈ 2·N·V·(d_in + d_out); bytes ≈ (N + V)·(d_in + d_out)·s + 4·N.
     """
     N, V, d_in, d_out = check_refs(a, g, a_ref, g_ref)
-    result = new_output((N,), a.device, out, "out")
+    result = new_output((N,), a.device, out, "out", result_dtype(a, g, a_ref, g_ref))
     if backend_for(a, g, a_ref, g_ref) == "reference":
         return result.copy_(ghost_dot_reference(a, g, a_ref, g_ref))
     unit = reduction_unit("ghost_dot", CONFIGS, DEFAULT, "BLOCK_V")

@@ -55,10 +55,6 @@ def reset_launch_counts() -> None:
     _COUNTS.clear()
 
 
-def total_launches() -> int:
-    return sum(_COUNTS.values())
-
-
 @contextlib.contextmanager
 def kernel_config(op: str, **meta):
     """Fix the block sizes of `op` ('bilinear' or 'ghost_dot') inside a `with` block; skips autotuning.
@@ -138,20 +134,22 @@ def run(op: str, kernel, configs, default: dict, grid: Callable[[dict], tuple], 
     _COUNTS[op] += 1
 
 
-def new_output(shape, device, out: torch.Tensor | None = None, name: str = "out") -> torch.Tensor:
-    """The float32 result buffer: `out` after checks, else a fresh one filled with NaN.
+def new_output(shape, device, out: torch.Tensor | None = None, name: str = "out",
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The result buffer (float32; float64 for the reference's float64 calls): `out` after checks, else a
+    fresh one filled with NaN.
 
     The NaN fill (4 bytes a result, negligible next to the kernel) makes any element the kernel failed to
     write visible instead of silently holding stale memory.
     """
     shape = tuple(shape)
     if out is None:
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"{name} must have shape {shape}, got {got}")
-    if out.dtype != torch.float32:
-        raise ValueError(f"{name} must be float32 with shape {shape}, got {out.dtype}")
+    if out.dtype != dtype:
+        raise ValueError(f"{name} must be {str(dtype).replace('torch.', '')} with shape {shape}, got {out.dtype}")
     if out.device != device:
         raise ValueError(f"{name} (shape {shape}) is on {out.device} but a is on {device}")
     if not out.is_contiguous():

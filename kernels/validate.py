@@ -1,7 +1,7 @@
 """Input checks shared by the launchers: errors name the argument and the shape (or dtype, device) expected.
 
 Dtype policy: the row-matched token matrices of one call (`a` and `g`; `a_ref` and `g_ref`) must share one
-dtype among fp32, bf16 and fp16 — a mismatch there is almost always a capture bug, so it raises rather than
+dtype among fp32, bf16 and fp16 (or float64, which the gate sends to the exact reference) — a mismatch there is almost always a capture bug, so it raises rather than
 silently casting. Weight-shaped operands (M, F) and the reference rows may use any of the three dtypes
 independently of `a` (U and the Fisher are commonly kept in fp32 beside bf16 activations); the kernels then
 upcast tiles to fp32 in registers. The K matrices of one list share a base pointer in the kernel, so a list
@@ -13,7 +13,8 @@ from typing import Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_NAMES = "float32, bfloat16, float16 or float64 (float64 runs on the reference)"
 
 
 def _check_tensor(name: str, t, expected: str) -> None:
@@ -22,7 +23,7 @@ def _check_tensor(name: str, t, expected: str) -> None:
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D with shape {expected}, got shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, bfloat16 or float16 with shape {expected}, got {t.dtype}")
+        raise ValueError(f"{name} must be {_NAMES} with shape {expected}, got {t.dtype}")
 
 
 def check_rows(a: torch.Tensor, g: torch.Tensor, *, names=("a", "g")) -> tuple[int, int, int]:
@@ -75,7 +76,7 @@ def check_matrix(name: str, M, d_out: int, d_in: int, device: torch.device, dims
     if not isinstance(M, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape {expected}, got {type(M).__name__}")
     if M.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, bfloat16 or float16 with shape {expected}, got {M.dtype}")
+        raise ValueError(f"{name} must be {_NAMES} with shape {expected}, got {M.dtype}")
     if M.dim() not in dims or tuple(M.shape[-2:]) != (d_out, d_in):
         raise ValueError(f"{name} must have shape {expected}, got {tuple(M.shape)}")
     if M.device != device:
@@ -103,10 +104,3 @@ def matrix_list(M, d_out: int, d_in: int, device) -> tuple[list[torch.Tensor], b
         f"({d_out}, {d_in}) tensors, got {type(M).__name__}"
     )
 
-
-def stack_matrices(M, d_out: int, d_in: int, device) -> tuple[torch.Tensor, bool]:
-    """Compatibility helper: the matrices as one (K, d_out, d_in) stack (copies a list), and was_single."""
-    mats, single = matrix_list(M, d_out, d_in, device)
-    if isinstance(M, torch.Tensor):
-        return (M.unsqueeze(0) if single else M), single
-    return torch.stack(mats), single

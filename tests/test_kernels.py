@@ -401,8 +401,11 @@ def test_references_match_brute_force(gen, dtype):
 # ---------------------------------------------------------------- gate -----
 
 class _FakeCuda:
-    """Stands in for a CUDA tensor: the gate reads only `.is_cuda`."""
+    """Stands in for a CUDA tensor: the gate reads only `.is_cuda` and `.dtype`."""
     is_cuda = True
+
+    def __init__(self, dtype=torch.float32):
+        self.dtype = dtype
 
 
 def test_gate_three_decisions(monkeypatch):
@@ -419,6 +422,12 @@ def test_gate_three_decisions(monkeypatch):
     monkeypatch.setenv("ALPHATOKEN_KERNELS", "reference")
     assert gate.backend_for(cpu) == "reference"
     assert gate.backend_for(_FakeCuda()) == "reference"
+    monkeypatch.setenv("ALPHATOKEN_KERNELS", "auto")
+    assert gate.backend_for(cpu.double()) == "reference"                                  # float64: exact reference
+    assert gate.backend_for(_FakeCuda(torch.float64)) == "reference"
+    assert gate.backend_for(cpu, cpu.double()) == "reference"
+    with K.use_backend("triton"), pytest.raises(RuntimeError, match="float64"):
+        gate.backend_for(cpu.double())
     monkeypatch.setenv("ALPHATOKEN_KERNELS", "bogus")
     with pytest.raises(ValueError, match="ALPHATOKEN_KERNELS"):
         gate.backend_for(cpu)
@@ -434,6 +443,30 @@ def test_plain_cpu_runs_reference_without_launches(gen, monkeypatch):
     result = K.bilinear(a, g, M)
     assert K.launch_counts() == {}
     assert_matches(result, *brute_bilinear(a, g, M), RTOL[torch.float32], "reference fallback")
+
+
+def test_float64_goes_through_the_gate_to_the_reference_in_float64(gen, monkeypatch):
+    """float64 (the engine's exact checks) is answered by the reference, in float64, even under the
+    interpreter: the launchers take it, the gate routes it, no second dispatcher is needed."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    N, d_in, d_out, V = 13, 7, 5, 3
+    a, g = randn(gen, N, d_in).double(), randn(gen, N, d_out).double()
+    M, F = randn(gen, 2, d_out, d_in).double(), randn(gen, d_out, d_in).abs().double()
+    M32 = randn(gen, d_out, d_in)
+    a_ref, g_ref = randn(gen, V, d_in).double(), randn(gen, V, d_out).double()
+    forms, norm = K.bilinear_fisher_norm(a, g, [M[0], M32, M[1]], F)  # a mixed list promotes to float64
+    single = K.bilinear(a, g, M[1])
+    ghost = K.ghost_dot(a, g, a_ref, g_ref)
+    assert K.launch_counts() == {}
+    for got in (forms, norm, single, ghost, K.fisher_norm(a, g, F), K.target_dot(a, g, a_ref, g_ref)):
+        assert got.dtype == torch.float64
+    for k, m in enumerate([M[0], M32.double(), M[1]]):
+        assert_matches(forms[k], *brute_bilinear(a, g, m), 1e-12, f"float64 bilinear[{k}]")
+    assert_matches(single, *brute_bilinear(a, g, M[1]), 1e-12, "float64 bilinear")
+    assert_matches(norm, *brute_fisher(a, g, F), 1e-12, "float64 fisher")
+    assert_matches(ghost, *brute_ghost(a, g, a_ref, g_ref), 1e-12, "float64 ghost")
+    with pytest.raises(ValueError, match="out must be float64"):
+        K.bilinear(a, g, M[0], out=torch.zeros(N))
 
 
 # ---------------------------------------------------------------- validation -----
@@ -458,8 +491,9 @@ def _bad_inputs():
         ("F 3-D", lambda: K.fisher_norm(a, g, torch.zeros(1, 4, 5)), r"F must have shape \(d_out, d_in\) = \(4, 5\)"),
         ("fused F", lambda: K.bilinear_fisher_norm(a, g, M, torch.zeros(4, 6)), r"F must have shape .*\(4, 5\)"),
         ("g dtype", lambda: K.bilinear(a, g.half(), M), r"g must have the dtype of a \(torch.float32\).*\(6, d_out\)"),
-        ("a float64", lambda: K.bilinear(a.double(), g, M), r"a must be float32, bfloat16 or float16.*\(N, d_in\)"),
-        ("M int", lambda: K.bilinear(a, g, M.long()), r"M must be float32, bfloat16 or float16.*\(4, 5\)"),
+        ("a int", lambda: K.bilinear(a.int(), g, M), r"a must be float32, bfloat16, float16 or float64.*\(N, d_in\)"),
+        ("a float64, g float32", lambda: K.bilinear(a.double(), g, M), r"g must have the dtype of a \(torch.float64\)"),
+        ("M int", lambda: K.bilinear(a, g, M.long()), r"M must be float32, bfloat16, float16 or float64.*\(4, 5\)"),
         ("g device", lambda: K.bilinear(a, meta, M), r"g \(shape \(6, d_out\)\) is on meta"),
         ("M device", lambda: K.bilinear(a, g, M.to("meta")), r"M \(shape .*\(4, 5\).*\) is on meta"),
         ("F device", lambda: K.fisher_norm(a, g, F.to("meta")), r"F \(shape .*\(4, 5\)\) is on meta"),

@@ -82,11 +82,13 @@ def _time_cases(K, shapes, rows, quick):
         for op, providers in cases.items():
             for provider, fn in providers.items():
                 ms = timeit(fn)
-                if provider == "materialized":
-                    ms *= N / n_mat
+                timed = n_mat if provider == "materialized" else N
+                if timed < N:  # an estimate, not a measurement: marked in its own column
+                    ms *= N / timed
                 backend = K.backend_for(a) if provider == "alphatoken" else "torch"
                 rows.append({"op": op, "N": N, "d_in": d_in, "d_out": d_out, "provider": provider,
-                             "backend": backend, "median_ms": ms})
+                             "backend": backend, "median_ms": ms, "timed_rows": timed,
+                             "extrapolated": "true" if timed < N else "false"})
 
 
 def _format_rows(rows: list[dict]) -> str:
@@ -95,11 +97,15 @@ def _format_rows(rows: list[dict]) -> str:
     table = [cols]
     for r in rows:
         base = torch_ms.get((r["op"], r["N"], r["d_in"]))
+        mark = "*" if r.get("extrapolated") == "true" else ""
         table.append([str(r["op"]), str(r["N"]), str(r["d_in"]), str(r["d_out"]), r["provider"], r["backend"],
-                      f"{r['median_ms']:.3f}", f"{base / r['median_ms']:.2f}x" if base else "-"])
+                      f"{r['median_ms']:.3f}{mark}", f"{base / r['median_ms']:.2f}x{mark}" if base else "-"])
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
     lines.insert(1, "-" * len(lines[0]))
+    if any(r.get("extrapolated") == "true" for r in rows):
+        lines.append("* extrapolated: timed on the first `timed_rows` rows and scaled to N (the CSV's "
+                     "`extrapolated` column), not measured")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import alphatoken as at
 from alphatoken.layers import discover_layers
 
 from brute import brute_values
-from models import random_batch, random_fisher, tiny_model
+from models import SPEC_RULE, random_batch, random_fisher, tiny_model
 
 FIELDS = ("adaptation", "stability", "direct", "causal", "total")
 
@@ -20,7 +20,7 @@ FIELDS = ("adaptation", "stability", "direct", "causal", "total")
 def _valuer(model, fisher, reference=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return at.AlphaToken(model, at.AlphaTokenConfig(lr=0.7, stability_weight=1.3, causal_weight=0.6),
+        return at.AlphaToken(model, at.AlphaTokenConfig(**{**SPEC_RULE, "lr": 0.7, "stability_weight": 1.3, "causal_weight": 0.6}),
                              fisher=fisher, reference=reference)
 
 

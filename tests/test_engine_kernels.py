@@ -22,7 +22,7 @@ from alphatoken.layers import discover_layers
 
 from brute import brute_values
 from kernel_helpers import brute_bilinear, brute_fisher
-from models import move_weights, random_batch, random_fisher, tiny_model
+from models import SPEC_RULE, move_weights, random_batch, random_fisher, tiny_model
 
 FIELDS = ("adaptation", "stability", "direct", "causal", "total")
 interpreter = pytest.mark.skipif(torch.cuda.is_available() or not K.interpreter_enabled(),
@@ -48,7 +48,7 @@ def _case(family: str, kind: str, seed: int, dtype: torch.dtype, device: str):
     model = model.to(device=device, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        valuer = at.AlphaToken(model, at.AlphaTokenConfig(lr=0.7, stability_weight=1.3, causal_weight=0.6),
+        valuer = at.AlphaToken(model, at.AlphaTokenConfig(**{**SPEC_RULE, "lr": 0.7, "stability_weight": 1.3, "causal_weight": 0.6}),
                                fisher=fisher)
     modules = dict(model.named_modules())
     theta0 = {n: modules[n].weight.detach().to("cpu", torch.float64).clone() for n in names}
@@ -107,7 +107,7 @@ def test_float64_reaches_the_kernels_launchers_and_the_gate_answers_it(monkeypat
     names = [layer.name for layer in discover_layers(model)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        valuer = at.AlphaToken(model, at.AlphaTokenConfig(), fisher=at.Fisher("diag", random_fisher(model, names, 461)))
+        valuer = at.AlphaToken(model, at.AlphaTokenConfig(**SPEC_RULE), fisher=at.Fisher("diag", random_fisher(model, names, 461)))
     move_weights(model, 462)
     K.reset_launch_counts()
     valuer.value(random_batch(463, B=2, T=8))

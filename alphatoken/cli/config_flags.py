@@ -52,20 +52,20 @@ class FieldSpec:
         return f"cfg_{self.name}"
 
 
-def _docs() -> dict:
-    """Field name -> its description, parsed from AlphaTokenConfig's docstring ("name: text", continued by
+def _docs(cls) -> dict:
+    """Field name -> its description, parsed from the config class's docstring ("name: text", continued by
     deeper-indented lines; "a / b: text" describes both)."""
-    from ..config import AlphaTokenConfig
-
     out: dict = {}
     current: list = []
-    for line in (AlphaTokenConfig.__doc__ or "").splitlines():
-        m = re.match(r"^ {4}([A-Za-z_][\w]*(?:\s*/\s*[A-Za-z_][\w]*)*):\s+(.*)$", line)
+    import inspect
+
+    for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
+        m = re.match(r"^([A-Za-z_][\w]*(?:\s*/\s*[A-Za-z_][\w]*)*):\s+(.*)$", line)
         if m:
             current = [n.strip() for n in m.group(1).split("/")]
             for n in current:
                 out[n] = m.group(2).strip()
-        elif current and line.startswith("        ") and line.strip():
+        elif current and line[:1].isspace() and line.strip():
             for n in current:
                 out[n] += " " + line.strip()
         else:
@@ -106,22 +106,28 @@ def _classify(tp) -> tuple[str, bool]:
     return "str", False
 
 
-@lru_cache(maxsize=1)
-def field_specs() -> tuple:
-    """One FieldSpec per AlphaTokenConfig field, in declaration order."""
-    from .. import config as config_module
-    from ..config import AlphaTokenConfig
+def field_specs(cls=None) -> tuple:
+    """One FieldSpec per field of AlphaTokenConfig (or of the dataclass `cls`), in declaration order."""
+    if cls is None:
+        from ..config import AlphaTokenConfig as cls
+    return _field_specs(cls)
 
-    hints = typing.get_type_hints(AlphaTokenConfig)
-    docs = _docs()
+
+@lru_cache(maxsize=8)
+def _field_specs(cls) -> tuple:
+    import sys
+
+    config_module = sys.modules.get(cls.__module__)
+    hints = typing.get_type_hints(cls, vars(config_module) if config_module else None)
+    docs = _docs(cls)
     specs = []
-    for f in dataclasses.fields(AlphaTokenConfig):
+    for f in dataclasses.fields(cls):
         kind, optional = _classify(hints.get(f.name, str))
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         choices = None
         for const in (f.name.upper(), f.name.upper() + "S", f.name.upper() + "ES"):
-            value = getattr(config_module, const, None)
+            value = getattr(config_module, const, None) if config_module else None
             if kind == "str" and isinstance(value, tuple) and all(isinstance(v, str) for v in value):
                 choices = value
                 break
@@ -265,12 +271,12 @@ def _type_for(spec: FieldSpec, flag: str):
 
 
 def add_config_flags(parser: argparse.ArgumentParser, command: str, defaults: Optional[dict] = None,
-                     title: str = "valuation (AlphaTokenConfig; YAML: the alphatoken: mapping)") -> None:
+                     title: str = "valuation (AlphaTokenConfig; YAML: the alphatoken: mapping)", cls=None) -> None:
     """One flag per AlphaTokenConfig field (see the module docstring); `defaults` overrides the defaults stated
-    in --help where the command applies its own (the demo)."""
+    in --help where the command applies its own (the demo). `cls`: another config dataclass (tests)."""
     group = parser.add_argument_group(title)
-    shown = {s.name: s.default for s in field_specs()} | dict(defaults or {})
-    for spec in field_specs():
+    shown = {s.name: s.default for s in field_specs(cls)} | dict(defaults or {})
+    for spec in field_specs(cls):
         if spec.name in SKIP.get(command, set()):
             continue
         flag = spec.flag(command)
@@ -288,10 +294,10 @@ def add_config_flags(parser: argparse.ArgumentParser, command: str, defaults: Op
                                help=help_text)
 
 
-def config_from_args(args) -> dict:
+def config_from_args(args, cls=None) -> dict:
     """The AlphaTokenConfig fields given as flags (absent flags are left out)."""
     out = {}
-    for spec in field_specs():
+    for spec in field_specs(cls):
         value = getattr(args, spec.dest, None)
         if value is not None:
             out[spec.name] = value

@@ -156,7 +156,7 @@ def cmd_score(args) -> int:
     from ..data import (detect_kind, ensure_output_dir, load_model, pad_id_of, read_jsonl, swap_into_place,
                         temp_dir_beside, tokenize_records, write_json, write_jsonl, atomic_output)
     from ..report import render_report  # looked up per call: tests replace alphatoken.report.render_report
-    from ..select import select_local
+    from ..select import protected_tokens, select_local
     from .shared import check_tracked_layers, clean_stale
 
     t0 = time.perf_counter()
@@ -213,12 +213,16 @@ def cmd_score(args) -> int:
     finally:
         valuer.close()
     stacked = _stack(rows)
-    if args.select_within == "dataset":  # one cut over the whole file's values
-        stacked.mask = select_local(stacked.total, stacked.response, cfg)
+    report_rows = response_rows(examples, kind)
+    if args.select_within == "dataset":  # one cut over the whole file's values (always_keep_token_ids kept)
+        labels = torch.full(stacked.total.shape, -100, dtype=torch.long)
+        for i, r in enumerate(report_rows):
+            labels[i, : len(r["labels"])] = torch.tensor(r["labels"], dtype=torch.long)
+        stacked.mask = select_local(stacked.total, stacked.response, cfg,
+                                    protected=protected_tokens(labels, stacked.response, cfg))
         for i, r in enumerate(rows):
             r["mask"] = stacked.mask[i, : r["mask"].numel()].clone()
 
-    report_rows = response_rows(examples, kind)
     records_out = []
     for i, ex in enumerate(examples):
         rec = {"index": ex["index"], "line": ex["line"], "prompt": ex["prompt"]}

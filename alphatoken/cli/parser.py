@@ -12,6 +12,14 @@ DEFAULT_OUT = "alphatoken_out"
 PROG = "alphatoken"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: `alphatoken: error: <what> (see alphatoken <command> --help)`."""
+
+    def error(self, message: str):
+        text = " ".join(message.split())
+        self.exit(2, f"{PROG}: error: {text} (see {self.prog} --help)\n")
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
@@ -37,11 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from ..toy.experiment import DEFAULTS as TOY_DEFAULTS
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG, description="AlphaToken: value every response token on adaptation and stability, and train "
                                "only on the ones worth it.")
     parser.add_argument("--version", action="version", version=f"alphatoken {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,score,train,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,score,train,bench}", parser_class=OneLineParser)
 
     p = sub.add_parser("demo", help="every token vs AlphaToken on the built-in tiny model and data (CPU, minutes)",
                        description="Fine-tune the built-in tiny Llama on its noisy target task twice — with every "

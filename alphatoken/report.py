@@ -10,8 +10,8 @@ disk without a server):
   on it helps, red where it hurts, stronger for larger |value| — in three views toggled by buttons:
   total (the selection score, the view it opens on), adaptation and stability — keys 1/2/3 too, and
   `report.html#stability` opens on that view; hover a token for its numbers;
-* tokens kept whatever their value (their id is in `always_keep_token_ids`, e.g. <eos>) outlined in blue and
-  pinned, with the reason in their tooltip and in the legend;
+* tokens kept whatever their value (their id is in `always_keep_token_ids`, e.g. <eos>) outlined in blue with a
+  blue dot, with the reason in their tooltip and in the legend;
 * dropped tokens struck through and faded; the per-sequence keep ratio beside each sequence;
 * a histogram of the values of the current view (inline SVG), kept and dropped stacked;
 * optional summary, configuration and comparison tables at the top.
@@ -312,7 +312,8 @@ body[data-view=a] .hist.a,body[data-view=s] .hist.s,body[data-view=t] .hist.t{di
 .tok{border-radius:3px;padding:2px 1px;margin-right:1px;background:var(--a)}
 .tok.nz{box-shadow:inset 0 -3px 0 #7c3aed}
 .tok.f{box-shadow:inset 0 0 0 2px #2563eb}.tok.f.nz{box-shadow:inset 0 0 0 2px #2563eb,inset 0 -5px 0 #7c3aed}
-.tok.f::after{content:"\1F4CC";font-size:.55em;vertical-align:super;margin-left:1px}
+.tok.f::after{content:"";display:inline-block;width:5px;height:5px;border-radius:50%;background:#2563eb;
+ vertical-align:super;margin-left:2px}
 body[data-view=s] .tok{background:var(--s)}body[data-view=t] .tok{background:var(--t)}
 .tok.d{text-decoration:line-through;text-decoration-thickness:2px;text-decoration-color:#111827;opacity:.6}
 .tok.nv{background:none;color:#9ca3af}
@@ -335,7 +336,7 @@ def render_report(examples: Sequence[Mapping], token_values, tokenizer, *, title
                   notes: Sequence[str] = (), max_sequences: int = 200, default_view: str = "total",
                   flag_label: str = "flagged", always_keep_token_ids: Sequence[int] = ()) -> str:
     """The report as one HTML string (see the module docstring). It opens on `default_view` (total: the score
-    tokens are chosen by); tokens kept because their id is in `always_keep_token_ids` are outlined and pinned."""
+    tokens are chosen by); tokens kept because their id is in `always_keep_token_ids` are outlined in blue with a dot."""
     seqs = score_sequences(examples, token_values, tokenizer, always_keep_token_ids)
     valued = [t for s in seqs for t in s.tokens if t.valued]
     scales = {key: _scale([getattr(t, field) for t in valued]) for key, field, _ in VIEWS}

@@ -3,7 +3,7 @@ typed from the dataclass, with --help stating the defaults; --validation and --k
 import argparse
 import dataclasses
 import json
-from typing import Optional
+from typing import Literal, Optional
 
 import pytest
 import torch
@@ -110,12 +110,17 @@ def test_a_new_config_field_gets_its_flag_without_code_changes():
         switch_me: bool = True
         ids: tuple = ()
         dtype: Optional[torch.dtype] = None
+        mode: Literal["fast", "exact"] = "fast"
+        cap: Optional[int] = None
 
     p = argparse.ArgumentParser()
     add_config_flags(p, "score", cls=Future)
-    args = p.parse_args(["--new-knob", "0.5", "--no-switch-me", "--ids", "3,4", "--dtype", "torch.float16"])
+    args = p.parse_args(["--new-knob", "0.5", "--no-switch-me", "--ids", "3,4", "--dtype", "torch.float16",
+                         "--mode", "exact", "--cap", "7"])
     assert config_from_args(args, cls=Future) == {"new_knob": 0.5, "switch_me": False, "ids": (3, 4),
-                                                  "dtype": torch.float16}
+                                                  "dtype": torch.float16, "mode": "exact", "cap": 7}
+    with pytest.raises(SystemExit):
+        p.parse_args(["--mode", "slow"])
     helps = {a.dest: a.help for a in p._actions}
     assert helps["cfg_new_knob"] == "a knob added later (default: 0.25)"
     assert helps["cfg_dtype"] == "a dtype, continued here (default: none)"

@@ -18,6 +18,7 @@ typing to YAML values (a YAML string "1e-4" is a float; "false" is not a bool: i
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
 import math
 import re
@@ -91,13 +92,15 @@ def _classify(tp) -> tuple[str, bool]:
         if torch.dtype in non_none:
             return "dtype", optional
         return "str", optional
+    if origin is typing.Literal:
+        return "str", False
     if tp is bool:
         return "bool", False
     if tp is int:
         return "int", False
     if tp is float:
         return "float", False
-    if tp is tuple or origin is tuple or tp is list or origin is list:
+    if tp in (tuple, list) or origin in (tuple, list, collections.abc.Sequence, typing.Sequence):
         return "tuple", False
     if tp is torch.dtype:
         return "dtype", False
@@ -126,9 +129,14 @@ def _field_specs(cls) -> tuple:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         choices = None
+        hint = hints.get(f.name, str)
+        literal = [t for t in (typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,))
+                   if typing.get_origin(t) is typing.Literal]
+        if literal:
+            choices = tuple(typing.get_args(literal[0]))
         for const in (f.name.upper(), f.name.upper() + "S", f.name.upper() + "ES"):
             value = getattr(config_module, const, None) if config_module else None
-            if kind == "str" and isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+            if choices is None and kind == "str" and isinstance(value, tuple) and all(isinstance(v, str) for v in value):
                 choices = value
                 break
         specs.append(FieldSpec(f.name, kind, optional or default is None, default, choices,

@@ -341,3 +341,14 @@ def test_b21_fisher_digest_and_b17_missing_kfac_factor(tmp_path):
               metadata=meta)
     with pytest.raises(ValueError, match=r"g.safetensors: the kfac Fisher of layer 'b' lacks its f_in factor"):
         Fisher.load(str(tmp_path / "g.safetensors"))
+
+
+def test_cleanup_touches_only_our_own_names(tmp_path):
+    from alphatoken.cli.shared import clean_stale
+
+    pid = _dead_pid()
+    ours, theirs, live = tmp_path / f".out.{pid}.a.tmp", tmp_path / f".other.{pid}.b.tmp", tmp_path / f".out.{os.getpid()}.c.tmp"
+    for p in (ours, theirs, live):
+        p.mkdir()
+    assert clean_stale(tmp_path, names=["out"]) == [ours.name]
+    assert not ours.exists() and theirs.exists() and live.exists()

@@ -180,7 +180,7 @@ def cmd_score(args) -> int:
     _finite_positive(args.beta, "--beta")
     device = resolve_device(args.device)
     show = progress_setting(args.quiet)
-    clean_stale(out.parent if str(out.parent) else Path("."))
+    clean_stale(out.parent if str(out.parent) else Path("."), names=[out.name])
 
     model, tokenizer = load_model(args.model, device=device)
     check_tracked_layers(model, cfg)

@@ -236,9 +236,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(folder) -> list[str]:
+def clean_stale(folder, names=None) -> list[str]:
     """Remove what killed runs left in `folder`: temporary files and folders named `.NAME.PID.*.tmp` / `.old` /
-    `.del` whose process is gone. Returns the names removed."""
+    `.del` whose process is gone, for NAME in `names` (each a name or a prefix ending in "*"; None: any).
+    Returns the names removed."""
     import shutil
 
     removed = []
@@ -248,6 +249,9 @@ def clean_stale(folder) -> list[str]:
     for p in root.iterdir():
         m = _TEMP_NAME.match(p.name)
         if not m or _alive(int(m.group(1))):
+            continue
+        if names is not None and not any(
+                p.name.startswith(f".{n[:-1]}") if n.endswith("*") else p.name.startswith(f".{n}.") for n in names):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

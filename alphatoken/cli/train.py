@@ -185,9 +185,9 @@ def _clean_run_folder(out: Path) -> None:
 
     from .shared import clean_stale
 
-    clean_stale(out)
+    clean_stale(out, names=["final", "metrics.json", "fisher.safetensors", "checkpoints"])
     root = out / "checkpoints"
-    clean_stale(root)
+    clean_stale(root, names=["step-*"])
     complete = {p for _, p in _checkpoints(out)}
     if root.is_dir():
         for p in root.iterdir():

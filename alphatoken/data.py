@@ -126,9 +126,6 @@ def check_record(rec: Record, kind: str) -> None:
 # ------------------------------------------------------------------------------------------------ tokenizing
 
 
-_REPORTED_UNKNOWN: dict = {}  # id(tokenizer) -> characters already reported as unknown
-
-
 def _warn_unknown(tokenizer, text: str, ids: list[int], where: str) -> None:
     """Warn once per character that the tokenizer maps to its unknown token, naming the characters."""
     unk = getattr(tokenizer, "unk_token_id", None)
@@ -142,7 +139,10 @@ def _warn_unknown(tokenizer, text: str, ids: list[int], where: str) -> None:
                 chars.append(text[a:b])
     except Exception:  # a slow tokenizer without offsets: name what we can
         chars = []
-    seen = _REPORTED_UNKNOWN.setdefault(id(tokenizer), set())
+    try:  # kept on the tokenizer itself: once per character and tokenizer
+        seen = tokenizer.__dict__.setdefault("_alphatoken_reported_unknown", set())
+    except AttributeError:  # no instance dict
+        seen = set()
     new = [c for c in chars if c not in seen] if chars else ([] if "?" in seen else ["?"])
     if not new:
         return

@@ -211,3 +211,12 @@ def test_yaml_types_are_checked(capsys, tmp_path, model_dir):
     code, _, err = run_cli(capsys, "train", "--config", cfg, "--model", model_dir, "--out", tmp_path / "r")
     assert code == 2 and "normalize 'false'" in err and "true or false" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_unknown_characters_are_a_one_line_warning(capsys, tmp_path, model_dir):
+    data = _jsonl(tmp_path / "d.jsonl", SFT_LINES + [{"prompt": "S:4~2>", "response": "24"}])
+    code, _, err = run_cli(capsys, "score", data, "--model", model_dir, "--out", tmp_path / "o", "--fisher", "none")
+    assert code == 0, err
+    warned = [l for l in err.splitlines() if "warning" in l]
+    assert warned == [f"alphatoken: warning: {data}:5: the tokenizer maps '~' to its unknown token '<unk>'; those "
+                      "tokens are valued and trained as unknown (further occurrences are not reported)"]

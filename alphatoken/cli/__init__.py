@@ -67,10 +67,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "quiet", False):
         set_progress(False)
     debug = os.environ.get("ALPHATOKEN_DEBUG", "") not in ("", "0")
+    import warnings
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"{PROG}: warning: {_one_line(message if isinstance(message, Warning) else Warning(message))}",
+              file=sys.stderr)
+
     try:
-        if args.command != "bench":
-            _quiet_transformers()
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = one_line_warning
+            if args.command != "bench":
+                _quiet_transformers()
+            return int(args.func(args) or 0)
     except UserError as err:
         if debug:
             raise

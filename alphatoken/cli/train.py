@@ -416,6 +416,7 @@ def cmd_train(args) -> int:
                 raise UserError(f"--resume: the run is complete at step {start_step} (final model in "
                                 f"{out / 'final'}); raise --steps to train further")
             finishing = True  # died after its last checkpoint, before final/: write final/ from it
+            s["steps"] = start_step
     cfg = valuation_config(s["alphatoken"])
     show = progress_setting(args.quiet)
     out.mkdir(parents=True, exist_ok=True)

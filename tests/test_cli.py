@@ -8,14 +8,11 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from alphatoken.cli import main
-
-from cli_helpers import DPO_LINES, SFT_LINES, _jsonl, make_model_dir, run_cli  # noqa: F401
+from cli_helpers import DPO_LINES, SFT_LINES, _jsonl, make_model_dir, run_cli
 
 
 @pytest.fixture(scope="module")

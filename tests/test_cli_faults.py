@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 
-from alphatoken.errors import UserError
 from cli_helpers import SFT_LINES, _jsonl, make_model_dir, run_cli
 
 

@@ -20,16 +20,24 @@ def model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("tiny_model"))
 
 
+def _accepted(spec, value) -> bool:
+    try:
+        AlphaTokenConfig(**{spec.name: value})
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
 def _other_value(spec):
-    """A valid value different from the field's default, and how to write it on the command line."""
+    """A valid value different from the field's default, and how to write it on the command line (the first
+    candidate the config accepts, so fields with ranges added later work too)."""
     if spec.kind == "bool":
         return (not spec.default), None
-    if spec.name == "keep_ratio":
-        return 0.5, "0.5"
-    if spec.kind == "float":
-        return spec.default + 0.5, str(spec.default + 0.5)
-    if spec.kind == "int":
-        return spec.default + 1, str(spec.default + 1)
+    if spec.kind in ("float", "int"):
+        d = spec.default if spec.default is not None else 0
+        cands = ([d + 0.5, d * 0.5, 0.5, 0.25, 2.0] if spec.kind == "float" else [d + 1, d - 1, 2, 1, 0])
+        value = next(v for v in cands if v != spec.default and _accepted(spec, v))
+        return value, str(value)
     if spec.name == "target":
         return "none", "none"
     if spec.choices:

@@ -69,6 +69,11 @@ def read_jsonl(path) -> list[Record]:
                         f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno}); "
                         "each line must be one JSON object"
                     ) from None
+                except RecursionError:
+                    raise UserError(
+                        f"{path}:{lineno}: JSON nested too deeply to read; each line must be one flat JSON object "
+                        'like {"prompt": ..., "response": ...}'
+                    ) from None
                 if not isinstance(obj, dict):
                     raise UserError(
                         f"{path}:{lineno}: expected a JSON object like "
@@ -121,18 +126,49 @@ def check_record(rec: Record, kind: str) -> None:
 # ------------------------------------------------------------------------------------------------ tokenizing
 
 
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
+def _warn_unknown(tokenizer, text: str, ids: list[int], where: str) -> None:
+    """Warn once per character that the tokenizer maps to its unknown token, naming the characters."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or int(unk) not in ids:
+        return
+    chars: list = []
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if int(i) == int(unk) and text[a:b] not in chars:
+                chars.append(text[a:b])
+    except Exception:  # a slow tokenizer without offsets: name what we can
+        chars = []
+    try:  # kept on the tokenizer itself: once per character and tokenizer
+        seen = tokenizer.__dict__.setdefault("_alphatoken_reported_unknown", set())
+    except AttributeError:  # no instance dict
+        seen = set()
+    new = [c for c in chars if c not in seen] if chars else ([] if "?" in seen else ["?"])
+    if not new:
+        return
+    seen.update(new)
+    import warnings
+
+    shown = ", ".join(repr(c) for c in new) if chars else "some characters"
+    warnings.warn(f"{where + ': ' if where else ''}the tokenizer maps {shown} to its unknown token "
+                  f"{getattr(tokenizer, 'unk_token', '<unk>')!r}; those tokens are valued and trained as "
+                  "unknown (further occurrences are not reported)", UserWarning, stacklevel=3)
+
+
+def _ids(tokenizer, text: str, special: bool, where: str = "") -> list[int]:
     out = tokenizer(text, add_special_tokens=special)
     ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
-    return [int(i) for i in ids]
+    ids = [int(i) for i in ids]
+    _warn_unknown(tokenizer, text, ids, where)
+    return ids
 
 
 def tokenize_pair(tokenizer, prompt: str, response: str, *, where: str = "", field_name: str = "response",
                   max_length: Optional[int] = None, add_eos: bool = True) -> dict:
     """input_ids and labels (-100 outside the response) for one prompt/response; UserError if nothing to value."""
     prefix = f"{where}: " if where else ""
-    prompt_ids = _ids(tokenizer, prompt, special=True)
-    response_ids = _ids(tokenizer, response, special=False)
+    prompt_ids = _ids(tokenizer, prompt, special=True, where=where)
+    response_ids = _ids(tokenizer, response, special=False, where=where)
     if not response_ids:
         raise UserError(
             f"{prefix}{field_name} {response!r} tokenizes to nothing; give every {field_name} some text"
@@ -347,7 +383,7 @@ def atomic_output(path, mode: str = "w", encoding: Optional[str] = "utf-8") -> I
     parent = target.parent if str(target.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(parent))
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=str(parent))
     except OSError as err:
         raise UserError(f"{path}: cannot write output there ({err.strerror or err}); pass a writable --out") from None
     try:
@@ -363,28 +399,62 @@ def atomic_output(path, mode: str = "w", encoding: Optional[str] = "utf-8") -> I
         raise
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
+def temp_dir_beside(target: Path, suffix: str = ".tmp") -> Path:
+    """A new empty folder `.NAME.PID.XXXX.tmp` beside `target` (the PID lets a later run remove it once this
+    process is gone: see `alphatoken.cli.shared.clean_stale`)."""
+    parent = target.parent if str(target.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=suffix, dir=str(parent)))
+
+
+def swap_into_place(tmp: Path, target: Path) -> None:
+    """Make folder `tmp` become `target` in one step, replacing an old `target` whole (atomically where the
+    system can exchange two paths; else rename the old one aside, rename, delete)."""
+    import shutil
+
+    os.chmod(tmp, 0o777 & ~_umask())
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    if _exchange(tmp, target):  # tmp now holds the old folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = temp_dir_beside(target, suffix=".old")
+    os.replace(target, old / "x")
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path) -> Iterator[Path]:
     """A temporary folder beside `path` to fill; it becomes `path` (replacing an old one) only if the block completes."""
     import shutil
 
     target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(parent)))
+        tmp = temp_dir_beside(target)
     except OSError as err:
         raise UserError(f"{path}: cannot write output there ({err.strerror or err}); pass a writable --out") from None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=str(parent)))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

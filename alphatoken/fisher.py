@@ -94,6 +94,8 @@ class Fisher:
         return Fisher(self.kind, tensors, self.meta)
 
     def save(self, path: str) -> None:
+        """Write the Fisher with safetensors; the metadata holds the sha256 of the tensors (`tensor_digest`),
+        which `load` checks."""
         from safetensors.torch import save_file
 
         flat = {}
@@ -103,28 +105,70 @@ class Fisher:
             else:
                 flat[f"{name}::f_out"] = value[0].detach().contiguous().cpu()
                 flat[f"{name}::f_in"] = value[1].detach().contiguous().cpu()
-        meta = {"format": FORMAT, "kind": self.kind, "meta": json.dumps(self.meta)}
+        meta = {"format": FORMAT, "kind": self.kind, "meta": json.dumps(self.meta), "sha256": tensor_digest(flat)}
         save_file(flat, path, metadata=meta)
 
     @classmethod
     def load(cls, path: str, device: Union[str, torch.device] = "cpu") -> "Fisher":
+        """Read a Fisher written by `save`. ValueError naming the file when it is not one, is damaged (its
+        tensors' sha256 differs from the one saved with them) or lacks a kfac factor."""
         from safetensors import safe_open
 
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not an AlphaToken Fisher file (format={meta.get('format')!r})")
-            kind = meta["kind"]
-            raw = {key: f.get_tensor(key) for key in f.keys()}
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"{path} is not an AlphaToken Fisher file (format={meta.get('format')!r})")
+                kind = meta.get("kind")
+                raw = {key: f.get_tensor(key) for key in f.keys()}
+        except ValueError:
+            raise
+        except OSError:
+            raise
+        except Exception as err:  # safetensors' errors for a damaged header or a truncated file
+            raise ValueError(f"{path}: damaged Fisher file ({type(err).__name__}: {err})") from None
+        if kind not in KINDS:
+            raise ValueError(f"{path}: damaged Fisher file (kind {kind!r} is not one of {KINDS})")
+        digest = meta.get("sha256")
+        if digest is not None and tensor_digest(raw) != digest:
+            raise ValueError(f"{path}: damaged Fisher file (the sha256 of its tensors differs from the one saved "
+                             "with them); estimate the Fisher again")
+        try:
+            extra = json.loads(meta.get("meta", "{}"))
+        except ValueError as err:
+            raise ValueError(f"{path}: damaged Fisher file (its metadata is not JSON: {err})") from None
         if kind == "diag":
             tensors = raw
         else:
             names = sorted({key.rsplit("::", 1)[0] for key in raw})
-            tensors = {n: (raw[f"{n}::f_out"], raw[f"{n}::f_in"]) for n in names}
-        return cls(kind, tensors, json.loads(meta.get("meta", "{}")))
+            tensors = {}
+            for n in names:
+                missing = [part for part in ("f_out", "f_in") if f"{n}::{part}" not in raw]
+                if missing:
+                    raise ValueError(f"{path}: the kfac Fisher of layer {n!r} lacks its {' and '.join(missing)} "
+                                     "factor; estimate the Fisher again")
+                tensors[n] = (raw[f"{n}::f_out"], raw[f"{n}::f_in"])
+        try:
+            fisher = cls(kind, tensors, extra)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        return fisher.to(device=device) if str(device) != "cpu" else fisher
 
     def __repr__(self) -> str:
         return f"Fisher(kind={self.kind!r}, layers={len(self.tensors)})"
+
+
+def tensor_digest(tensors: dict) -> str:
+    """sha256 over the named tensors (name, dtype, shape and bytes, in name order): what `Fisher.save` stores
+    and `Fisher.load` checks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _layer_rows(layer: TrackedLayer, head_rows: torch.Tensor, body_rows: torch.Tensor) -> torch.Tensor:

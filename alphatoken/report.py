@@ -8,8 +8,10 @@ disk without a server):
 
 * every response rendered token by token, each token's background coloured by its value — green where a step
   on it helps, red where it hurts, stronger for larger |value| — in three views toggled by buttons:
-  adaptation, stability and total (the selection score) — keys 1/2/3 too, and `report.html#stability` opens
-  on that view; hover a token for its numbers;
+  total (the selection score, the view it opens on), adaptation and stability — keys 1/2/3 too, and
+  `report.html#stability` opens on that view; hover a token for its numbers;
+* tokens kept whatever their value (their id is in `always_keep_token_ids`, e.g. <eos>) outlined in blue with a
+  blue dot, with the reason in their tooltip and in the legend;
 * dropped tokens struck through and faded; the per-sequence keep ratio beside each sequence;
 * a histogram of the values of the current view (inline SVG), kept and dropped stacked;
 * optional summary, configuration and comparison tables at the top.
@@ -43,6 +45,8 @@ class ScoredToken:
     stability: float = 0.0
     total: float = 0.0
     flagged: bool = False  # marked by the caller (e.g. the toy data's known-noise tokens)
+    forced: bool = False  # kept whatever its value: its id is in always_keep_token_ids (e.g. <eos>)
+    token_id: int = -1
 
 
 @dataclass
@@ -96,8 +100,11 @@ def _token_text(tokenizer, token_id: int) -> str:
         return tokenizer.decode([token_id])
 
 
-def score_sequences(examples: Sequence[Mapping], token_values, tokenizer) -> list[ScoredSequence]:
-    """Align each example's tokens with its row of values; the prompt decoded, the response token by token."""
+def score_sequences(examples: Sequence[Mapping], token_values, tokenizer,
+                    always_keep_token_ids: Sequence[int] = ()) -> list[ScoredSequence]:
+    """Align each example's tokens with its row of values; the prompt decoded, the response token by token.
+    Valued tokens whose id is in `always_keep_token_ids` are marked `forced` (kept whatever their value)."""
+    forced_ids = {int(i) for i in always_keep_token_ids}
     rows = _rows(token_values)
     if len(rows) != len(examples):
         raise ValueError(f"{len(examples)} examples but {len(rows)} rows of token values; pass one row per example")
@@ -117,10 +124,12 @@ def score_sequences(examples: Sequence[Mapping], token_values, tokenizer) -> lis
         tokens = []
         for i in range(start, stop):
             j = offset + i
+            kept = bool(row["mask"][j])
             tokens.append(ScoredToken(
-                text=_token_text(tokenizer, ids[i]), valued=resp[i], kept=bool(row["mask"][j]),
+                text=_token_text(tokenizer, ids[i]), valued=resp[i], kept=kept,
                 adaptation=float(row["adaptation"][j]), stability=float(row["stability"][j]),
                 total=float(row["total"][j]), flagged=bool(flags[i]) if flags and i < len(flags) else False,
+                forced=resp[i] and kept and ids[i] in forced_ids, token_id=ids[i],
             ))
         prompt = ex.get("prompt")
         if prompt is None:
@@ -262,9 +271,12 @@ def _token_html(tok: ScoredToken, scales: Mapping[str, float]) -> str:
         f"--{key}:{_colour(getattr(tok, field), scales[key])}" for key, field, _ in VIEWS
     )
     state = "kept" if tok.kept else "dropped"
+    if tok.forced:
+        state = (f"force-kept: id {tok.token_id} is in always_keep_token_ids, so it is kept whatever its value "
+                 "(and counts towards the keep budget)")
     tip = (f"{text!r}  {state}\nadaptation {_fmt(tok.adaptation)}\nstability  {_fmt(tok.stability)}\n"
            f"total      {_fmt(tok.total)}")
-    cls = ("tok k" if tok.kept else "tok d") + (" nz" if tok.flagged else "")
+    cls = ("tok k" if tok.kept else "tok d") + (" nz" if tok.flagged else "") + (" f" if tok.forced else "")
     if tok.flagged:
         tip += "\nflagged"
     return f'<span class="{cls}" style="{style}" title="{html.escape(tip)}">{shown}</span>'
@@ -299,11 +311,14 @@ body[data-view=a] .hist.a,body[data-view=s] .hist.s,body[data-view=t] .hist.t{di
  line-height:2;word-break:break-word}
 .tok{border-radius:3px;padding:2px 1px;margin-right:1px;background:var(--a)}
 .tok.nz{box-shadow:inset 0 -3px 0 #7c3aed}
+.tok.f{box-shadow:inset 0 0 0 2px #2563eb}.tok.f.nz{box-shadow:inset 0 0 0 2px #2563eb,inset 0 -5px 0 #7c3aed}
+.tok.f::after{content:"";display:inline-block;width:5px;height:5px;border-radius:50%;background:#2563eb;
+ vertical-align:super;margin-left:2px}
 body[data-view=s] .tok{background:var(--s)}body[data-view=t] .tok{background:var(--t)}
 .tok.d{text-decoration:line-through;text-decoration-thickness:2px;text-decoration-color:#111827;opacity:.6}
 .tok.nv{background:none;color:#9ca3af}
 .tok:hover{outline:1px solid #111827}
-.note{color:#6b7280;font-size:.85rem}
+.note{color:#6b7280;font-size:.85rem}.why{color:#6b7280}
 .tops{display:flex;gap:28px;flex-wrap:wrap;align-items:flex-start}
 details{font-size:.88rem;margin:.2rem 0 .6rem}summary{cursor:pointer;font-weight:600}
 """
@@ -318,10 +333,11 @@ document.addEventListener('keydown',function(e){var m={'1':'a','2':'s','3':'t'};
 
 def render_report(examples: Sequence[Mapping], token_values, tokenizer, *, title: str = "AlphaToken report",
                   summary: Optional[Mapping] = None, config: Optional[Mapping] = None, comparison: Any = None,
-                  notes: Sequence[str] = (), max_sequences: int = 200, default_view: str = "adaptation",
-                  flag_label: str = "flagged") -> str:
-    """The report as one HTML string (see the module docstring)."""
-    seqs = score_sequences(examples, token_values, tokenizer)
+                  notes: Sequence[str] = (), max_sequences: int = 200, default_view: str = "total",
+                  flag_label: str = "flagged", always_keep_token_ids: Sequence[int] = ()) -> str:
+    """The report as one HTML string (see the module docstring). It opens on `default_view` (total: the score
+    tokens are chosen by); tokens kept because their id is in `always_keep_token_ids` are outlined in blue with a dot."""
+    seqs = score_sequences(examples, token_values, tokenizer, always_keep_token_ids)
     valued = [t for s in seqs for t in s.tokens if t.valued]
     scales = {key: _scale([getattr(t, field) for t in valued]) for key, field, _ in VIEWS}
     n_kept = sum(t.kept for t in valued)
@@ -335,6 +351,10 @@ def render_report(examples: Sequence[Mapping], token_values, tokenizer, *, title
         "kept": f"{n_kept} ({n_kept / len(valued):.1%})" if valued else "0",
         "dropped": len(valued) - n_kept,
     }
+    n_forced = sum(t.forced for t in valued)
+    if always_keep_token_ids:
+        names = ", ".join(sorted({t.text or str(t.token_id) for t in valued if t.forced})) or "none present"
+        head["force-kept"] = f"{n_forced} ({names}: always_keep_token_ids)"
     head.update(dict(summary or {}))
     buttons = "".join(
         f'<button data-v="{key}" onclick="setView(\'{key}\')" class="{"on" if key == view else ""}" '
@@ -351,6 +371,10 @@ def render_report(examples: Sequence[Mapping], token_values, tokenizer, *, title
         f'<span style="text-decoration:line-through;text-decoration-thickness:2px">dropped</span> '
         + (f'<span class="tok nz" style="background:none">{html.escape(flag_label)}</span> '
            if any(t.flagged for t in valued) else "")
+        + ('<span class="tok k f" style="background:none" title="kept whatever its value: its token id is in '
+           'always_keep_token_ids (e.g. &lt;eos&gt;, so the model still learns to stop)">force-kept</span> '
+           '<span class="why">(always_keep_token_ids: kept whatever the value)</span> '
+           if n_forced else "")
         + f"{scale_txt}</span>"
     )
     hists = "".join(

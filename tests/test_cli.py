@@ -8,57 +8,21 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from alphatoken.cli import main
-
-SFT_LINES = [
-    {"prompt": "S:3141>", "response": "1134"},
-    {"prompt": "S:271828>", "response": "sure,122788"},
-    {"prompt": "C:abc>", "response": "abc"},
-    {"prompt": "R:xyz>", "response": "zyx"},
-]
-DPO_LINES = [
-    {"prompt": "S:3141>", "chosen": "1134", "rejected": "sure,1143"},
-    {"prompt": "S:2718>", "chosen": "1278", "rejected": "1287"},
-    {"prompt": "S:90>", "chosen": "09", "rejected": "90"},
-]
-
-
-def _jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+from cli_helpers import DPO_LINES, SFT_LINES, _jsonl, make_model_dir, run_cli
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from alphatoken.toy import build_tokenizer
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    path = tmp_path_factory.mktemp("tiny_model")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return make_model_dir(tmp_path_factory.mktemp("tiny_model"))
 
 
 @pytest.fixture
 def data(tmp_path):
     return _jsonl(tmp_path / "sft.jsonl", SFT_LINES), _jsonl(tmp_path / "dpo.jsonl", DPO_LINES)
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ----------------------------------------------------------------------------------------------------- score

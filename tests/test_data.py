@@ -137,3 +137,35 @@ def test_model_dir_errors(tmp_path):
         load_model(str(tmp_path / "missing"))
     with pytest.raises(UserError, match="no config.json"):
         load_model(str(tmp_path))
+
+
+def test_toy_tokenizer_warns_once_naming_unknown_characters(tmp_path):
+    import warnings
+
+    tok = build_tokenizer()  # a fresh tokenizer: nothing reported yet
+    with pytest.warns(UserWarning, match=r"no token for 'é', '!': mapped to <unk>"):
+        ids = tok("S:1é>!")["input_ids"]
+    assert ids.count(tok.unk_token_id) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same characters again: silent; known ones: silent
+        tok("é!é"), tok("S:12>")
+    with pytest.warns(UserWarning, match=r"no token for 'ü'"):
+        tok(["ab", "üa"])
+
+
+def test_unknown_characters_named_with_file_and_line_for_any_tokenizer(tmp_path):
+    """Through the CLI's reader a tokenizer loaded from disk (no toy subclass) still names the characters."""
+    from transformers import AutoTokenizer
+
+    build_tokenizer().save_pretrained(tmp_path / "tok")
+    plain = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    p = _write(tmp_path, ['{"prompt": "S:1>", "response": "1"}', '{"prompt": "S:2>", "response": "2~"}'])
+    with pytest.warns(UserWarning, match=r"d.jsonl:2: the tokenizer maps '~' to its unknown token"):
+        tokenize_records(read_jsonl(p), plain)
+
+
+def test_read_deeply_nested_json_is_a_user_error(tmp_path):
+    p = tmp_path / "deep.jsonl"
+    p.write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "response": "b"}\n')
+    with pytest.raises(UserError, match=r"deep.jsonl:1: JSON nested too deeply"):
+        read_jsonl(p)

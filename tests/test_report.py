@@ -10,7 +10,7 @@ import torch
 from alphatoken.config import AlphaTokenConfig
 from alphatoken.data import collate, tokenize_pair
 from alphatoken.report import render_report, score_sequences, write_report
-from alphatoken.select import select_local
+from alphatoken.select import protected_tokens, select_local
 from alphatoken.toy import build_tokenizer
 from alphatoken.values import TokenValues
 
@@ -20,7 +20,7 @@ def tok():
     return build_tokenizer()
 
 
-def _scored(tok, n=5, seed=0, left_pad=False):
+def _scored(tok, n=5, seed=0, left_pad=False, keep_eos=False):
     g = torch.Generator().manual_seed(seed)
     exs = []
     for i in range(n):
@@ -36,7 +36,8 @@ def _scored(tok, n=5, seed=0, left_pad=False):
     a = torch.randn(resp.shape, generator=g) * resp
     s = -torch.rand(resp.shape, generator=g) * resp
     t = a + s
-    mask = select_local(t, resp, AlphaTokenConfig(keep_ratio=0.5))
+    cfg = AlphaTokenConfig(keep_ratio=0.5, always_keep_token_ids=(tok.eos_token_id,) if keep_eos else ())
+    mask = select_local(t, resp, cfg, protected=protected_tokens(b["labels"], resp, cfg))
     tv = TokenValues(a, s, t, torch.zeros_like(t), t, mask, resp)
     if left_pad:  # the same values, shifted as a left-padded batch would hold them
         shifted = {}
@@ -86,10 +87,30 @@ def test_report_content(tok, tmp_path):
     assert text.count('class="tok k') == int((tv.response & tv.mask).sum())
     assert "line-through" in text
     assert text.count("<svg") == 3  # one histogram per view
+    assert 'data-view="t"' in text and 'class="on" title="key 3">Total' in text  # opens on Total: what selects
+    assert 'class="tok k f' not in text and "force-kept" not in text  # nothing forced without the ids
     assert re.search(r"keep \d+/\d+ = \d+%", text)
     path = write_report(tmp_path / "r.html", exs, tv, tok)
     assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert os.listdir(tmp_path) == ["r.html"]
+
+
+def test_force_kept_tokens_are_marked_with_the_reason(tok):
+    """Tokens kept because their id is in always_keep_token_ids (<eos>) are marked, with why, in a tooltip and
+    the legend; a dropped <eos> under no such setting is not."""
+    exs, tv = _scored(tok, n=6, keep_eos=True)
+    eos = tok.eos_token_id
+    n_eos = sum(int(((torch.tensor(ex["input_ids"]) == eos)).sum()) for ex in exs)
+    assert n_eos == len(exs)
+    text = render_report(exs, tv, tok, always_keep_token_ids=(eos,))
+    marked = re.findall(r'<span class="tok k f" style="--[^"]*" title="([^"]*)">([^<]*)</span>', text)
+    assert len(marked) == n_eos and all(shown == "&lt;eos&gt;" for _, shown in marked)
+    assert all("force-kept: id 2 is in always_keep_token_ids" in tip for tip, _ in marked)
+    assert "force-kept" in text.split('<div class="bar">')[1].split("</div>")[0]  # in the legend
+    assert f"{n_eos} (&lt;eos&gt;: always_keep_token_ids)" in text  # and in the summary
+    seqs = score_sequences(exs, tv, tok, always_keep_token_ids=(eos,))
+    assert sum(t.forced for s in seqs for t in s.tokens) == n_eos
+    assert all(t.kept for s in seqs for t in s.tokens if t.forced)
 
 
 def _chromium():
@@ -108,9 +129,12 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 @pytest.mark.skipif(_chromium() is None, reason="no Chromium here (Debian: apt-get install chromium)")
 def test_report_renders_in_headless_chromium(tok, tmp_path):
     """Open the report from disk in headless Chromium: a screenshot with the token colours, and the view toggle."""
-    exs, tv = _scored(tok, n=6)
-    report = write_report(tmp_path / "report.html", exs, tv, tok, summary={"model": "toy"})
+    exs, tv = _scored(tok, n=6, keep_eos=True)
+    report = write_report(tmp_path / "report.html", exs, tv, tok, summary={"model": "toy"},
+                          always_keep_token_ids=(tok.eos_token_id,))
     shot = tmp_path / "shot.png"
+    if os.environ.get("ALPHATOKEN_KEEP_SCREENSHOT"):
+        shot = __import__("pathlib").Path(os.environ["ALPHATOKEN_KEEP_SCREENSHOT"])
     base = [_chromium(), *CHROMIUM_FLAGS]
     run = subprocess.run(base + [f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,900",
                                  f"--screenshot={shot}", report.as_uri()],
@@ -122,7 +146,12 @@ def test_report_renders_in_headless_chromium(tok, tmp_path):
     greens = sum(c for c, (r, g, b) in colours if g > r + 40 and g > b + 20)
     reds = sum(c for c, (r, g, b) in colours if r > g + 60 and r > b + 60)
     assert greens > 500 and reds > 500, "token colours / histogram bars did not render"
+    blues = sum(c for c, (r, g, b) in colours if b > 200 and r < 80 and 70 < g < 130)
+    assert blues > 100, "the force-kept outline (#2563eb) did not render"
     # the view toggle runs from the file, without a server: #stability switches the view on load
     dom = subprocess.run(base + [f"--user-data-dir={tmp_path / 'profile2'}", "--dump-dom",
                                  report.as_uri() + "#stability"], capture_output=True, text=True, timeout=120)
     assert 'data-view="s"' in dom.stdout, dom.stderr[-2000:]
+    dom = subprocess.run(base + [f"--user-data-dir={tmp_path / 'profile3'}", "--dump-dom", report.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert 'data-view="t"' in dom.stdout, dom.stderr[-2000:]  # without a hash: Total

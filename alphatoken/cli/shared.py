@@ -209,6 +209,11 @@ def model_folder(spec: str) -> Optional[Path]:
 
         return Path(os.environ.get("ALPHATOKEN_TOY_MODEL_DIR") or BUILTIN_DIR)
     p = Path(spec)
+    if not p.exists() and spec.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
+        from ..pretrained import cache_dir
+
+        cached = cache_dir(spec)
+        return cached if cached.is_dir() else None
     return p if p.is_dir() else None
 
 

@@ -52,7 +52,7 @@ def _grad_clip(text: str):
 
 # (key, type, help) of the train flags that mirror a YAML key
 TRAIN_FLAGS = [
-    ("model", str, "local Hugging Face model folder or 'builtin'"),
+    ("model", str, "local Hugging Face model folder, 'builtin' or 'smollm2'"),
     ("data", str, "JSONL training data"),
     ("out", str, "run folder"),
     ("steps", int, "optimizer steps"),

@@ -13,7 +13,8 @@ DPO (preference pairs; DESIGN §4: log-ratios summed over the kept tokens only, 
     pairs = DPOTrainer(model, ref_model=ref, args=cfg, train_dataset=text_pairs, processing_class=tok).train_dataset
     scored = score_dataset(model, pairs, at.AlphaTokenConfig(keep_ratio=0.6), ref_model=ref, beta=0.1)
     scored.save_to_disk("data/scored_pairs")
-    DPOTrainer(model, ref_model=ref, args=DPOConfig(..., remove_unused_columns=False), train_dataset=apply_masks(scored),
+    args = DPOConfig(..., remove_unused_columns=False)  # the mask columns must reach the collator
+    DPOTrainer(model, ref_model=ref, args=args, train_dataset=apply_masks(scored),
                data_collator=PreferenceMaskCollator(DataCollatorForPreference(pad_token_id=tok.pad_token_id)),
                processing_class=tok).train()
 
@@ -32,9 +33,9 @@ Inputs (a `datasets.Dataset` or a list of dicts, one example per row, unpadded):
     completion): `chosen_alphatoken_keep`, `chosen_alphatoken_total`, … and the same for `rejected_` (the column
     names `alphatoken score` writes, so its values.jsonl goes through `apply_masks` too).
 
-Pair values are the DPO loss's own credits (`alphatoken.dpo.dpo_token_weights`), per pair — β σ(−β h_b) on the chosen
-tokens, −β σ(−β h_b) on the rejected — with reference log-probs from `ref_model` (default: the model itself at θ₀,
-TRL's usual reference, where every log-ratio is 0).
+Pair values are the DPO loss's own credits (`alphatoken.dpo.dpo_token_weights`), per pair — β σ(−β h_b) on the
+chosen tokens, −β σ(−β h_b) on the rejected — with reference log-probs from `ref_model` (default: the model itself
+at θ₀, TRL's usual reference, where every log-ratio is 0).
 
 Selection: `scope="dataset"` (default) ranks over the whole dataset (all chosen and rejected rows together for pairs)
 — the top `keep_ratio` of all its response tokens for selection="batch", the top of each sequence for "sequence",

@@ -17,7 +17,8 @@ from integration_helpers import collate, sft_examples, tiny_llama
 from test_integration_trainer import _args, _hand_grads, _original_labels, _recording, _Recorder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-liger = pytest.importorskip("liger_kernel.transformers", reason="liger-kernel is not installed (pip install -e '.[liger]')")
+liger = pytest.importorskip("liger_kernel.transformers",
+                            reason="liger-kernel is not installed (pip install -e '.[liger]')")
 
 
 def _check_ahead_with_liger(tmp_path, model, device: str, rtol: float, atol: float):

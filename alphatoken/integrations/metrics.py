@@ -66,13 +66,13 @@ def dpo_metrics(logits: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor, 
         "logits/chosen": mean_c / n_c if n_c else 0.0,
         "logits/rejected": mean_r / n_r if n_r else 0.0,
     }
-    metrics.update(_reward_metrics(out, beta, ""))
+    metrics.update(reward_metrics(out, beta, ""))
     if all_tokens is not None:
-        metrics.update(_reward_metrics(all_tokens, beta, "alphatoken/all_tokens/"))
+        metrics.update(reward_metrics(all_tokens, beta, "alphatoken/all_tokens/"))
     return metrics
 
 
-def _reward_metrics(out, beta: float, prefix: str) -> dict:
+def reward_metrics(out, beta: float, prefix: str) -> dict:
     """rewards/* and logps/* as TRL computes them (β · log-ratio sums, means over the pairs of all ranks)."""
     chosen = beta * out.chosen_logratios.detach().double()
     rejected = beta * out.rejected_logratios.detach().double()

@@ -1,4 +1,4 @@
-"""TRL integrations (optional extra: `pip install -e ".[trl]"` in the checkout): AlphaTokenSFTTrainer and AlphaTokenDPOTrainer.
+"""TRL integrations: AlphaTokenSFTTrainer and AlphaTokenDPOTrainer (extra: `pip install -e ".[trl]"` in the checkout).
 
     from alphatoken.integrations import AlphaTokenSFTTrainer, AlphaTokenDPOTrainer
     AlphaTokenSFTTrainer(model=model, args=SFTConfig(...), train_dataset=ds, alphatoken=cfg, fisher=fisher).train()
@@ -34,7 +34,7 @@ from .trainer import _token_stats, _unwrap, forward_through, with_alphatoken
 try:
     import trl  # noqa: F401
 except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError("the TRL integrations need TRL: pip install -e \".[trl]\" (from the AlphaToken checkout)") from err
+    raise ImportError('the TRL integrations need TRL: pip install -e ".[trl]" in the AlphaToken checkout') from err
 
 from trl import DPOTrainer, SFTTrainer
 
@@ -169,9 +169,9 @@ class AlphaTokenDPOTrainer(DPOTrainer):
         if logits is not None:
             metrics = dpo_metrics(logits, tv.mask, labels.to(logits.device), out, self.beta, all_tokens=everything)
         else:  # a valuer that keeps no logits: the reward figures only
-            from .metrics import _reward_metrics
+            from .metrics import reward_metrics
 
-            metrics = _reward_metrics(out, self.beta, "")
+            metrics = reward_metrics(out, self.beta, "")
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
         if mode == "train" and "attention_mask" in inputs:

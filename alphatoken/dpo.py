@@ -20,6 +20,8 @@ loss's gradient, so adaptation and stability are those of the DPO step itself.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from .losses import IGNORE_INDEX, response_mask, token_logprobs
 
 __all__ = [
+    "check_beta",
     "check_pairs",
     "completion_labels",
     "dpo_token_weights",
@@ -38,6 +41,21 @@ __all__ = [
     "DPOOutput",
     "token_logprobs",
 ]
+
+
+def check_beta(beta, where: str = "beta") -> float:
+    """`beta` as a float, or ValueError: DPO's β must be a finite number > 0.
+
+    β ≤ 0 flips or flattens the preference (−log σ(β h) then rewards the rejected response, or is constant), NaN
+    makes every loss NaN, and a bool is almost always a mistake for a number; all are refused here, where β enters.
+    """
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise ValueError(f"{where} must be a number > 0 (DPO's β, e.g. 0.1), got {beta!r}")
+    value = float(beta)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where} must be a finite number > 0 (DPO's β, e.g. 0.1), got {beta!r} (β <= 0 rewards "
+                         "the rejected response or ignores the preference; NaN or inf make the loss non-finite)")
+    return value
 
 
 def completion_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
@@ -86,6 +104,7 @@ def dpo_token_weights(
         callable(token_logprobs (2B, T) detached float32) -> (2B, T) weights: (β/B)σ(−βh_b) on chosen tokens,
         −(β/B)σ(−βh_b) on rejected tokens, 0 elsewhere.
     """
+    beta = check_beta(beta)
     ref = ref_token_logps.detach().float()
 
     def weights(policy_token_logps: torch.Tensor) -> torch.Tensor:
@@ -122,6 +141,7 @@ def masked_dpo_loss(
     All inputs (2B, T) aligned with labels; `keep` bool (kept response tokens). Returns the mean over pairs, as TRL.
     `label_smoothing` is cDPO's ε: (1−ε)·(−log σ(βh)) + ε·(−log σ(−βh)).
     """
+    beta = check_beta(beta)
     if not (policy_token_logps.shape == ref_token_logps.shape == keep.shape):
         raise ValueError(
             f"policy {tuple(policy_token_logps.shape)}, reference {tuple(ref_token_logps.shape)} and keep "
@@ -146,7 +166,7 @@ class DPOMaskedLoss:
 
     def __init__(self, ref_token_logps: torch.Tensor, beta: float, label_smoothing: float = 0.0):
         self.ref = ref_token_logps
-        self.beta = beta
+        self.beta = check_beta(beta)
         self.label_smoothing = label_smoothing
         self.last: Optional[DPOOutput] = None
 
@@ -174,6 +194,7 @@ def dpo_value_and_loss(
         indices: the pairs' dataset indices, for error messages.
     Returns the loss; `valuer.last_values` holds the TokenValues, `valuer.last_dpo` the `DPOOutput`.
     """
+    beta = check_beta(beta)
     labels = batch["labels"]
     check_pairs(labels, indices)
     if ref_token_logps.shape != labels.shape:

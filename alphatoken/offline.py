@@ -1,19 +1,47 @@
 """Offline mode: value a tokenized dataset once at θ₀, save the values and masks beside it, train from static masks.
 
+SFT:
+
     from alphatoken.offline import score_dataset, apply_masks
     scored = score_dataset(model, dataset, at.AlphaTokenConfig(keep_ratio=0.6), fisher=fisher, batch_size=16)
     scored.save_to_disk("data/scored")                  # a datasets.Dataset: datasets.load_from_disk reads it back
     train_ds = apply_masks(scored)                      # labels with the dropped tokens set to -100
     AlphaTokenTrainer is not needed: any Trainer / SFTTrainer trains on train_ds with its own loss.
 
-The input is a `datasets.Dataset` (or a list of dicts) with `input_ids` and `labels` (-100 outside the response),
-one example per row, unpadded. Added columns, one entry per token, aligned with `input_ids`:
-`alphatoken_keep` (0/1), `alphatoken_total`, `alphatoken_adaptation`, `alphatoken_stability` (0 off the response).
+DPO (preference pairs; DESIGN §4: log-ratios summed over the kept tokens only, chosen and rejected alike):
 
-Selection: `scope="dataset"` (default) ranks over the whole dataset — the top `keep_ratio` of all its response tokens
-for selection="batch", the top of each sequence for "sequence", `total > threshold` for "threshold", with
-`min_keep_per_sequence` — exactly `select_tokens` on the dataset as one batch; `scope="batch"` keeps the masks the
-engine chose per scoring batch (as online training would).
+    pairs = DPOTrainer(model, ref_model=ref, args=cfg, train_dataset=text_pairs, processing_class=tok).train_dataset
+    scored = score_dataset(model, pairs, at.AlphaTokenConfig(keep_ratio=0.6), ref_model=ref, beta=0.1)
+    scored.save_to_disk("data/scored_pairs")
+    args = DPOConfig(..., remove_unused_columns=False)  # the mask columns must reach the collator
+    DPOTrainer(model, ref_model=ref, args=args, train_dataset=apply_masks(scored),
+               data_collator=PreferenceMaskCollator(DataCollatorForPreference(pad_token_id=tok.pad_token_id)),
+               processing_class=tok).train()
+
+TRL's DPOTrainer builds its `completion_mask` from the token ids, so the static masks reach it through the
+collator: `PreferenceMaskCollator` sets `completion_mask` to 0 on the dropped completion tokens, and TRL's own loss
+then sums the policy and reference log-probs over the kept tokens only — the masked DPO loss. The dropped tokens
+stay in the input as context.
+
+Inputs (a `datasets.Dataset` or a list of dicts, one example per row, unpadded):
+  * SFT: `input_ids` and `labels` (-100 outside the response). Added columns, one entry per token, aligned with
+    `input_ids`: `alphatoken_keep` (0/1), `alphatoken_total`, `alphatoken_adaptation`, `alphatoken_stability`
+    (0 off the response).
+  * pairs, TRL's tokenized layout: `prompt_ids`, `chosen_ids`, `rejected_ids` (each side's sequence is prompt then
+    completion, as TRL's collator builds it); or `alphatoken score`'s layout: `chosen_input_ids`, `chosen_labels`,
+    `rejected_input_ids`, `rejected_labels`. Added per side, aligned with that side's whole sequence (prompt +
+    completion): `chosen_alphatoken_keep`, `chosen_alphatoken_total`, … and the same for `rejected_` (the column
+    names `alphatoken score` writes, so its values.jsonl goes through `apply_masks` too).
+
+Pair values are the DPO loss's own credits (`alphatoken.dpo.dpo_token_weights`), per pair — β σ(−β h_b) on the
+chosen tokens, −β σ(−β h_b) on the rejected — with reference log-probs from `ref_model` (default: the model itself
+at θ₀, TRL's usual reference, where every log-ratio is 0).
+
+Selection: `scope="dataset"` (default) ranks over the whole dataset (all chosen and rejected rows together for pairs)
+— the top `keep_ratio` of all its response tokens for selection="batch", the top of each sequence for "sequence",
+`total > threshold` for "threshold", with `min_keep_per_sequence` and `always_keep_token_ids` — exactly
+`select_tokens` on the dataset as one batch; `scope="batch"` keeps the masks the engine chose per scoring batch
+(as online training would).
 """
 from __future__ import annotations
 
@@ -22,17 +50,55 @@ from typing import Optional
 import torch
 
 from .config import AlphaTokenConfig
-from .losses import IGNORE_INDEX
+from .losses import IGNORE_INDEX, response_mask
 
 COLUMNS = ("alphatoken_keep", "alphatoken_total", "alphatoken_adaptation", "alphatoken_stability")
+SIDES = ("chosen", "rejected")
+PAIR_COLUMNS = tuple(f"{side}_{c}" for side in SIDES for c in COLUMNS)
+_CLI_VALUE_COLUMNS = ("alphatoken_direct", "alphatoken_causal")  # written by `alphatoken score`, dropped with the rest
+_SCORE_HINT = (
+    "score it first with alphatoken.offline.score_dataset(model, dataset, cfg) — SFT rows need input_ids and labels "
+    "(-100 outside the response); preference pairs need prompt_ids/chosen_ids/rejected_ids (TRL's tokenized layout, "
+    "e.g. DPOTrainer(...).train_dataset) or chosen_input_ids/chosen_labels/rejected_input_ids/rejected_labels — or "
+    "with `alphatoken score data.jsonl`, whose values.jsonl apply_masks reads"
+)
+
+
+def _columns(dataset) -> list:
+    if hasattr(dataset, "column_names"):
+        return list(dataset.column_names)
+    first = next(iter(dataset), None)
+    return sorted(first) if isinstance(first, dict) else []
+
+
+def _column(dataset, key: str) -> list:
+    if hasattr(dataset, "column_names"):
+        return dataset[key]
+    return [ex[key] for ex in dataset]
+
+
+def pair_layout(columns) -> Optional[str]:
+    """"trl" (prompt_ids/chosen_ids/rejected_ids), "cli" (chosen_input_ids/chosen_labels/...), or None (not pairs)."""
+    cols = set(columns)
+    if {"prompt_ids", "chosen_ids", "rejected_ids"} <= cols:
+        return "trl"
+    if {f"{s}_{k}" for s in SIDES for k in ("input_ids", "labels")} <= cols:
+        return "cli"
+    return None
 
 
 def _rows(dataset):
+    cols = _columns(dataset)
+    for key in ("input_ids", "labels"):
+        if key not in cols:
+            if {"prompt", "chosen", "rejected"} <= set(cols):
+                raise ValueError(
+                    "the dataset holds text preference pairs; tokenize them first (TRL's layout: prompt_ids, "
+                    "chosen_ids, rejected_ids — DPOTrainer(...).train_dataset has them) and score those")
+            raise ValueError(f"the dataset has no {key!r} column (it has {cols}); score a tokenized dataset with "
+                             "input_ids and labels (-100 outside the response), or preference pairs with "
+                             "prompt_ids/chosen_ids/rejected_ids")
     if hasattr(dataset, "column_names"):
-        for key in ("input_ids", "labels"):
-            if key not in dataset.column_names:
-                raise ValueError(f"the dataset has no {key!r} column (it has {dataset.column_names}); score a "
-                                 "tokenized dataset with input_ids and labels (-100 outside the response)")
         return dataset["input_ids"], dataset["labels"]
     ids, labels = [], []
     for i, ex in enumerate(dataset):
@@ -42,26 +108,77 @@ def _rows(dataset):
     return ids, labels
 
 
+def _pair_rows(dataset, layout: str):
+    """Per side: the whole sequences and their labels (-100 on the prompt), one per pair."""
+    out = {}
+    for side in SIDES:
+        if layout == "trl":
+            prompts, completions = _column(dataset, "prompt_ids"), _column(dataset, f"{side}_ids")
+            out[side] = ([list(p) + list(c) for p, c in zip(prompts, completions)],
+                         [[IGNORE_INDEX] * len(p) + list(c) for p, c in zip(prompts, completions)])
+        else:
+            out[side] = (_column(dataset, f"{side}_input_ids"), _column(dataset, f"{side}_labels"))
+    return out
+
+
+def _check_rows(all_ids, all_labels, what: str = "example") -> None:
+    for i, (ids, labels) in enumerate(zip(all_ids, all_labels)):
+        if len(ids) != len(labels):
+            raise ValueError(f"{what} {i}: {len(labels)} labels for {len(ids)} input_ids; they must align")
+        if not any(int(x) != IGNORE_INDEX for x in list(labels)[1:]):
+            raise ValueError(f"{what} {i} has no response tokens (every label is -100); drop it or give it a "
+                             "response")
+
+
+def _pad(ids_b, labels_b, pad_token_id: int, device) -> dict:
+    T = max(len(x) for x in ids_b)
+    B = len(ids_b)
+    input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    for r, (x, y) in enumerate(zip(ids_b, labels_b)):
+        input_ids[r, :len(x)] = torch.as_tensor(x)
+        labels[r, :len(x)] = torch.as_tensor(y)
+        attention[r, :len(x)] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)}
+
+
+def _reference_logprobs(ref_model, batch: dict) -> torch.Tensor:
+    from .engine import model_inputs
+    from .losses import token_logprobs
+
+    with torch.no_grad():
+        logits = ref_model(**model_inputs(ref_model, batch)).logits
+        return token_logprobs(logits, batch["labels"])
+
+
 def score_dataset(model, dataset, cfg: Optional[AlphaTokenConfig] = None, *, fisher=None, reference=None,
                   validation=None, batch_size: int = 8, pad_token_id: int = 0, scope: str = "dataset",
-                  valuer=None):
+                  valuer=None, ref_model=None, beta: float = 0.1):
     """Value every response token of `dataset` at the model's current weights (θ₀); returns a datasets.Dataset.
 
-    Raises ValueError naming the first example without response tokens, or whose labels and input_ids differ
-    in length. Never changes the model's weights or `.grad`.
+    SFT rows or preference pairs (see the module docstring). For pairs, `ref_model` gives the reference log-probs
+    (default: `model` itself) and `beta` is DPO's β. Raises ValueError naming the first example without response
+    tokens, or whose labels and input_ids differ in length. Never changes the model's weights or `.grad`.
     """
     import datasets
 
+    from .dpo import check_beta
+
     if scope not in ("dataset", "batch"):
         raise ValueError(f"scope must be 'dataset' or 'batch', got {scope!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     cfg = cfg or AlphaTokenConfig()
-    all_ids, all_labels = _rows(dataset)
-    for i, (ids, labels) in enumerate(zip(all_ids, all_labels)):
-        if len(ids) != len(labels):
-            raise ValueError(f"example {i}: {len(labels)} labels for {len(ids)} input_ids; they must align")
-        if not any(int(x) != IGNORE_INDEX for x in list(labels)[1:]):
-            raise ValueError(f"example {i} has no response tokens (every label is -100); drop it or give it a "
-                             "response")
+    layout = pair_layout(_columns(dataset))
+    if layout is not None:
+        beta = check_beta(beta)
+        sides = _pair_rows(dataset, layout)
+        for side in SIDES:
+            _check_rows(*sides[side], what=f"pair ({side})")
+    else:
+        sides = {None: _rows(dataset)}
+        _check_rows(*sides[None])
     own = valuer is None
     if own:
         from .engine import AlphaToken
@@ -70,45 +187,52 @@ def score_dataset(model, dataset, cfg: Optional[AlphaTokenConfig] = None, *, fis
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = {k: [] for k in COLUMNS}
+    out = {side: {k: [] for k in COLUMNS} for side in sides}
+    n_rows = len(next(iter(sides.values()))[0])
     try:
-        for start in range(0, len(all_ids), batch_size):
-            ids_b, labels_b = all_ids[start:start + batch_size], all_labels[start:start + batch_size]
-            T = max(len(x) for x in ids_b)
-            B = len(ids_b)
-            input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
-            labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-            attention = torch.zeros((B, T), dtype=torch.long)
-            for r, (x, y) in enumerate(zip(ids_b, labels_b)):
-                input_ids[r, :len(x)] = torch.as_tensor(x)
-                labels[r, :len(x)] = torch.as_tensor(y)
-                attention[r, :len(x)] = 1
-            tv = valuer.value({"input_ids": input_ids.to(device), "attention_mask": attention.to(device),
-                               "labels": labels.to(device)}).detach_cpu()
+        for start in range(0, n_rows, batch_size):
+            stop = min(start + batch_size, n_rows)
+            ids_b = [x for side in sides for x in sides[side][0][start:stop]]
+            labels_b = [y for side in sides for y in sides[side][1][start:stop]]
+            batch = _pad(ids_b, labels_b, pad_token_id, device)
+            weights = None
+            if layout is not None:
+                from .dpo import dpo_token_weights
+
+                ref = _reference_logprobs(ref_model if ref_model is not None else model, batch)
+                per_batch = dpo_token_weights(ref, beta, response_mask(batch["labels"]))
+                pairs = stop - start
+                weights = lambda logps, f=per_batch, n=pairs: f(logps) * n  # noqa: E731 - per pair, not per batch
+            tv = valuer.value(batch, token_weights=weights).detach_cpu()
             for r, x in enumerate(ids_b):
+                side = list(sides)[r // (stop - start)]
                 L = len(x)
-                out["alphatoken_keep"].append(tv.mask[r, :L].int().tolist())
-                out["alphatoken_total"].append(tv.total[r, :L].tolist())
-                out["alphatoken_adaptation"].append(tv.adaptation[r, :L].tolist())
-                out["alphatoken_stability"].append(tv.stability[r, :L].tolist())
+                out[side]["alphatoken_keep"].append(tv.mask[r, :L].int().tolist())
+                out[side]["alphatoken_total"].append(tv.total[r, :L].tolist())
+                out[side]["alphatoken_adaptation"].append(tv.adaptation[r, :L].tolist())
+                out[side]["alphatoken_stability"].append(tv.stability[r, :L].tolist())
     finally:
         model.train(was_training)
         if own:
             valuer.close()
     if scope == "dataset":
-        out["alphatoken_keep"] = _select_over_dataset(out["alphatoken_total"], all_labels, cfg)
+        totals = [v for side in sides for v in out[side]["alphatoken_total"]]
+        labels = [y for side in sides for y in sides[side][1]]
+        keeps = _select_over_dataset(totals, labels, cfg)
+        for i, side in enumerate(sides):
+            out[side]["alphatoken_keep"] = keeps[i * n_rows:(i + 1) * n_rows]
+    names = {(side, k): k if side is None else f"{side}_{k}" for side in sides for k in COLUMNS}
     if hasattr(dataset, "column_names"):
-        base = dataset.remove_columns([c for c in COLUMNS if c in dataset.column_names])
+        base = dataset.remove_columns([c for c in names.values() if c in dataset.column_names])
     else:
         base = datasets.Dataset.from_list([dict(ex) for ex in dataset])
-    for key in COLUMNS:
-        base = base.add_column(key, out[key])
+    for (side, key), name in names.items():
+        base = base.add_column(name, out[side][key])
     return base
 
 
 def _select_over_dataset(totals, labels, cfg: AlphaTokenConfig):
-    from .losses import response_mask
-    from .select import select_local
+    from .select import protected_tokens, select_local
 
     T = max(len(x) for x in totals)
     total = torch.zeros(len(totals), T)
@@ -116,7 +240,8 @@ def _select_over_dataset(totals, labels, cfg: AlphaTokenConfig):
     for r, (v, y) in enumerate(zip(totals, labels)):
         total[r, :len(v)] = torch.as_tensor(v)
         lab[r, :len(y)] = torch.as_tensor(y)
-    mask = select_local(total, response_mask(lab), cfg)
+    response = response_mask(lab)
+    mask = select_local(total, response, cfg, protected_tokens(lab, response, cfg))
     return [mask[r, :len(v)].int().tolist() for r, v in enumerate(totals)]
 
 
@@ -128,12 +253,21 @@ def masked_labels(labels, keep) -> list:
 
 
 def apply_masks(scored, keep_column: str = "alphatoken_keep", drop_value_columns: bool = True):
-    """The scored dataset with `labels` masked by the stored keep column, ready for any trainer.
+    """The scored dataset ready for any trainer.
 
-    The original labels stay in `alphatoken_response_labels`; the value columns are dropped unless asked to keep.
+    SFT: `labels` masked by the stored keep column (the original labels stay in `alphatoken_response_labels`).
+    Pairs: the keep columns `chosen_alphatoken_keep` / `rejected_alphatoken_keep` are checked against the sequences
+    and kept (`PreferenceMaskCollator` reads them); `chosen_labels` / `rejected_labels`, when present (the
+    `alphatoken score` layout), are masked the same way (originals in `<side>_alphatoken_response_labels`).
+    The value columns are dropped unless asked to keep.
     """
-    if keep_column not in scored.column_names:
-        raise ValueError(f"the dataset has no {keep_column!r} column; run alphatoken.offline.score_dataset first")
+    cols = list(scored.column_names)
+    pair_keys = [f"{side}_{keep_column}" for side in SIDES]
+    if keep_column not in cols and all(k in cols for k in pair_keys):
+        return _apply_pair_masks(scored, keep_column, drop_value_columns)
+    if keep_column not in cols:
+        raise ValueError(f"the dataset has no {keep_column!r} column (SFT) nor {pair_keys[0]!r}/{pair_keys[1]!r} "
+                         f"(preference pairs); it has {cols}. {_SCORE_HINT[0].upper()}{_SCORE_HINT[1:]}")
 
     def fn(example, idx):
         try:
@@ -144,8 +278,47 @@ def apply_masks(scored, keep_column: str = "alphatoken_keep", drop_value_columns
 
     out = scored.map(fn, with_indices=True)
     if drop_value_columns:
-        out = out.remove_columns([c for c in COLUMNS if c in out.column_names])
+        out = out.remove_columns([c for c in COLUMNS + _CLI_VALUE_COLUMNS if c in out.column_names])
     return out
+
+
+def _apply_pair_masks(scored, keep_column: str, drop_value_columns: bool):
+    layout = pair_layout(scored.column_names)
+    if layout is None:
+        raise ValueError("the pairs have keep columns but no sequences: they need prompt_ids/chosen_ids/rejected_ids "
+                         "or chosen_input_ids/chosen_labels/rejected_input_ids/rejected_labels")
+
+    def fn(example, idx):
+        update = {}
+        for side in SIDES:
+            keep = example[f"{side}_{keep_column}"]
+            n = (len(example["prompt_ids"]) + len(example[f"{side}_ids"]) if layout == "trl"
+                 else len(example[f"{side}_input_ids"]))
+            if len(keep) != n:
+                raise ValueError(f"example {idx}: the {side} sequence has {n} tokens but {len(keep)} stored mask "
+                                 "entries; score this dataset again")
+            if layout == "cli":
+                update[f"{side}_labels"] = masked_labels(example[f"{side}_labels"], keep)
+                update[f"{side}_alphatoken_response_labels"] = example[f"{side}_labels"]
+        return update
+
+    out = scored.map(fn, with_indices=True)
+    if drop_value_columns:
+        drop = [f"{side}_{c}" for side in SIDES for c in COLUMNS[1:] + _CLI_VALUE_COLUMNS]
+        out = out.remove_columns([c for c in drop if c in out.column_names])
+    return out
+
+
+def _place(keep, positions: torch.Tensor, truncation: str, where: str) -> torch.Tensor:
+    """The stored mask of one sequence on its collated positions (truncated like the collator truncated)."""
+    keep = torch.as_tensor(keep, dtype=torch.bool)
+    n = positions.numel()
+    if n > keep.numel():
+        raise ValueError(f"{where}: {n} tokens after collation but {keep.numel()} stored mask entries (the "
+                         "collator packed or the dataset changed since it was scored)")
+    if n < keep.numel():  # the collator truncated the sequence
+        keep = keep[-n:] if truncation == "keep_end" else keep[:n]
+    return keep
 
 
 class StaticMaskCollator:
@@ -177,4 +350,43 @@ class StaticMaskCollator:
                                  "stored mask entries (the collator truncated or packed)")
             drop = pos[torch.as_tensor(keep, dtype=torch.bool).logical_not()]
             labels[r, drop] = IGNORE_INDEX
+        return batch
+
+
+class PreferenceMaskCollator:
+    """Wrap TRL's `DataCollatorForPreference` (or any collator returning input_ids, attention_mask and a
+    `completion_mask`, B chosen rows then B rejected): set `completion_mask` to 0 on the completion tokens the stored
+    masks `chosen_alphatoken_keep` / `rejected_alphatoken_keep` drop, so the DPO loss sums over the kept tokens only.
+
+    Each stored mask covers its side's whole sequence (prompt + completion, as the collator concatenates them) and is
+    placed on the row's real (attention_mask == 1) positions, truncated as the collator truncates (`truncation_mode`
+    "keep_start" or "keep_end"). Train with `remove_unused_columns=False` so the columns reach the collator.
+    """
+
+    def __init__(self, collator, keep_column: str = "alphatoken_keep"):
+        self.collator, self.keep_column = collator, keep_column
+
+    def __call__(self, features):
+        keys = [f"{side}_{self.keep_column}" for side in SIDES]
+        keeps = {k: [] for k in keys}
+        for f in features:
+            missing = [k for k in keys if k not in f]
+            if missing:
+                raise ValueError(f"a preference example has no {missing[0]!r}; {_SCORE_HINT}, and train with "
+                                 "remove_unused_columns=False so the column reaches the collator")
+            for k in keys:
+                keeps[k].append(f[k])
+        drop = set(PAIR_COLUMNS) | {f"{s}_{c}" for s in SIDES for c in _CLI_VALUE_COLUMNS}
+        batch = self.collator([{k: v for k, v in f.items() if k not in drop} for f in features])
+        if "completion_mask" not in batch:
+            raise ValueError(f"the wrapped collator returned no 'completion_mask' (keys: {sorted(batch)}); wrap TRL's "
+                             "DataCollatorForPreference")
+        att, completion = batch["attention_mask"], batch["completion_mask"]
+        truncation = getattr(self.collator, "truncation_mode", "keep_start")
+        rows = keeps[keys[0]] + keeps[keys[1]]
+        for r, keep in enumerate(rows):
+            pos = att[r].nonzero().flatten()
+            side = SIDES[r // len(features)]
+            placed = _place(keep, pos, truncation, f"pair {r % len(features)} of the batch ({side})")
+            completion[r, pos[~placed]] = 0
         return batch

@@ -89,3 +89,32 @@ def test_empty_side_names_the_example(tmp_path):
     labels = torch.tensor([[-100, 5, 6], [-100, 7, -100], [-100, -100, -100], [-100, 8, 9]])
     with pytest.raises(ValueError, match="pair 0 of the batch: the rejected response"):
         check_pairs(labels)
+
+
+@pytest.mark.parametrize("beta", [0.0, -0.1, float("nan"), float("inf"), True, "0.1", None])
+def test_bad_beta_is_refused_where_it_enters(tmp_path, beta):
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    from alphatoken.dpo import DPOMaskedLoss, check_beta, dpo_value_and_loss
+    from alphatoken.integrations import AlphaTokenDPOTrainer
+
+    with pytest.raises(ValueError, match="beta must be a (finite )?number > 0"):
+        check_beta(beta)
+    pol, ref, keep = torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    for call in (lambda: masked_dpo_loss(pol, ref, keep, beta), lambda: dpo_token_weights(ref, beta),
+                 lambda: DPOMaskedLoss(ref, beta), lambda: dpo_value_and_loss(None, {"labels": ref.long()}, ref, beta)):
+        with pytest.raises(ValueError, match="beta must be"):
+            call()
+    if isinstance(beta, float):  # DPOConfig itself takes any float
+        args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1, beta=beta)
+        ds = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
+        with pytest.raises(ValueError, match="DPOConfig.beta must be"):
+            AlphaTokenDPOTrainer(model=tiny_llama(), ref_model=tiny_llama(), args=args, train_dataset=ds,
+                                 processing_class=tokenizer())
+
+
+def test_good_beta_passes():
+    from alphatoken.dpo import check_beta
+
+    assert check_beta(0.1) == 0.1 and check_beta(2) == 2.0

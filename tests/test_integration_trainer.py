@@ -191,3 +191,30 @@ def test_sft_empty_completion_names_the_example(tmp_path):
     args = SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
     with pytest.raises(ValueError, match="example 1 has an empty 'completion'"):
         AlphaTokenSFTTrainer(model=tiny_llama(), args=args, train_dataset=ds, processing_class=tokenizer())
+
+
+@pytest.mark.parametrize("mode", ["online", "ahead"])
+def test_compute_loss_outside_training_step_is_the_kept_token_mean(tmp_path, mode):
+    """A custom loop or evaluation code calling compute_loss on a model in train mode gets the mean NLL over the
+    batch's kept tokens, not the window-rescaled Σ_kept ℓ / (response tokens)."""
+    from datasets import Dataset
+
+    model = tiny_llama()
+    cfg = at.AlphaTokenConfig(keep_ratio=0.5)
+    trainer = AlphaTokenTrainer(model=model, args=_args(tmp_path), train_dataset=Dataset.from_list(sft_examples(8)),
+                                data_collator=collate, alphatoken=cfg, alphatoken_mode=mode)
+    batch = collate(sft_examples(4, seed=5))
+    with at.AlphaToken(copy.deepcopy(model), cfg) as valuer:
+        masked = valuer.value(batch).apply(batch["labels"])
+    K = int((masked[:, 1:] != -100).sum())
+    assert 0 < K < int((batch["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), masked[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum") / K
+    model.train()
+    for _ in range(2):  # twice: no window state carries over between calls
+        got = trainer.compute_loss(model, dict(batch))
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    got.backward()  # a loss to train on
+    assert model.lm_head.weight.grad is not None

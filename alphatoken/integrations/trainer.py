@@ -28,7 +28,9 @@ memory is that of a plain Trainer. To keep the fused head for the training forwa
 
 Logged through the trainer's own `log` (every `logging_steps`), summed over all micro-batches and ranks since the
 last log: `alphatoken/keep_ratio` (kept / response tokens), `alphatoken/adaptation` and `alphatoken/stability`
-(means over response tokens), `alphatoken/total` (mean total value).
+(means over response tokens), `alphatoken/total` (mean total value). With TRL's SFTTrainer, TRL's own `entropy`,
+`mean_token_accuracy` and `num_tokens` are logged too, `entropy` and `mean_token_accuracy` over the KEPT tokens (the
+tokens the loss trains on, as TRL computes them over the tokens its loss trains on; see `metrics.py`).
 """
 from __future__ import annotations
 
@@ -131,7 +133,10 @@ class AlphaTokenMixin:
         fisher, reference, validation: passed to `AlphaToken(model, config, ...)` when the valuer is built (lazily,
             at the first training step, on the unwrapped model, so θ₀ is the weights training starts from).
         alphatoken_mode: "online" (default) or "ahead"; see the module docstring for what each does to the count.
-    Evaluation is untouched: `evaluate()` reports the trainer's ordinary loss over every response token.
+    Evaluation is untouched: `evaluate()` reports the trainer's ordinary loss over every response token (the model
+    is in eval mode). `compute_loss` called on a model in train mode outside Trainer's `training_step` (a custom
+    loop, a callback) returns the masked loss of that batch alone: the mean NLL over its kept tokens.
+    With TRL's SFTTrainer, TRL's `entropy` and `mean_token_accuracy` are logged over the kept tokens in both modes.
     """
 
     def __init__(self, *args, alphatoken: Any = None, fisher=None, reference=None, validation=None,
@@ -143,6 +148,7 @@ class AlphaTokenMixin:
         self._at_mode = alphatoken_mode
         self._at_valuer = None
         self._at_window: Optional[_Window] = None
+        self._at_in_step = False  # True inside Trainer's training_step (the window bookkeeping applies)
         self._at_stats = torch.zeros(5, dtype=torch.float64)
         check_dataset(kwargs.get("train_dataset", args[3] if len(args) > 3 else None))
         super().__init__(*args, **kwargs)
@@ -223,13 +229,18 @@ class AlphaTokenMixin:
 
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self._at_mode != "online" or not model.training:
+        if not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         if "labels" not in inputs:
             raise ValueError(f"AlphaToken needs `labels` in the batch; it has {sorted(inputs)}")
+        if not self._at_in_step:  # evaluation code or a custom loop: this batch alone, mean over its kept tokens
+            return self._at_standalone_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._at_mode != "online":  # "ahead": the labels were masked when the window was fetched
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
         window = self._at_window
-        if window is None or window.seen >= window.n_batches:  # called outside Trainer's loop: a window of one
+        if window is None or window.seen >= window.n_batches:  # training_step without get_batch_samples
             window = self._at_window = _Window(1, all_reduce_sum(int(response_mask(inputs["labels"]).sum())))
         valuer = self._at_get_valuer(model)
         with forward_through(valuer, model):
@@ -238,14 +249,52 @@ class AlphaTokenMixin:
         stats = all_reduce_sum(_token_stats(tv).cpu())  # one small collective per micro-batch, like TRL's metrics
         self._at_stats += stats
         window.kept += float(stats[0])
+        self._at_log_trl_metrics(valuer, tv, inputs)
         if is_distributed():
             import torch.distributed as dist
 
             loss = loss * dist.get_world_size()  # DDP averages the gradients; the loss is a global sum / D
         return (loss, None) if return_outputs else loss
 
+    def _at_standalone_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """compute_loss outside Trainer's training step: the masked loss of this batch alone.
+
+        The mean NLL over the batch's kept tokens (Σ_kept ℓ / num_items_in_batch when the caller passes its own
+        count, which must then count kept tokens). No window, no gradient rescaling, no metrics. "ahead" values the
+        batch, masks its labels and returns the trainer's own loss on them.
+        """
+        valuer = self._at_get_valuer(model)
+        if self._at_mode == "ahead":
+            tv = valuer.value(_model_inputs(inputs))
+            masked = dict(inputs, labels=tv.apply(inputs["labels"].to(tv.mask.device)).to(inputs["labels"].device))
+            return super().compute_loss(model, masked, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        with forward_through(valuer, model):
+            loss = valuer.value_and_loss(_model_inputs(inputs), num_items_in_batch=num_items_in_batch)
+        return (loss, None) if return_outputs else loss
+
+    def _at_log_trl_metrics(self, valuer, tv, inputs) -> None:
+        """TRL's SFT metrics (`entropy`, `mean_token_accuracy`, `num_tokens`) over the kept tokens, when the trainer
+        keeps TRL's metric store (SFTTrainer); the online loss replaces the forward that logs them there."""
+        store = getattr(self, "_metrics", None)
+        logits = getattr(valuer, "last_logits", None)
+        if store is None or logits is None:
+            return
+        from .metrics import sft_metrics
+
+        for key, value in sft_metrics(logits, tv.mask, inputs["labels"].to(tv.mask.device)).items():
+            store["train"][key].append(value)
+        if hasattr(self, "_total_train_tokens") and "attention_mask" in inputs:
+            tokens = int(all_reduce_sum(float(inputs["attention_mask"].sum())))
+            self._total_train_tokens += tokens // max(int(getattr(self, "_tp_size", 1) or 1), 1)
+            store["train"]["num_tokens"] = [self._total_train_tokens]
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        out = super().training_step(model, inputs, num_items_in_batch)
+        self._at_in_step = True
+        try:
+            out = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._at_in_step = False
         window = self._at_window
         if self._at_mode != "online" or window is None:
             return out

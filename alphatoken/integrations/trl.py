@@ -1,4 +1,4 @@
-"""TRL integrations (optional extra `pip install alphatoken[trl]`): AlphaTokenSFTTrainer and AlphaTokenDPOTrainer.
+"""TRL integrations: AlphaTokenSFTTrainer and AlphaTokenDPOTrainer (extra: `pip install -e ".[trl]"` in the checkout).
 
     from alphatoken.integrations import AlphaTokenSFTTrainer, AlphaTokenDPOTrainer
     AlphaTokenSFTTrainer(model=model, args=SFTConfig(...), train_dataset=ds, alphatoken=cfg, fisher=fisher).train()
@@ -13,8 +13,13 @@ credits (`alphatoken.dpo.dpo_token_weights`). One forward of the policy serves t
 the reference runs TRL's fused per-token log-prob forward (no logits). Supported: `loss_type="sigmoid"` (standard
 DPO), `f_divergence_type="reverse_kl"`, no `ld_alpha`, no `precompute_ref_log_probs` (it stores only per-sequence
 sums, and the masked sums need per-token reference log-probs). Evaluation reports TRL's unmasked DPO loss.
-Logged with TRL's metrics: `alphatoken/keep_ratio`, `alphatoken/adaptation`, `alphatoken/stability`,
-`alphatoken/total`, and `rewards/*` of the masked log-ratios under `alphatoken/rewards/*`.
+Logged: TRL's own DPO metrics under TRL's names, each over the KEPT tokens, i.e. the sums the masked loss is made
+of (with keep_ratio=1.0 they equal TRL's): `rewards/chosen`, `rewards/rejected` (β · kept log-ratio sums),
+`rewards/margins`, `rewards/accuracies`, `logps/chosen`, `logps/rejected` (kept log-prob sums), `logits/chosen`,
+`logits/rejected`, `entropy`, `mean_token_accuracy`, `num_tokens`; the same rewards and log-probs over EVERY
+response token (what a plain DPO run would log) as `alphatoken/all_tokens/rewards/*` and
+`alphatoken/all_tokens/logps/*`; and `alphatoken/keep_ratio`, `alphatoken/adaptation`, `alphatoken/stability`,
+`alphatoken/total`. `DPOConfig.beta` must be a finite number > 0.
 """
 from __future__ import annotations
 
@@ -22,14 +27,14 @@ import torch
 
 from ..config import AlphaTokenConfig
 from ..distributed import all_reduce_sum
-from ..dpo import check_pairs, completion_labels, dpo_value_and_loss
+from ..dpo import check_beta, check_pairs, completion_labels, dpo_value_and_loss, token_logprobs
 from ..losses import response_mask
 from .trainer import _token_stats, _unwrap, forward_through, with_alphatoken
 
 try:
     import trl  # noqa: F401
 except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError("the TRL integrations need TRL: pip install 'alphatoken[trl]'") from err
+    raise ImportError('the TRL integrations need TRL: pip install -e ".[trl]" in the AlphaToken checkout') from err
 
 from trl import DPOTrainer, SFTTrainer
 
@@ -75,7 +80,11 @@ class AlphaTokenDPOTrainer(DPOTrainer):
         self._at_kwargs = {"fisher": fisher, "reference": reference, "validation": validation}
         self._at_valuer = None
         check_preference_dataset(kwargs.get("train_dataset", args[4] if len(args) > 4 else None))
+        args_ = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if args_ is not None and hasattr(args_, "beta"):
+            check_beta(args_.beta, "DPOConfig.beta")
         super().__init__(*args, **kwargs)
+        self.beta = check_beta(self.beta, "DPOConfig.beta")
         if self.loss_types != ["sigmoid"] or self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None:
             raise ValueError(
                 "AlphaTokenDPOTrainer supports the standard DPO loss only: loss_type='sigmoid', "
@@ -144,10 +153,28 @@ class AlphaTokenDPOTrainer(DPOTrainer):
             for key, value in (("keep_ratio", kept / n), ("adaptation", adapt / n), ("stability", stab / n),
                                ("total", total / n)):
                 self._metrics[mode][f"alphatoken/{key}"].append(value)
-        chosen = self.accelerator.gather(self.beta * out.chosen_logratios.detach())
-        rejected = self.accelerator.gather(self.beta * out.rejected_logratios.detach())
-        self._metrics[mode]["alphatoken/rewards/chosen"].append(chosen.mean().item())
-        self._metrics[mode]["alphatoken/rewards/rejected"].append(rejected.mean().item())
-        self._metrics[mode]["alphatoken/rewards/margins"].append((chosen - rejected).mean().item())
-        self._metrics[mode]["alphatoken/rewards/accuracies"].append((chosen > rejected).float().mean().item())
+        self._at_log_trl_metrics(mode, valuer, tv, labels, ref, out, inputs)
         return (loss, None) if return_outputs else loss
+
+    def _at_log_trl_metrics(self, mode, valuer, tv, labels, ref, out, inputs) -> None:
+        """TRL's DPO metrics over the kept tokens (alphatoken.integrations.metrics), plus the all-token rewards."""
+        from ..dpo import masked_dpo_loss
+        from .metrics import dpo_metrics
+
+        logits = getattr(valuer, "last_logits", None)
+        with torch.no_grad():
+            policy = token_logprobs(logits, labels.to(logits.device)) if logits is not None else None
+            everything = (masked_dpo_loss(policy, ref.to(policy.device), response_mask(labels).to(policy.device),
+                                          self.beta) if policy is not None else None)
+        if logits is not None:
+            metrics = dpo_metrics(logits, tv.mask, labels.to(logits.device), out, self.beta, all_tokens=everything)
+        else:  # a valuer that keeps no logits: the reward figures only
+            from .metrics import reward_metrics
+
+            metrics = reward_metrics(out, self.beta, "")
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+        if mode == "train" and "attention_mask" in inputs:
+            tokens = int(all_reduce_sum(float(inputs["attention_mask"].sum())))
+            self._total_train_tokens += tokens // max(int(getattr(self, "_tp_size", 1) or 1), 1)
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]

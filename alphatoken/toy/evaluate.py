@@ -3,10 +3,17 @@ from __future__ import annotations
 
 from typing import Dict, List, Mapping, Sequence
 
+import inspect
+
 import torch
 
 from .data import collate_prompts
 from .tasks import Example
+
+
+def _cache_argument(model) -> str:
+    """The forward's name for the KV cache: `cache` (transformers >= 5.x deprecates `past_key_values`)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -29,12 +36,13 @@ def greedy_decode(model, tokenizer, examples: Sequence[Example], max_new_tokens:
             generated = []
             done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
             past = None
+            cache_arg = _cache_argument(model)
             step_ids, step_pos = ids, pos
             for _ in range(max_new_tokens):
                 if use_cache:
                     res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                                past_key_values=past, use_cache=True)
-                    past = res.past_key_values
+                                use_cache=True, **{cache_arg: past})
+                    past = getattr(res, cache_arg)
                 else:
                     full = torch.cat([ids] + generated, dim=1) if generated else ids
                     full_pos = torch.cat([pos] + [pos[:, -1:] + i + 1 for i in range(len(generated))], dim=1)

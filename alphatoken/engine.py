@@ -158,7 +158,7 @@ class AlphaToken:
             if validation is None:
                 warnings.warn(
                     "AlphaToken: no validation batch, so adaptation is 0 and tokens are ranked by stability alone "
-                    + ("(and fisher=None: every value is 0, so selection keeps tokens by position). " if fisher is None
+                    + ("(and without a Fisher every value is 0, so selection keeps tokens by position). " if fisher is None
                        else "") + "For the recommended setting pass validation=<a few clean target-task examples>; "
                     "target='batch' needs no extra data but ranks noise above clean tokens in benchmarks/quality "
                     "(DESIGN §3.5)", stacklevel=2)

@@ -153,7 +153,8 @@ def test_demo_reaches_the_config_too(monkeypatch, capsys, tmp_path):
     assert seen["config"] == {"normalize": False, "stability_weight": 2.0, "tracked_layers": 1}
     demo = build_parser()._subparsers._group_actions[0].choices["demo"]
     helps = {a.dest: a.help for a in demo._actions}
-    assert helps["cfg_normalize"].endswith("(default: on)") and helps["cfg_refresh"].endswith("(default: 5)")
+    assert helps["cfg_normalize"].endswith("(default: off)") and helps["cfg_refresh"].endswith("(default: 5)")
+    assert helps["cfg_combine"].endswith("(default: rank)") and helps["cfg_cosine"].endswith("(default: on)")
     assert "cfg_keep_ratio" not in helps  # demo has its own --keep-ratio (0.8)
 
 
@@ -194,7 +195,8 @@ def test_select_within_dataset_independent_of_batching_as_documented(capsys, tmp
     for bs in (1, 3):
         out = tmp_path / f"bs{bs}"
         code, _, err = run_cli(capsys, "score", data, "--model", model_dir, "--out", out, "--fisher", "none",
-                               "--validation", clean, "--batch-size", bs, "--keep-ratio", "0.5", "--refresh", "1000")
+                               "--validation", clean, "--batch-size", bs, "--keep-ratio", "0.5", "--refresh", "1000",
+                               "--combine", "linear")
         assert code == 0, err
         results.append([json.loads(l) for l in (out / "values.jsonl").read_text().splitlines()])
     a, b = results
@@ -205,6 +207,7 @@ def test_select_within_dataset_independent_of_batching_as_documented(capsys, tmp
     assert "target batch" in summary["batching"] and "--validation" in summary["batching"]
     help_text = build_parser()._subparsers._group_actions[0].choices["score"].format_help()
     assert "independent of batching" not in help_text and "--fisher none they do not" in " ".join(help_text.split())
+    assert "--combine linear" in " ".join(help_text.split())
 
 
 def test_yaml_types_are_checked(capsys, tmp_path, model_dir):
@@ -225,6 +228,8 @@ def test_unknown_characters_are_a_one_line_warning(capsys, tmp_path, model_dir):
     data = _jsonl(tmp_path / "d.jsonl", SFT_LINES + [{"prompt": "S:4~2>", "response": "24"}])
     code, _, err = run_cli(capsys, "score", data, "--model", model_dir, "--out", tmp_path / "o", "--fisher", "none")
     assert code == 0, err
-    warned = [l for l in err.splitlines() if "warning" in l]
+    warned = [l for l in err.splitlines() if "unknown token" in l]
     assert warned == [f"alphatoken: warning: {data}:5: the tokenizer maps '~' to its unknown token '<unk>'; those "
                       "tokens are valued and trained as unknown (further occurrences are not reported)"]
+    # and with neither --validation nor a Fisher, the valuer says that every value is 0, on one line
+    assert any(l.startswith("alphatoken: warning:") and "every value is 0" in l for l in err.splitlines())

@@ -89,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-within", choices=("dataset", "batch"), default="dataset",
                    help="dataset (default): one cut over the values of the whole file, the same cut however it "
                         "is batched; batch: per scoring batch, as in training. The values themselves depend on "
-                        "--batch-size with target batch (each batch's own gradient), normalize (a batch RMS) and "
-                        "the Fisher (its first --fisher-batches batches); with --validation FILE, normalize off "
-                        "and --fisher none they do not")
+                        "--batch-size with target batch (each batch's own gradient), normalize (a batch RMS), "
+                        "combine rank (ranks within a batch) and the Fisher (its first --fisher-batches "
+                        "batches); with --validation FILE, --combine linear, normalize off and --fisher none "
+                        "they do not")
     p.add_argument("--beta", type=float, default=0.1, help="DPO β for preference data (default 0.1)")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to responses")
     p.add_argument("--report-limit", type=int, default=200, help="sequences shown in the report (0: none; default 200)")

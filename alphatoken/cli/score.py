@@ -289,6 +289,7 @@ def cmd_score(args) -> int:
 SELECT_WITHIN_NOTE = (
     "select_within dataset makes one cut over the values of the whole file, so the cut itself does not depend on "
     "batching. The values can: with target batch each token is valued against its own scoring batch's mean "
-    "gradient, normalize divides by a batch RMS, and the Fisher is estimated from the first fisher_batches "
-    "batches of batch_size rows. With --validation FILE (one fixed direction: the whole file is one batch), "
-    "normalize off and --fisher none, the values and masks do not depend on --batch-size (up to float rounding).")
+    "gradient, normalize divides by a batch RMS, combine rank ranks within a batch, and the Fisher is estimated "
+    "from the first fisher_batches batches of batch_size rows. With --validation FILE (one fixed direction: the "
+    "whole file is one batch), --combine linear, normalize off and --fisher none, the values and masks do not "
+    "depend on --batch-size (up to float rounding).")

@@ -40,3 +40,28 @@ def materialize_reference(a_ref: torch.Tensor, g_ref: torch.Tensor) -> torch.Ten
     """`G'ᵀA'`: the (d_out, d_in) matrix `Σ_v g'_v a'_vᵀ`, in float32."""
     g_ref, a_ref = _common(g_ref, a_ref)
     return g_ref.T @ a_ref
+
+
+def head_rows_reference(z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, scale: float = 1.0,
+                        softcap=None, with_grad: bool = True):
+    """One chunk of the LM head's loss rows, y = T(z) (s·z, or c·tanh(s·z/c) with a soft-cap c):
+    `ℓ_t = logsumexp(y_t) − y_t[target_t]` and `g_t = w_t (softmax(y_t) − onehot(target_t)) ⊙ T'(z_t)`.
+
+    z (n, V) fp32/fp64 (fp16/bf16 go to fp32); returns (ℓ (n,), g (n, V) or None) in that dtype.
+    """
+    z = z if z.dtype in (torch.float32, torch.float64) else z.float()
+    y = z * scale if scale != 1.0 else z
+    th = None
+    if softcap is not None:
+        th = torch.tanh(y / softcap)
+        y = th * softcap
+    lse = torch.logsumexp(y, dim=1)
+    nll = lse - y.gather(1, targets.view(-1, 1)).squeeze(1)
+    if not with_grad:
+        return nll, None
+    g = torch.exp(y - lse.unsqueeze(1))
+    g[torch.arange(g.shape[0], device=g.device), targets] -= 1.0
+    if th is not None:
+        g *= 1.0 - th * th
+    g *= (weights.to(g.dtype) * scale).unsqueeze(1)
+    return nll, g

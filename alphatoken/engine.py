@@ -30,7 +30,7 @@ from .config import AlphaTokenConfig
 from .credits import Direction, embedding_direction, embedding_values, linear_values, matched
 from .distributed import all_reduce_sum, is_distributed
 from .fisher import Fisher
-from .head import candidate_transform, fused_chunks, head_values, matches, materialized_chunks
+from .head import CHECK_ROWS, candidate_transform, fused_chunks, head_values, matches, materialized_chunks
 from .head_loss import chunked_head_loss
 from .hooks import Capture
 from .layers import TrackedLayer, discover_layers, unvalued_weights
@@ -299,8 +299,6 @@ class AlphaToken:
             if n == 0:
                 return _Step(self._empty(response), logits)
             fed = self.capture.head_fed
-            if fuse:
-                fuse = self._trust_fused_head(fed, logits, head_rows.numel())
             x = self.capture.inputs[0]
             head_input = x.reshape(-1, x.shape[-1])
             a_rows = head_input.index_select(0, head_rows).detach()
@@ -309,6 +307,10 @@ class AlphaToken:
             weight = head.weight_matrix().detach()
             bias = getattr(head.module, "bias", None)
             bias = None if bias is None else bias.detach()
+            if fuse:
+                with torch.no_grad():
+                    linear = nn.functional.linear(a_rows[:min(CHECK_ROWS, feed.numel())], weight, bias) if fed else None
+                fuse = self._trust_fused_head(fed, logits, head_rows.numel(), linear)
             step = _Step(None, logits, head_rows=head_rows, targets=targets)
             if fuse:
                 nll = None
@@ -343,11 +345,11 @@ class AlphaToken:
         finally:
             self.capture.release()
 
-    def _trust_fused_head(self, fed: bool, logits: torch.Tensor, rows: int) -> bool:
+    def _trust_fused_head(self, fed: bool, logits: torch.Tensor, rows: int, linear) -> bool:
         """Whether the chunked head may stand in for the model's: its logits are the head output under the
         post-head map read from the config (`head.HeadTransform`), checked on the rows the head ran on. Decided
         at the first step that has rows (then the head ran on all of them); later steps check one row."""
-        ok = fed and matches(self.head_transform, self.capture.head_output, logits)
+        ok = fed and matches(self.head_transform, self.capture.head_output, logits, linear)
         if self.head_fusable is None:
             if fed and rows == 0:
                 return False  # nothing to check on this rank yet; the unfused path costs nothing here

@@ -61,17 +61,30 @@ def candidate_transform(model) -> HeadTransform:
     )
 
 
-def matches(transform: HeadTransform, head_output: torch.Tensor, logits: torch.Tensor) -> bool:
-    """Whether the model's logits are `transform(head_output)` (to a few ulps), in a dtype at least as precise."""
-    if head_output is logits:
-        return transform == HeadTransform()
+CHECK_ROWS = 4  # rows of the head's output checked against W a + b and the transform
+
+
+def matches(transform: HeadTransform, head_output: torch.Tensor, logits: torch.Tensor,
+            linear: Optional[torch.Tensor] = None) -> bool:
+    """Whether the head's output is `linear` (W a + b recomputed from its input for its first rows: no hook or
+    custom forward changed it) and the model's logits are `transform(head_output)` (to a few ulps) in a dtype at
+    least as precise, on the first CHECK_ROWS rows."""
     if not isinstance(head_output, torch.Tensor) or not isinstance(logits, torch.Tensor):
         return False
     if head_output.numel() != logits.numel() or torch.finfo(logits.dtype).eps > torch.finfo(head_output.dtype).eps:
         return False
-    want = transform(head_output.detach()).to(logits.dtype).reshape(logits.shape)
+    out = head_output.detach().reshape(-1, head_output.shape[-1])[:CHECK_ROWS]
+    if linear is not None:
+        lin = linear[:CHECK_ROWS]
+        tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(out.dtype, 2e-2)
+        if lin.shape != out.shape or not torch.allclose(lin.to(out.dtype), out, rtol=tol, atol=tol):
+            return False
+    if head_output is logits:
+        return transform == HeadTransform()
+    want = transform(out).to(logits.dtype)
+    got = logits.detach().reshape(-1, logits.shape[-1])[:CHECK_ROWS]
     eps = torch.finfo(logits.dtype).eps
-    return bool(torch.allclose(want, logits.detach(), rtol=8 * eps, atol=8 * eps))
+    return bool(torch.allclose(want, got, rtol=8 * eps, atol=8 * eps))
 
 
 @dataclass

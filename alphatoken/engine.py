@@ -192,6 +192,7 @@ class AlphaToken:
         self.head_transform = candidate_transform(unwrap_model(model))
         self.head_fusable: Optional[bool] = None  # decided at the first step, from the model's own logits
         self.chunk_rows: Optional[int] = None  # rows per head chunk (None: kernels.chunk_rows_for)
+        self._flags: Optional[list] = None
         self.closed = False
 
     # ---------------------------------------------------------------- public surface
@@ -278,10 +279,10 @@ class AlphaToken:
         self.steps += 1
 
         body = cfg.paths == "full" and len(self.layers) > 1
-        n = int(response.sum())
+        b, t = response.nonzero(as_tuple=True)  # the response rows (one read of the device, selection's own)
+        n = b.numel()
         if self._is_global():  # every rank takes the same branches and joins every collective, in order
             n = int(all_reduce_sum(n))
-        b, t = response.nonzero(as_tuple=True)
         head_rows, body_rows = b * T + t - 1, b * T + t
         fuse = n > 0 and not full_logits and self.head_fusable is not False
         feed = None  # the rows the model's own head runs on: one row once the fused head is trusted
@@ -307,11 +308,12 @@ class AlphaToken:
             weight = head.weight_matrix().detach()
             bias = getattr(head.module, "bias", None)
             bias = None if bias is None else bias.detach()
-            if fuse:
+            if fuse and not self.head_fusable:
                 with torch.no_grad():
                     linear = nn.functional.linear(a_rows[:min(CHECK_ROWS, feed.numel())], weight, bias) if fed else None
                 fuse = self._trust_fused_head(fed, logits, head_rows.numel(), linear)
             step = _Step(None, logits, head_rows=head_rows, targets=targets)
+            self._flags = []  # finiteness checks, kept on the device and read once after the backward
             if fuse:
                 nll = None
                 if callable(token_weights):  # the weights read every token's NLL first: one pass for it
@@ -322,7 +324,7 @@ class AlphaToken:
                 chunks = fused_chunks(a_rows, weight, bias, targets, weights, self.head_transform, self.chunk_rows)
                 hv = self._direct(a_rows, weight, chunks, n, body)
                 nll = hv.nll if nll is None else nll
-                self._check_finite(nll, "the loss (per-token NLL of the response tokens)")
+                self._check_finite(nll, "the loss (per-token NLL of the response tokens)", defer=True)
                 step.nll, step.head_input = nll, (head_input if keep_graph else None)
             else:
                 rows = logits.reshape(-1, logits.shape[-1]) if fed else logits[b, t - 1]
@@ -340,15 +342,19 @@ class AlphaToken:
             stab_c = torch.zeros_like(hv.adaptation)
             if body:
                 adapt_c, stab_c = self._causal(hv.seed, head_rows, batch, body_rows, n, keep_graph)
+            self._raise_if_nonfinite()
             step.values = self._combine(hv.adaptation, hv.stability, adapt_c, stab_c, b, t, response, labels)
             return step
         finally:
+            self._flags = None
             self.capture.release()
 
     def _trust_fused_head(self, fed: bool, logits: torch.Tensor, rows: int, linear) -> bool:
         """Whether the chunked head may stand in for the model's: its logits are the head output under the
         post-head map read from the config (`head.HeadTransform`), checked on the rows the head ran on. Decided
-        at the first step that has rows (then the head ran on all of them); later steps check one row."""
+        at the first step that has rows (then the head ran on all of them); later steps read nothing back."""
+        if self.head_fusable:  # decided: the model's head ran on one row only (nothing to read back)
+            return True
         ok = fed and matches(self.head_transform, self.capture.head_output, logits, linear)
         if self.head_fusable is None:
             if fed and rows == 0:
@@ -360,12 +366,7 @@ class AlphaToken:
                     f"under {self.head_transform} (an unknown post-head map or a lower-precision cast), so the head "
                     "runs unfused, on the response rows only: it holds (response tokens × vocab) values",
                     stacklevel=4)
-            return ok
-        if not ok and rows > 0:
-            raise RuntimeError(
-                "AlphaToken: the model's logits stopped matching its head's output under "
-                f"{self.head_transform}; create the AlphaToken again after changing the model's output map")
-        return True
+        return ok
 
     def _empty(self, response: torch.Tensor) -> TokenValues:
         zero = torch.zeros(response.shape, dtype=torch.float32, device=response.device)
@@ -447,8 +448,7 @@ class AlphaToken:
         """
         cfg = self.cfg
         mask = batch.get("attention_mask")
-        padded = mask is not None and not bool(mask.all())
-        ref_rows = (mask.reshape(-1) > 0).nonzero().squeeze(1) if padded else None  # None: every row, no copy
+        keep_rows = None if mask is None else (mask.reshape(-1, 1) > 0)  # U over non-pad rows: pads zeroed
         acc = {"adapt": torch.zeros(body_rows.numel(), device=body_rows.device),
                "stab": torch.zeros(body_rows.numel(), device=body_rows.device)}
 
@@ -465,9 +465,12 @@ class AlphaToken:
                 )
             a, g = a_all.index_select(0, body_rows), g_all.index_select(0, body_rows)
             direction = self.directions.get(index)
-            if cfg.target == "batch":
-                a_ref = a_all if ref_rows is None else a_all.index_select(0, ref_rows)
-                g_ref = g_all if ref_rows is None else g_all.index_select(0, ref_rows)
+            if cfg.target == "batch":  # pad rows zeroed rather than gathered: no read of the mask's count
+                a_ref, g_ref = a_all, g_all
+                if keep_rows is not None:
+                    g_ref = torch.where(keep_rows, g_all, 0.0)
+                    a_ref = torch.where(keep_rows.squeeze(1), a_all, 0) if layer.kind == "embedding" else \
+                        torch.where(keep_rows, a_all, 0.0)
                 direction = self._batch_direction(layer, a_ref, g_ref, n)
             fisher, delta = self._layer_fisher(layer), self._delta(layer)
             if layer.kind == "embedding":
@@ -578,7 +581,20 @@ class AlphaToken:
         self.directions = directions
 
     # ---------------------------------------------------------------- errors
-    def _check_finite(self, tensor: torch.Tensor, what: str) -> None:
+    def _raise_if_nonfinite(self) -> None:
+        """One read of the device for every deferred check of the step; on failure, the first bad one is named
+        (checked again one by one, as the immediate checks would have)."""
+        flags, self._flags = self._flags, None
+        if not flags or bool(torch.stack([ok for ok, _ in flags]).all()):
+            return
+        for ok, name in flags:
+            if not bool(ok):
+                name()
+
+    def _check_finite(self, tensor: torch.Tensor, what: str, defer: bool = False) -> None:
+        if defer and self.cfg.check_finite and getattr(self, "_flags", None) is not None:
+            self._flags.append((torch.isfinite(tensor).all(), lambda: self._check_finite(tensor, what)))
+            return
         if self.cfg.check_finite and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise NonFiniteError(f"AlphaToken: {bad} non-finite (NaN/Inf) entries in {what}")
@@ -586,9 +602,18 @@ class AlphaToken:
     def _check_values(self, adapt, stab, layer: TrackedLayer, g) -> None:
         if not self.cfg.check_finite:
             return
+        if getattr(self, "_flags", None) is not None:  # deferred: flags stay on the device until the step ends
+            ok = torch.isfinite(adapt).all() & torch.isfinite(stab).all()
+            g_ok = torch.isfinite(g).all()
+            self._flags.append((ok, lambda: self._values_error(layer, g_ok)))
+            return
         if bool(torch.isfinite(adapt).all()) and bool(torch.isfinite(stab).all()):
             return
-        if not bool(torch.isfinite(g).all()):
+        self._values_error(layer, torch.isfinite(g).all())
+
+    @staticmethod
+    def _values_error(layer: TrackedLayer, g_finite: torch.Tensor) -> None:
+        if not bool(g_finite):
             raise NonFiniteError(f"AlphaToken: non-finite (NaN/Inf) output-gradient captured at layer {layer.name!r}")
         raise NonFiniteError(
             f"AlphaToken: non-finite values at layer {layer.name!r} (its input activations, Fisher entry or "

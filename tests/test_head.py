@@ -207,3 +207,54 @@ def test_no_tokens_by_vocab_tensor_is_saved_for_the_training_backward():
     loss.backward()
     assert sizes and max(sizes) < n * V // 4, f"a saved tensor of {max(sizes)} elements (n·V = {n * V})"
     assert n * V // 4 > V * 16  # the head weight itself (V × d) is below the bound
+
+
+# Where a step may read the device (selection truly needs these): the response rows, the one finiteness flag,
+# the selection itself, the kept rows of the loss, the left-padding test of the inputs, the normalization.
+SYNC_ALLOWED = {"_run", "_raise_if_nonfinite", "select_tokens", "protected_tokens", "value_and_loss",
+                "model_inputs", "_combine", "_rms"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debug mode needs a CUDA device (none here)")
+def test_a_step_reads_the_device_only_where_selection_needs_it():
+    """Under torch.cuda.set_sync_debug_mode, every synchronizing call of a second value_and_loss step (after
+    the first step's fused-head check) happens inside an allow-listed function; each one is reported with its
+    stack. The debug mode is "warn" with every warning turned into a recorded failure, which is "error" with an
+    allow-list: "error" itself would stop at the first allowed read."""
+    import traceback
+
+    model = tiny_model("llama", seed=31, vocab=512, dtype=torch.float32).cuda()
+    batch = {k: v.cuda() for k, v in random_batch(32, vocab=512, B=4, T=24).items()}
+    fisher = at.Fisher("kfac", {n: (torch.rand(*s[:1]) + 0.1, torch.rand(s[1]) + 0.1) for n, s in (
+        (layer.name, layer.shape) for layer in at.AlphaToken(model, at.AlphaTokenConfig(), fisher=None).layers)})
+    valuer = at.AlphaToken(model, at.AlphaTokenConfig(), fisher=fisher)
+    valuer.value_and_loss(batch).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3)  # the drift is live
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    bad = []
+    previous = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return previous(message, category, filename, lineno, file, line)
+        stack = traceback.extract_stack()[:-1]
+        ours = [f for f in stack if any(k in f.filename for k in ("/alphatoken/", "/kernels/", "/transformers/"))]
+        innermost = ours[-1] if ours else None  # the code that asked: ours, or the model's own forward
+        if innermost is None or ("/transformers/" not in innermost.filename and innermost.name not in SYNC_ALLOWED):
+            bad.append("".join(traceback.format_list(stack[-6:])))
+
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            valuer.value_and_loss(batch).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = previous
+    assert not bad, f"{len(bad)} host syncs outside the allow-list; first at:\n{bad[0]}"

@@ -63,6 +63,7 @@ class _Step:
     targets: Optional[torch.Tensor] = None
     nll: Optional[torch.Tensor] = None
     head_input: Optional[torch.Tensor] = None
+    grad_rows: Optional[torch.Tensor] = None
     nll_graph: Optional[torch.Tensor] = None
 
 
@@ -251,7 +252,8 @@ class AlphaToken:
         a = step.head_input.index_select(0, step.head_rows.index_select(0, rows))
         return chunked_head_loss(a, head.weight_matrix(), getattr(head.module, "bias", None),
                                  step.targets.index_select(0, rows), torch.as_tensor(denom, device=a.device),
-                                 self.head_transform, nll=step.nll.index_select(0, rows), chunk_rows=self.chunk_rows)
+                                 self.head_transform, nll=step.nll.index_select(0, rows), chunk_rows=self.chunk_rows,
+                                 grad_rows=None if step.grad_rows is None else step.grad_rows.index_select(0, rows))
 
     def close(self) -> None:
         """Remove every hook and drop captured state (idempotent)."""
@@ -322,8 +324,10 @@ class AlphaToken:
                 like = nll if nll is not None else a_rows.new_zeros(a_rows.shape[0], dtype=_acc_dtype(a_rows))
                 weights = None if token_weights is None else self._weights(token_weights, like, b, t, (B, T))
                 chunks = fused_chunks(a_rows, weight, bias, targets, weights, self.head_transform, self.chunk_rows)
-                hv = self._direct(a_rows, weight, chunks, n, body)
+                reuse = keep_graph and token_weights is None  # the seed rows are then the loss's own ∂ℓ/∂a
+                hv = self._direct(a_rows, weight, chunks, n, body or reuse)
                 nll = hv.nll if nll is None else nll
+                step.grad_rows = hv.seed if reuse else None
                 self._check_finite(nll, "the loss (per-token NLL of the response tokens)", defer=True)
                 step.nll, step.head_input = nll, (head_input if keep_graph else None)
             else:
@@ -424,7 +428,7 @@ class AlphaToken:
         g = g if head_rows is None else g.index_select(0, head_rows)
         return g if g.dtype == torch.float64 else g.float()
 
-    def _direct(self, a_rows, weight, chunks, n: int, body: bool):
+    def _direct(self, a_rows, weight, chunks, n: int, want_seed: bool):
         """Values of the head credits g_t a_tᵀ at the rows that predict each response token, and the seed
         rows g_t W of the valuation backward (alphatoken.head)."""
         head = self.layers[0]
@@ -435,7 +439,7 @@ class AlphaToken:
                 direction=None if batch else self.directions.get(0),
                 batch_scale=1.0 / n if batch else None,
                 reduce=all_reduce_sum if batch and self._is_global() else None,
-                fisher=self._layer_fisher(head), delta=self._delta(head), want_seed=body)
+                fisher=self._layer_fisher(head), delta=self._delta(head), want_seed=want_seed)
         self._check_values(hv.adaptation, hv.stability, head, hv.adaptation.new_zeros(1))
         return hv
 

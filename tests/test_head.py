@@ -46,6 +46,10 @@ def test_head_rows_match_float64_autograd(shape, name, backend):
     K.reset_launch_counts()
     with K.use_backend(backend):
         nll, g = K.head_rows(z.clone(), targets, weights, tr.scale, tr.softcap)
+    if backend == "reference":  # exactness of the reference itself in float64
+        nll64, g64 = K.head_rows_reference(z.double(), targets, weights.double(), tr.scale, tr.softcap)
+        torch.testing.assert_close(nll64, want_nll, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g64, want_g, rtol=1e-11, atol=1e-13)
     assert (K.launch_counts().get("head_rows", 0) == 1) == (backend == "triton")
     torch.testing.assert_close(nll.double(), want_nll, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(g.double(), want_g, rtol=2e-5, atol=2e-6)
@@ -67,11 +71,12 @@ def test_chunked_grads_and_loss_function_match_brute_force_float64(name):
     y = torch.randint(0, V, (n,), generator=gen)
     nll = -torch.log_softmax(tr(a @ W.T + b), 1).gather(1, y[:, None])[:, 0]
     want = nll.sum() / 17.0
-    want_grads = torch.autograd.grad(want, (a, W, b))
+    want_grads = torch.autograd.grad(want, (a, W, b), retain_graph=True)
+    (rows_grad,) = torch.autograd.grad(nll.sum(), a, retain_graph=True)  # ∂ℓ_t/∂a_t, the seed rows g_t W
     for chunk in (1, 4, 100):  # one row, ragged last chunk, one chunk
-        for given_nll in (None, nll.detach()):
+        for given_nll, given_rows in ((None, None), (nll.detach(), None), (nll.detach(), rows_grad)):
             loss = chunked_head_loss(a, W, b, y, torch.tensor(17.0, dtype=torch.float64), tr, nll=given_nll,
-                                     chunk_rows=chunk)
+                                     chunk_rows=chunk, grad_rows=given_rows)
             assert math.isclose(loss.item(), want.item(), rel_tol=1e-12)
             got = torch.autograd.grad(loss, (a, W, b))
             for g_got, g_want in zip(got, want_grads):

@@ -168,12 +168,15 @@ def measure_one(provider: str, mode: str, vocab: int, tokens: int, device: torch
 
 
 # --------------------------------------------------------------------------------------------- the grid
-def configurations(device: torch.device):
-    yield "plain", ""
-    yield "chunked", ""
-    yield "liger", ""
-    for mode in MODES:
-        yield "alphatoken", mode
+def configurations(only=None):
+    """(provider, mode) pairs; `only`: labels to keep ("plain", "chunked", "liger", "alphatoken:full/kfac")."""
+    every = [("plain", ""), ("chunked", ""), ("liger", "")] + [("alphatoken", mode) for mode in MODES]
+    if only:
+        unknown = set(only) - {p + (f":{m}" if m else "") for p, m in every}
+        if unknown:
+            raise ValueError(f"unknown providers {sorted(unknown)}; choose among plain, chunked, liger, "
+                             f"{', '.join('alphatoken:' + m for m in MODES)}")
+    return [(p, m) for p, m in every if not only or p + (f":{m}" if m else "") in only]
 
 
 def liger_reason(device: torch.device):
@@ -186,12 +189,12 @@ def liger_reason(device: torch.device):
     return None
 
 
-def run(device: torch.device, vocabs, token_counts, env: dict, timeout_s: float, log=print) -> list:
+def run(device: torch.device, vocabs, token_counts, env: dict, timeout_s: float, log=print, only=None) -> list:
     rows = []
     for vocab in vocabs:
         for tokens in token_counts:
             found = {}
-            for provider, mode in configurations(device):
+            for provider, mode in configurations(only):
                 label = provider + (f" {mode}" if mode else "")
                 common = dict(bench="memory", op=f"V{vocab}-T{tokens}", provider=provider, dtype=str(
                     spec_for(device, vocab, tokens)["dtype"]).replace("torch.", ""), N=tokens, V=vocab,
@@ -269,6 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--tokens", type=int, nargs="+", default=[2048])
     p.add_argument("--timeout-s", type=float, default=600.0, help="per configuration")
+    p.add_argument("--providers", nargs="+", default=None,
+                   help="a subset: plain chunked liger alphatoken:direct/none alphatoken:full/kfac ...")
     p.add_argument("--csv", default=None)
     p.add_argument("--plot", action="store_true", help="also write a .png beside the CSV (needs matplotlib)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -282,7 +287,7 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     mode = "cpu" if device.type == "cpu" else "gpu"
     env = C.environment(device, f"memory-{mode}")
-    rows = run(device, args.vocab, args.tokens, env, args.timeout_s)
+    rows = run(device, args.vocab, args.tokens, env, args.timeout_s, only=args.providers)
     csv_path = Path(args.csv or C.RESULTS_DIR / f"memory_{mode}_{time.strftime('%Y-%m-%d')}.csv")
     C.write_csv(rows, csv_path)
     print(f"rows written to {csv_path}")

@@ -439,9 +439,19 @@ class AlphaToken:
                 direction=None if batch else self.directions.get(0),
                 batch_scale=1.0 / n if batch else None,
                 reduce=all_reduce_sum if batch and self._is_global() else None,
-                fisher=self._layer_fisher(head), delta=self._delta(head), want_seed=want_seed)
+                fisher=self._layer_fisher(head), want_seed=want_seed, **self._head_drift(head, weight))
         self._check_values(hv.adaptation, hv.stability, head, hv.adaptation.new_zeros(1))
         return hv
+
+    def _head_drift(self, head: TrackedLayer, weight: torch.Tensor) -> dict:
+        """The head's drift operands: (W, W₀) to form Δ tile by tile when θ₀ sits on the weight's device,
+        else Δ itself (a CPU θ₀ is copied over once, as for the body layers)."""
+        if self.anchor is None or head.name not in self.fisher_entries or not self.anchor.moved(head):
+            return {}
+        w0 = self.anchor.weights[head.name]
+        if w0.device != weight.device:
+            return {"delta": self._delta(head)}
+        return {"reference": (weight, head.weight_matrix(w0))}
 
     def _causal(self, seed_rows, head_rows, batch, body_rows, n: int, keep_graph: bool):
         """One valuation backward; each body layer's values at rows t as its g arrives.

@@ -116,16 +116,35 @@ def materialized_chunks(g: torch.Tensor, chunk_rows=None) -> Chunks:
     return chunks
 
 
+DRIFT_BLOCK_ELEMENTS = 1 << 22  # vocabulary rows per block of the tile-wise drift: ~16 MiB of fp32
+
+
+def _drift_rows(g: torch.Tensor, ref: tuple, F: Optional[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
+    """g (F ⊙ (W − W₀)) as (rows, d), over blocks of vocabulary rows: Δ and F ⊙ Δ exist one block at a time."""
+    W, W0 = ref
+    V, d = W.shape
+    out = torch.zeros(g.shape[0], d, dtype=acc, device=g.device)
+    step = max(1, DRIFT_BLOCK_ELEMENTS // max(d, 1))
+    for v0 in range(0, V, step):
+        block = W[v0:v0 + step].to(acc) - W0[v0:v0 + step].to(acc)
+        if F is not None:
+            block.mul_(F[v0:v0 + step])
+        out.addmm_(g[:, v0:v0 + step], block)
+    return out
+
+
 def head_values(a: torch.Tensor, weight: torch.Tensor, chunks: Chunks, eta: float, *,
                 direction: Optional[Direction] = None, batch_scale: Optional[float] = None,
                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                fisher=None, delta: Optional[torch.Tensor] = None, want_seed: bool = True) -> HeadValues:
+                fisher=None, delta: Optional[torch.Tensor] = None, reference: Optional[tuple] = None,
+                want_seed: bool = True) -> HeadValues:
     """Values of the head credits g_t a_tᵀ and the seed rows g_t W, one chunk of g at a time.
 
     a (n, d) head-input rows; weight (V, d). `batch_scale` set: the batch target U = batch_scale · Σ gᵀa,
     accumulated here (`reduce` sums it across ranks), then a second pass over the chunks. Otherwise
     `direction` (a validation U: matrix or factors) or None. fisher: None, ("diag", F), ("kfac", f_out, f_in);
-    delta: W − W₀ as (V, d) or None. Accumulation in fp32 (fp64 for fp64 inputs).
+    delta: W − W₀ as (V, d) or None; or `reference` = (W, W₀), both (V, d) on a's device: the drift is then
+    formed tile by tile (`_drift_rows`), with no weight-sized Δ or F ⊙ Δ. Accumulation in fp32 (fp64 for fp64).
     """
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     n, d = a.shape
@@ -136,12 +155,13 @@ def head_values(a: torch.Tensor, weight: torch.Tensor, chunks: Chunks, eta: floa
     U = torch.zeros(weight.shape, dtype=acc, device=a.device) if batch_scale is not None else None
     kind = fisher[0] if fisher is not None else None
     F = f_out = f_in = drift = None
+    tiled = reference is not None and kind is not None
     if kind == "diag":
         F = fisher[1].to(acc)
-        drift = F * delta.to(acc) if delta is not None else None  # one (V, d) product per step
+        drift = F * delta.to(acc) if delta is not None and not tiled else None  # one (V, d) product per step
     elif kind == "kfac":
         f_out, f_in = fisher[1].to(acc), fisher[2].to(acc)
-        drift = delta.to(acc) if delta is not None else None
+        drift = delta.to(acc) if delta is not None and not tiled else None
     ref = None
     if U is None and direction is not None:
         ref = (direction.matrix.to(acc),) if direction.matrix is not None else \
@@ -166,12 +186,16 @@ def head_values(a: torch.Tensor, weight: torch.Tensor, chunks: Chunks, eta: floa
             stab = -0.5 * eta * eta * norm
             if drift is not None:
                 stab = stab + eta * ((g @ drift) * a_c).sum(1)
+            elif tiled:
+                stab = stab + eta * (_drift_rows(g, reference, F, acc) * a_c).sum(1)
             stability[rows] = stab
         elif kind == "kfac":
             norm = ((g * g) @ f_out) * ((a_c * a_c) @ f_in)
             stab = -0.5 * eta * eta * norm
             if drift is not None:
                 stab = stab + eta * (((g * f_out) @ drift) * (a_c * f_in)).sum(1)
+            elif tiled:
+                stab = stab + eta * (_drift_rows(g * f_out, reference, None, acc) * (a_c * f_in)).sum(1)
             stability[rows] = stab
         del g
 

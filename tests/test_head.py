@@ -101,9 +101,13 @@ def test_head_values_match_explicit_credits_float64():
     _, g = _brute_rows(a @ W.T, y, w, tr)
     U = g.T @ a / n
     C = [torch.outer(g[i], a[i]) for i in range(n)]
-    for fisher, Ff in ((("diag", F), F), (("kfac", f_out, f_in), torch.outer(f_out, f_in))):
-        hv = head_values(a, W, fused_chunks(a, W, None, y, w, tr, chunk_rows=4), eta, batch_scale=1.0 / n,
-                         fisher=fisher, delta=delta)
+    cases = [(fisher, Ff, drift) for fisher, Ff in ((("diag", F), F), (("kfac", f_out, f_in), torch.outer(f_out, f_in)))
+             for drift in ({"delta": delta}, {"reference": (W, W - delta)})]  # Δ given, or formed tile by tile
+    for fisher, Ff, drift in cases:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("alphatoken.head.DRIFT_BLOCK_ELEMENTS", 4 * d)  # 4 vocabulary rows per tile: ragged last
+            hv = head_values(a, W, fused_chunks(a, W, None, y, w, tr, chunk_rows=4), eta, batch_scale=1.0 / n,
+                             fisher=fisher, **drift)
         want_a = torch.stack([eta * (c * U).sum() for c in C])
         R = lambda X: 0.5 * (Ff * (X - (W - delta)) ** 2).sum()  # noqa: E731
         want_s = torch.stack([-(R(W - eta * c) - R(W)) for c in C])

@@ -3,11 +3,15 @@
 One call of `value(batch)`:
   1. forward with capture hooks on the tracked layers (body outputs probed when paths="full");
   2. head (direct path): g_t = w_t (softmax(logits_{t-1}) − onehot(y_t)) at the rows that predict response
-     tokens — no backward; values from the head credits g_t a_tᵀ;
+     tokens — no backward; values from the head credits g_t a_tᵀ. The head is fused and chunked (alphatoken.head):
+     the model's head runs on one row only, and NLL, g, values and the seed g W come chunk by chunk from the
+     captured head input, with no (tokens × vocab) tensor. Heads it cannot fuse (a post-head map other than
+     logit scaling or soft-capping, a custom loss_fn) run on the response rows only and are valued the same way;
   3. body (causal path): one valuation backward of L = Σ_t w_t ℓ_t towards the probes (input-gradients only);
      each layer's values are computed as its g arrives, at the response rows t;
   4. combine (DESIGN §3) and select (DESIGN §4).
-`value_and_loss(batch)` keeps the forward graph for the training backward of the masked loss.
+`value_and_loss(batch)` keeps the forward graph for the training backward of the masked loss, which goes through
+the same chunked head (`head_loss.chunked_head_loss`, an autograd Function recomputing chunks in its backward).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sized
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
@@ -28,11 +33,14 @@ from .combine import PathValues, combine_paths, credit_square_norm, percentile_r
 from .credits import Direction, embedding_direction, embedding_values, linear_values, matched
 from .distributed import all_reduce_sum, gather_values, is_distributed
 from .fisher import Fisher
+from .head import CHECK_ROWS, candidate_transform, fused_chunks, head_values, matches, materialized_chunks
+from .head_loss import chunked_head_loss
 from .hooks import Capture
 from .layers import TrackedLayer, discover_layers, unvalued_weights
 from .losses import kept_mean_nll, masked_causal_lm_loss, response_mask
 from .select import protected_tokens, select_tokens
 from .values import TokenValues
+from alphatoken import kernels as K
 
 TokenWeights = Union[None, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -40,6 +48,26 @@ TokenWeights = Union[None, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 def _accurate(x: torch.Tensor) -> torch.Tensor:
     """float32 for half types and float32; float64 stays float64 (exact checks)."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class _Step:
+    """What one step hands to `value_and_loss`: the values, the model's logits, and the head's loss inputs
+    (fused: the flattened head input in the graph, the response rows, targets and NLL; unfused: the NLL rows
+    in the graph)."""
+
+    values: Optional[TokenValues]
+    logits: torch.Tensor
+    head_rows: Optional[torch.Tensor] = None
+    targets: Optional[torch.Tensor] = None
+    nll: Optional[torch.Tensor] = None
+    head_input: Optional[torch.Tensor] = None
+    grad_rows: Optional[torch.Tensor] = None
+    nll_graph: Optional[torch.Tensor] = None
 
 
 class NonFiniteError(FloatingPointError):
@@ -176,7 +204,10 @@ class AlphaToken:
         self.capture = Capture(self.layers)
         self.steps = 0
         self.last_values: Optional[TokenValues] = None
-        self.last_logits: Optional[torch.Tensor] = None
+        self.head_transform = candidate_transform(unwrap_model(model))
+        self.head_fusable: Optional[bool] = None  # decided at the first step, from the model's own logits
+        self.chunk_rows: Optional[int] = None  # rows per head chunk (None: kernels.chunk_rows_for)
+        self._flags: Optional[list] = None
         self.closed = False
 
     # ---------------------------------------------------------------- public surface
@@ -199,7 +230,7 @@ class AlphaToken:
             (B, T) returning them; the valued loss is then Σ_t w_t ℓ_t (DPO uses its own credits this way).
         forward_model: run the forward through this module instead (e.g. the DDP wrapper of the model).
         """
-        values, _, _ = self._run(batch, token_weights, keep_graph=False, forward_model=forward_model)
+        values = self._run(batch, token_weights, keep_graph=False, forward_model=forward_model).values
         self.last_values = values
         return values
 
@@ -213,20 +244,31 @@ class AlphaToken:
     ) -> torch.Tensor:
         """Value the batch and return the masked loss from the same forward (call `.backward()` on it).
 
-        Default loss: mean next-token NLL over the kept tokens (sum / num_items_in_batch when given).
-        `loss_fn(logits, masked_labels)` replaces it. The TokenValues of the batch are kept in
-        `self.last_values` (and the logits in `self.last_logits`) for logging.
+        Default loss: mean next-token NLL over the kept tokens (sum / num_items_in_batch when given), through
+        the chunked head (no (tokens × vocab) logits). `loss_fn(logits, masked_labels)` replaces it; the model
+        then computes its full logits. The TokenValues of the batch are kept in `self.last_values` for logging.
         """
         _check_num_items(num_items_in_batch)
-        values, logits, nll = self._run(batch, token_weights, keep_graph=True, forward_model=forward_model)
+        step = self._run(batch, token_weights, keep_graph=True, forward_model=forward_model,
+                         full_logits=loss_fn is not None)
+        values = step.values
         labels = values.apply(batch["labels"].to(values.mask.device))
-        self.last_values, self.last_logits = values, logits
+        self.last_values = values
         if loss_fn is not None:
-            return loss_fn(logits, labels)
-        if nll is None:  # no response token: a zero loss that still backpropagates
-            return masked_causal_lm_loss(logits, labels, num_items_in_batch)
-        # the valuation's own per-token NLL (graph kept), at the kept tokens: no second log-softmax
-        return kept_mean_nll(nll, values.mask[values.response], num_items_in_batch, logits)
+            return loss_fn(step.logits, labels)
+        if step.head_rows is None:  # no response token: a zero loss that still backpropagates
+            return masked_causal_lm_loss(step.logits, labels, num_items_in_batch)
+        kept = values.mask[values.response]
+        if step.head_input is None:  # the unfused head: the valuation's own per-token NLL (graph kept)
+            return kept_mean_nll(step.nll_graph, kept, num_items_in_batch, step.logits)
+        rows = kept.nonzero().squeeze(1)  # the kept rows (selection's own read of the device)
+        denom = num_items_in_batch if num_items_in_batch is not None else kept.sum().clamp(min=1)
+        head = self.layers[0]
+        a = step.head_input.index_select(0, step.head_rows.index_select(0, rows))
+        return chunked_head_loss(a, head.weight_matrix(), getattr(head.module, "bias", None),
+                                 step.targets.index_select(0, rows), torch.as_tensor(denom, device=a.device),
+                                 self.head_transform, nll=step.nll.index_select(0, rows), chunk_rows=self.chunk_rows,
+                                 grad_rows=None if step.grad_rows is None else step.grad_rows.index_select(0, rows))
 
     def close(self) -> None:
         """Remove every hook and drop captured state (idempotent)."""
@@ -240,7 +282,8 @@ class AlphaToken:
         self.close()
 
     # ---------------------------------------------------------------- one step
-    def _run(self, batch, token_weights: TokenWeights, keep_graph: bool, forward_model=None):
+    def _run(self, batch, token_weights: TokenWeights, keep_graph: bool, forward_model=None,
+             full_logits: bool = False) -> "_Step":
         if self.closed:
             raise RuntimeError("this AlphaToken was closed; create a new one")
         cfg = self.cfg
@@ -253,11 +296,18 @@ class AlphaToken:
         self.steps += 1
 
         body = cfg.paths == "full" and len(self.layers) > 1
-        n = int(response.sum())
+        b, t = response.nonzero(as_tuple=True)  # the response rows (one read of the device, selection's own)
+        n = b.numel()
         if self._is_global():  # every rank takes the same branches and joins every collective, in order
             n = int(all_reduce_sum(n))
+        head_rows, body_rows = b * T + t - 1, b * T + t
+        fuse = n > 0 and not full_logits and self.head_fusable is not False
+        feed = None  # the rows the model's own head runs on: one row once the fused head is trusted
+        if n > 0 and not full_logits:
+            feed = head_rows[:1] if fuse and self.head_fusable else head_rows
         model = forward_model if forward_model is not None else self.model
-        self.capture.open(set(range(1, len(self.layers))) if body and n > 0 else set())
+        self.capture.open(set(range(1, len(self.layers))) if body and n > 0 else set(), head_rows=feed,
+                          rows_expected=B * T)
         try:
             with torch.enable_grad():  # graph kept for the body backward, the masked loss, or a logit transform
                 logits = model(**model_inputs(model, batch)).logits
@@ -265,24 +315,77 @@ class AlphaToken:
             self.capture.close_recording()
         try:
             if n == 0:
-                return self._empty(response), logits, None
-            b, t = response.nonzero(as_tuple=True)
-            head_rows, body_rows = b * T + t - 1, b * T + t
-            logp_graph, nll_graph = self._nll_with_graph(logits, labels, b, t)
-            logp, nll = logp_graph.detach(), nll_graph.detach()
-            self._check_finite(nll, "the loss (per-token NLL of the response tokens)")
-            weights = self._weights(token_weights, nll, b, t, (B, T))
-            with torch.enable_grad():
-                loss = (weights * nll_graph).sum()
-            g_head = self._head_gradient(logits, logp, labels[b, t], weights, head_rows, loss)
-            direct = self._direct(g_head, head_rows, n)
+                return _Step(self._empty(response), logits)
+            fed = self.capture.head_fed
+            x = self.capture.inputs[0]
+            head_input = x.reshape(-1, x.shape[-1])
+            a_rows = head_input.index_select(0, head_rows).detach()
+            targets = labels[b, t]
+            head = self.layers[0]
+            weight = head.weight_matrix().detach()
+            bias = getattr(head.module, "bias", None)
+            bias = None if bias is None else bias.detach()
+            if fuse and not self.head_fusable:
+                with torch.no_grad():
+                    linear = nn.functional.linear(a_rows[:min(CHECK_ROWS, feed.numel())], weight, bias) if fed else None
+                fuse = self._trust_fused_head(fed, logits, head_rows.numel(), linear)
+            step = _Step(None, logits, head_rows=head_rows, targets=targets)
+            self._flags = []  # finiteness checks, kept on the device and read once after the backward
+            if fuse:
+                nll = None
+                if callable(token_weights):  # the weights read every token's NLL first: one pass for it
+                    nll = K.head_nll(a_rows, weight, bias, targets, self.head_transform.scale,
+                                     self.head_transform.softcap, self.chunk_rows)
+                like = nll if nll is not None else a_rows.new_zeros(a_rows.shape[0], dtype=_acc_dtype(a_rows))
+                weights = None if token_weights is None else self._weights(token_weights, like, b, t, (B, T))
+                chunks = fused_chunks(a_rows, weight, bias, targets, weights, self.head_transform, self.chunk_rows)
+                reuse = keep_graph and token_weights is None  # the seed rows are then the loss's own ∂ℓ/∂a
+                hv = self._direct(a_rows, weight, chunks, n, body or reuse)
+                nll = hv.nll if nll is None else nll
+                step.grad_rows = hv.seed if reuse else None
+                self._check_finite(nll, "the loss (per-token NLL of the response tokens)", defer=True)
+                step.nll, step.head_input = nll, (head_input if keep_graph else None)
+            else:
+                rows = logits.reshape(-1, logits.shape[-1]) if fed else logits[b, t - 1]
+                logp_graph, nll_graph = self._nll_with_graph(rows, targets)
+                logp, nll = logp_graph.detach(), nll_graph.detach()
+                self._check_finite(nll, "the loss (per-token NLL of the response tokens)")
+                weights = self._weights(token_weights, nll, b, t, (B, T))
+                with torch.enable_grad():
+                    loss = (weights * nll_graph).sum()
+                g = self._head_gradient(logits, logp, targets, weights, None if fed else head_rows, loss)
+                hv = self._direct(a_rows, weight, materialized_chunks(g, self.chunk_rows), n, body)
+                del g
+                step.nll_graph = nll_graph
+            direct = PathValues(hv.adaptation, hv.stability, hv.square_norm)
             causal = PathValues.zeros_like(direct)
             if body:
-                causal = self._causal(g_head, head_rows, batch, body_rows, n, keep_graph)
-            values = self._combine(direct, causal, n, b, t, response, labels)
-            return values, logits, nll_graph
+                causal = self._causal(hv.seed, head_rows, batch, body_rows, n, keep_graph)
+            self._raise_if_nonfinite()
+            step.values = self._combine(direct, causal, n, b, t, response, labels)
+            return step
         finally:
+            self._flags = None
             self.capture.release()
+
+    def _trust_fused_head(self, fed: bool, logits: torch.Tensor, rows: int, linear) -> bool:
+        """Whether the chunked head may stand in for the model's: its logits are the head output under the
+        post-head map read from the config (`head.HeadTransform`), checked on the rows the head ran on. Decided
+        at the first step that has rows (then the head ran on all of them); later steps read nothing back."""
+        if self.head_fusable:  # decided: the model's head ran on one row only (nothing to read back)
+            return True
+        ok = fed and matches(self.head_transform, self.capture.head_output, logits, linear)
+        if self.head_fusable is None:
+            if fed and rows == 0:
+                return False  # nothing to check on this rank yet; the unfused path costs nothing here
+            self.head_fusable = ok
+            if not ok:
+                warnings.warn(
+                    f"AlphaToken: {type(unwrap_model(self.model)).__name__}'s logits are not its head's output "
+                    f"under {self.head_transform} (an unknown post-head map or a lower-precision cast), so the head "
+                    "runs unfused, on the response rows only: it holds (response tokens × vocab) values",
+                    stacklevel=4)
+        return ok
 
     def _empty(self, response: torch.Tensor) -> TokenValues:
         zero = torch.zeros(response.shape, dtype=torch.float32, device=response.device)
@@ -290,12 +393,12 @@ class AlphaToken:
                            torch.zeros_like(response), response)
 
     @staticmethod
-    def _nll_with_graph(logits, labels, b, t) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs (n, V), NLL (n,)) of the response tokens (b, t) from logits[b, t − 1], in the graph
+    def _nll_with_graph(logit_rows, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs (n, V), NLL (n,)) of the targets from their logit rows (n, V), in the graph
         (also when the caller is under torch.no_grad: the valuation backward needs it)."""
         with torch.enable_grad():
-            logp = torch.log_softmax(_accurate(logits[b, t - 1]), dim=-1)
-            return logp, -logp.gather(1, labels[b, t].unsqueeze(1)).squeeze(1)
+            logp = torch.log_softmax(_accurate(logit_rows), dim=-1)
+            return logp, -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
 
     def _weights(self, token_weights: TokenWeights, nll, b, t, shape) -> torch.Tensor:
         if token_weights is None:
@@ -323,49 +426,59 @@ class AlphaToken:
         return layer.weight_matrix(delta)
 
     def _head_gradient(self, logits, logp, targets, weights, head_rows, loss) -> torch.Tensor:
-        """The head's output-gradient at the rows that predict response tokens.
+        """The head's output-gradient at the rows that predict response tokens (unfused head).
 
-        When the model returns the head's output as its logits (the usual case) this is exactly
-        w (softmax − onehot(y)), with no backward. A model that transforms it first (final-logit soft-capping,
-        logit scaling) gets it by autograd through that step alone: a few elementwise ops.
+        When the model returns the head's output as its logits this is exactly w (softmax − onehot(y)), with no
+        backward. A model that transforms it first gets it by autograd through that step alone.
+        head_rows: the rows of a full (B·T) head output; None when the head ran on the response rows only.
         """
         head_output = self.capture.head_output
         if head_output is None or head_output is logits or not head_output.requires_grad:
             with torch.no_grad():
                 g = logp.exp()  # softmax(logits): logp is already normalized
                 g[torch.arange(g.shape[0], device=g.device), targets] -= 1.0
-                return g * weights.unsqueeze(1).to(g.dtype)
+                return g.mul_(weights.unsqueeze(1).to(g.dtype))
         (grad,) = torch.autograd.grad(loss, head_output, retain_graph=True)
-        g = grad.reshape(-1, grad.shape[-1]).index_select(0, head_rows)
+        g = grad.reshape(-1, grad.shape[-1])
+        g = g if head_rows is None else g.index_select(0, head_rows)
         return g if g.dtype == torch.float64 else g.float()
 
-    def _direct(self, g, head_rows, n: int):
-        """Values of the head credits g_t a_tᵀ at the rows that predict each response token."""
+    def _direct(self, a_rows, weight, chunks, n: int, want_seed: bool):
+        """Values of the head credits g_t a_tᵀ at the rows that predict each response token, and the seed
+        rows g_t W of the valuation backward (alphatoken.head)."""
         head = self.layers[0]
+        batch = self.cfg.target == "batch"
         with torch.no_grad():
-            a = self.capture.inputs[0]
-            a = a.reshape(-1, a.shape[-1]).index_select(0, head_rows)
-            if self.cfg.target == "batch":
-                direction = self._batch_direction(head, a, g, n)
-            else:
-                direction = self.directions.get(0)
-            adapt, stab = linear_values(a, g, self.cfg.lr, direction, self._layer_fisher(head), self._delta(head))
-            square_norm = credit_square_norm(a, g)
-        self._check_values(adapt, stab, head, g)
-        return PathValues(adapt, stab, square_norm)
+            hv = head_values(
+                a_rows, weight, chunks, self.cfg.lr,
+                direction=None if batch else self.directions.get(0),
+                batch_scale=1.0 / n if batch else None,
+                reduce=all_reduce_sum if batch and self._is_global() else None,
+                fisher=self._layer_fisher(head), want_seed=want_seed, **self._head_drift(head, weight))
+        self._check_values(hv.adaptation, hv.stability, head, hv.adaptation.new_zeros(1))
+        return hv
 
-    def _causal(self, g_head, head_rows, batch, body_rows, n: int, keep_graph: bool):
+    def _head_drift(self, head: TrackedLayer, weight: torch.Tensor) -> dict:
+        """The head's drift operands: (W, W₀) to form Δ tile by tile when θ₀ sits on the weight's device,
+        else Δ itself (a CPU θ₀ is copied over once, as for the body layers)."""
+        if self.anchor is None or head.name not in self.fisher_entries or not self.anchor.moved(head):
+            return {}
+        w0 = self.anchor.weights[head.name]
+        if w0.device != weight.device:
+            return {"delta": self._delta(head)}
+        return {"reference": (weight, head.weight_matrix(w0))}
+
+    def _causal(self, seed_rows, head_rows, batch, body_rows, n: int, keep_graph: bool):
         """One valuation backward; each body layer's values at rows t as its g arrives.
 
-        The backward starts at the head's input, with its gradient g_head W_head at the rows that predict
-        response tokens (the head's output-gradient is already known): no (B, T, vocab) logit gradient and no
-        head GEMM over every position.
+        The backward starts at the head's input, with its gradient g_head W_head (`seed_rows`, from the chunked
+        head) at the rows that predict response tokens: no (B, T, vocab) logit gradient and no head GEMM over
+        every position.
         """
         cfg = self.cfg
         mask = batch.get("attention_mask")
-        padded = mask is not None and not bool(mask.all())
-        ref_rows = (mask.reshape(-1) > 0).nonzero().squeeze(1) if padded else None  # None: every row, no copy
-        acc = PathValues.zeros(body_rows.numel(), body_rows.device, g_head.dtype)
+        keep_rows = None if mask is None else (mask.reshape(-1, 1) > 0)  # U over non-pad rows: pads zeroed
+        acc = PathValues.zeros(body_rows.numel(), body_rows.device, seed_rows.dtype)
 
         @torch.no_grad()
         def on_grad(index: int, grad: torch.Tensor) -> None:
@@ -380,9 +493,12 @@ class AlphaToken:
                 )
             a, g = a_all.index_select(0, body_rows), g_all.index_select(0, body_rows)
             direction = self.directions.get(index)
-            if cfg.target == "batch":
-                a_ref = a_all if ref_rows is None else a_all.index_select(0, ref_rows)
-                g_ref = g_all if ref_rows is None else g_all.index_select(0, ref_rows)
+            if cfg.target == "batch":  # pad rows zeroed rather than gathered: no read of the mask's count
+                a_ref, g_ref = a_all, g_all
+                if keep_rows is not None:
+                    g_ref = torch.where(keep_rows, g_all, 0.0)
+                    a_ref = torch.where(keep_rows.squeeze(1), a_all, 0) if layer.kind == "embedding" else \
+                        torch.where(keep_rows, a_all, 0.0)
                 direction = self._batch_direction(layer, a_ref, g_ref, n)
             fisher, delta = self._layer_fisher(layer), self._delta(layer)
             if layer.kind == "embedding":
@@ -394,12 +510,9 @@ class AlphaToken:
             self._check_values(adapt, stab, layer, g)
             acc.add_(adapt, stab, square_norm)
 
-        head = self.layers[0]
         a_head = self.capture.inputs[0]
-        weight = head.weight_matrix().detach()  # (vocab, d)
-        grad_rows = g_head.to(weight.dtype) @ weight
         grad_a = torch.zeros(a_head.shape, dtype=a_head.dtype, device=a_head.device)
-        grad_a.view(-1, grad_a.shape[-1]).index_copy_(0, head_rows, grad_rows.to(a_head.dtype))
+        grad_a.view(-1, grad_a.shape[-1]).index_copy_(0, head_rows, seed_rows.to(a_head.dtype))
         self.capture.backward(a_head, on_grad, retain_graph=keep_graph, grad_output=grad_a)
         return acc
 
@@ -499,7 +612,7 @@ class AlphaToken:
 
         try:
             with torch.enable_grad():
-                loss = self._nll_with_graph(logits, labels, b, t)[1].sum()
+                loss = self._nll_with_graph(logits[b, t - 1], labels[b, t])[1].sum()
             self._check_finite(loss, "the validation loss")
             self.capture.backward(loss, on_grad, retain_graph=False)
         finally:
@@ -507,7 +620,20 @@ class AlphaToken:
         self.directions = directions
 
     # ---------------------------------------------------------------- errors
-    def _check_finite(self, tensor: torch.Tensor, what: str) -> None:
+    def _raise_if_nonfinite(self) -> None:
+        """One read of the device for every deferred check of the step; on failure, the first bad one is named
+        (checked again one by one, as the immediate checks would have)."""
+        flags, self._flags = self._flags, None
+        if not flags or bool(torch.stack([ok for ok, _ in flags]).all()):
+            return
+        for ok, name in flags:
+            if not bool(ok):
+                name()
+
+    def _check_finite(self, tensor: torch.Tensor, what: str, defer: bool = False) -> None:
+        if defer and self.cfg.check_finite and getattr(self, "_flags", None) is not None:
+            self._flags.append((torch.isfinite(tensor).all(), lambda: self._check_finite(tensor, what)))
+            return
         if self.cfg.check_finite and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise NonFiniteError(f"AlphaToken: {bad} non-finite (NaN/Inf) entries in {what}"
@@ -516,9 +642,18 @@ class AlphaToken:
     def _check_values(self, adapt, stab, layer: TrackedLayer, g) -> None:
         if not self.cfg.check_finite:
             return
+        if getattr(self, "_flags", None) is not None:  # deferred: flags stay on the device until the step ends
+            ok = torch.isfinite(adapt).all() & torch.isfinite(stab).all()
+            g_ok = torch.isfinite(g).all()
+            self._flags.append((ok, lambda: self._values_error(layer, g_ok)))
+            return
         if bool(torch.isfinite(adapt).all()) and bool(torch.isfinite(stab).all()):
             return
-        if not bool(torch.isfinite(g).all()):
+        self._values_error(layer, torch.isfinite(g).all())
+
+    @staticmethod
+    def _values_error(layer: TrackedLayer, g_finite: torch.Tensor) -> None:
+        if not bool(g_finite):
             raise NonFiniteError(f"AlphaToken: non-finite (NaN/Inf) output-gradient captured at layer {layer.name!r}")
         raise NonFiniteError(
             f"AlphaToken: non-finite values at layer {layer.name!r} (its input activations, Fisher entry or "

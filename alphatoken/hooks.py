@@ -6,6 +6,10 @@ a tensor hook on it: `torch.autograd.grad(loss, probes)` then runs a backward th
 (no weight-gradient GEMMs), stops below the lowest probed layer, and hands each layer's `g` to a callback as
 it arrives — the callback computes that layer's values and the full `g` is dropped right after.
 
+With `head_rows`, a pre-hook on the head records its full input (B, T, d) and hands the head only those rows
+(as one (1, k, d) sequence): the model's logits are then the head's output at those rows alone, and the rest of
+the head is computed by the caller from the captured input (the fused, chunked head).
+
 Forward hooks exist only while a capture is open (one forward pass), so the model carries no hook between
 calls, even after an exception, and a forward recomputed by gradient checkpointing during a backward is not
 recorded twice. Reentrant checkpointing runs its first forward without autograd, which no
@@ -43,6 +47,10 @@ class Capture:
         self.probe_layers: set[int] = set()
         self.inputs: dict[int, torch.Tensor] = {}
         self.head_output: Optional[torch.Tensor] = None  # layer 0's output, before any probe
+        self.head_rows: Optional[torch.Tensor] = None  # rows of the flattened head input the head is given
+        self.head_fed = False  # whether the head ran on `head_rows` alone in the last forward
+        self.head_ran = False
+        self.rows_expected = 0
         self.probes: dict[int, torch.Tensor] = {}
         self.on_grad: Optional[Callable[[int, torch.Tensor], None]] = None
         self.missed: list[str] = []
@@ -52,14 +60,18 @@ class Capture:
         def hook(module, args, output):
             if not self.recording:
                 return None
-            if index in self.inputs:
+            ran = self.head_ran if index == 0 else index in self.inputs
+            if ran:
                 raise ValueError(
                     f"unsupported tracked module {self.layers[index].name!r}: it ran twice in one forward pass "
                     "(a shared module); exclude it with AlphaTokenConfig(tracked_layers=<regex>)"
                 )
-            self.inputs[index] = args[0]
             if index == 0:
+                self.head_ran = True
                 self.head_output = output
+                if self.head_fed:  # the pre-hook kept the full input; args[0] holds the fed rows
+                    return None
+            self.inputs[index] = args[0]
             if index not in self.probe_layers:
                 return None
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
@@ -73,16 +85,33 @@ class Capture:
 
         return hook
 
+    def _head_pre_hook(self, module, args):
+        if not self.recording or self.head_rows is None or 0 in self.inputs:
+            return None
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[:-1].numel() != self.rows_expected:
+            return None  # not the (B, T, d) rows of the batch: the head runs as the model asks
+        self.inputs[0] = x
+        self.head_fed = True
+        return (x.reshape(-1, x.shape[-1]).index_select(0, self.head_rows).unsqueeze(0), *args[1:])
+
     def _deliver(self, index: int, grad: torch.Tensor) -> None:
         if self.on_grad is not None:  # g of W a itself (a scaled or padded embedding's output is not W a)
             self.on_grad(index, self.layers[index].output_gradient(grad, self.inputs[index]))
 
-    def open(self, probe_layers: set[int]) -> None:
-        """Attach the forward hooks for one forward pass (they exist only until `close_recording`)."""
+    def open(self, probe_layers: set[int], head_rows: Optional[torch.Tensor] = None, rows_expected: int = 0) -> None:
+        """Attach the forward hooks for one forward pass (they exist only until `close_recording`).
+
+        head_rows: feed the head only these rows of its flattened input when that input has `rows_expected`
+        rows (B·T); `head_fed` then says it happened and `inputs[0]` holds the full input.
+        """
         self.inputs, self.probes, self.missed = {}, {}, []
         self.probe_layers = set(probe_layers)
+        self.head_rows, self.rows_expected, self.head_fed, self.head_ran = head_rows, rows_expected, False, False
         self._detach()
         self.handles = [layer.module.register_forward_hook(self._forward_hook(i)) for i, layer in enumerate(self.layers)]
+        if head_rows is not None:
+            self.handles.append(self.layers[0].module.register_forward_pre_hook(self._head_pre_hook))
         self.recording = True
 
     def _detach(self) -> None:

@@ -40,3 +40,37 @@ def materialize_reference(a_ref: torch.Tensor, g_ref: torch.Tensor) -> torch.Ten
     """`G'ᵀA'`: the (d_out, d_in) matrix `Σ_v g'_v a'_vᵀ`, in float32."""
     g_ref, a_ref = _common(g_ref, a_ref)
     return g_ref.T @ a_ref
+
+
+def head_rows_reference(z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, scale: float = 1.0,
+                        softcap=None, with_grad: bool = True):
+    """One chunk of the LM head's loss rows, y = T(z) (s·z, or c·tanh(s·z/c) with a soft-cap c):
+    `ℓ_t = logsumexp(y_t) − y_t[target_t]` and `g_t = w_t (softmax(y_t) − onehot(target_t)) ⊙ T'(z_t)`.
+
+    z (n, V) fp32/fp64 (fp16/bf16 go to fp32); returns (ℓ (n,), g (n, V) or None) in that dtype. This is also
+    the CPU path, so it works in place: z is consumed (g is written over it) and no (n, V) temporary is made
+    beyond tanh(·) under a soft-cap.
+    """
+    z = z if z.dtype in (torch.float32, torch.float64) else z.float()
+    th = None
+    if softcap is not None:
+        th = torch.tanh(z.mul_(scale / softcap))  # y = c·th, T'(z) = s·(1 − th²)
+        y = torch.mul(th, softcap, out=z)
+    else:
+        y = z.mul_(scale) if scale != 1.0 else z
+    rows = torch.arange(y.shape[0], device=y.device)
+    y_target = y[rows, targets]
+    top = y.amax(dim=1, keepdim=True)
+    p = y.sub_(top).exp_()  # exp(y − max), in place
+    total = p.sum(dim=1)
+    lse = top.squeeze(1) + total.log()
+    nll = lse - y_target
+    if not with_grad:
+        return nll, None
+    g = p.mul_((weights.to(p.dtype) / total).unsqueeze(1))  # w · softmax
+    g[rows, targets] -= weights.to(g.dtype)  # − w · onehot
+    if th is not None:
+        g.mul_(th.square_().neg_().add_(1.0))
+    if scale != 1.0:
+        g.mul_(scale)
+    return nll, g

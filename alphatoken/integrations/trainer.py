@@ -303,10 +303,10 @@ class AlphaTokenMixin:
         if window.seen == window.n_batches:
             factor = window.denominator / window.kept if window.kept > 0 else 0.0
             if factor != 1.0:
-                with torch.no_grad():
-                    for p in model.parameters():
-                        if p.grad is not None:
-                            p.grad.mul_(factor)
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                if grads:  # one fused launch per device/dtype group, not one per parameter
+                    with torch.no_grad():
+                        torch._foreach_mul_(grads, factor)
             # the returned losses of the window now sum to the exact mean over kept tokens
             out = out + window.provisional * (factor - 1.0)
         return out

@@ -651,8 +651,7 @@ class AlphaToken:
             return
         self._values_error(layer, torch.isfinite(g).all())
 
-    @staticmethod
-    def _values_error(layer: TrackedLayer, g_finite: torch.Tensor) -> None:
+    def _values_error(self, layer: TrackedLayer, g_finite: torch.Tensor) -> None:
         if not bool(g_finite):
             raise NonFiniteError(f"AlphaToken: non-finite (NaN/Inf) output-gradient captured at layer {layer.name!r}")
         raise NonFiniteError(

@@ -84,9 +84,10 @@ def test_float32_engine_through_the_interpreted_kernels_matches_float64_brute_fo
     K.reset_launch_counts()
     tv = valuer.value(batch)
     counts = K.launch_counts()
-    assert counts.get("bilinear", 0) >= len(names), counts  # every layer's forms ran in a Triton kernel
+    # every body layer's forms ran in a Triton kernel; the head's run in the fused head's row kernel
+    assert counts.get("bilinear", 0) >= len(names) - 1 and counts.get("head_rows", 0) >= 1, counts
     if ghost:
-        assert counts.get("ghost_dot", 0) >= len(names), counts
+        assert counts.get("ghost_dot", 0) >= len(names) - 1, counts
     want = brute_values(twin, batch, names[0], names[1:], 0.7, 1.3, 0.6, fisher=full, reference=theta0)
     drift_free = brute_values(twin, batch, names[0], names[1:], 0.7, 1.3, 0.6, fisher=full, reference=None)
     assert (want["stability"] - drift_free["stability"]).abs().max() > 1e-2 * want["stability"].abs().max()
@@ -113,7 +114,8 @@ def test_float64_reaches_the_kernels_launchers_and_the_gate_answers_it(monkeypat
     valuer.value(random_batch(463, B=2, T=8))
     assert K.launch_counts() == {}
     assert {op for op, _ in seen} == {"bilinear_fisher_norm", "ghost_dot"}, seen
-    assert all(dtype == torch.float64 for _, dtype in seen) and len(seen) >= 2 * len(names)
+    # the body layers' launchers (the head's values come from the fused head, alphatoken/head.py)
+    assert all(dtype == torch.float64 for _, dtype in seen) and len(seen) >= 2 * (len(names) - 1)
 
 
 @interpreter

@@ -204,6 +204,10 @@ class AlphaToken:
         self.capture = Capture(self.layers)
         self.steps = 0
         self.last_values: Optional[TokenValues] = None
+        # (head-input rows, targets) of the kept tokens of the last fused value_and_loss: what logging needs to
+        # recompute their logits chunk by chunk (`kept_logit_chunks`) without the step keeping (tokens × vocab)
+        self.last_kept_rows: Optional[tuple] = None
+        self.last_logits: Optional[torch.Tensor] = None  # only after a value_and_loss with a custom loss_fn
         self.head_transform = candidate_transform(unwrap_model(model))
         self.head_fusable: Optional[bool] = None  # decided at the first step, from the model's own logits
         self.chunk_rows: Optional[int] = None  # rows per head chunk (None: kernels.chunk_rows_for)
@@ -253,7 +257,9 @@ class AlphaToken:
                          full_logits=loss_fn is not None)
         values = step.values
         labels = values.apply(batch["labels"].to(values.mask.device))
-        self.last_values = values
+        self.last_values, self.last_kept_rows = values, None
+        # a custom loss (DPO) needs the model's full logits anyway: kept for its metrics until the next step
+        self.last_logits = step.logits if loss_fn is not None else None
         if loss_fn is not None:
             return loss_fn(step.logits, labels)
         if step.head_rows is None:  # no response token: a zero loss that still backpropagates
@@ -265,10 +271,25 @@ class AlphaToken:
         denom = num_items_in_batch if num_items_in_batch is not None else kept.sum().clamp(min=1)
         head = self.layers[0]
         a = step.head_input.index_select(0, step.head_rows.index_select(0, rows))
+        self.last_kept_rows = (a.detach(), step.targets.index_select(0, rows))
         return chunked_head_loss(a, head.weight_matrix(), getattr(head.module, "bias", None),
                                  step.targets.index_select(0, rows), torch.as_tensor(denom, device=a.device),
                                  self.head_transform, nll=step.nll.index_select(0, rows), chunk_rows=self.chunk_rows,
                                  grad_rows=None if step.grad_rows is None else step.grad_rows.index_select(0, rows))
+
+    @torch.no_grad()
+    def kept_logit_chunks(self, chunk_rows: int = 1024):
+        """(logits (rows, V) float32, targets (rows,)) of the last `value_and_loss`'s kept tokens, a chunk at a
+        time (the fused head keeps no logits; logging recomputes them from the captured head input)."""
+        if self.last_kept_rows is None:
+            return
+        a, targets = self.last_kept_rows
+        head = self.layers[0]
+        weight, bias = head.weight_matrix().detach(), getattr(head.module, "bias", None)
+        for s in range(0, a.shape[0], chunk_rows):
+            z = nn.functional.linear(a[s:s + chunk_rows].to(weight.dtype), weight,
+                                     None if bias is None else bias.detach())
+            yield self.head_transform(z).float(), targets[s:s + chunk_rows]
 
     def close(self) -> None:
         """Remove every hook and drop captured state (idempotent)."""

@@ -40,6 +40,23 @@ def token_sums(logits: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor) -
                             torch.tensor(float(y.numel()), dtype=torch.float64, device=z.device)]).cpu()
 
 
+def row_sums(chunks) -> torch.Tensor:
+    """The same (4,) sums as `token_sums`, from (logit rows, targets) chunks of the kept tokens (the fused head's
+    `AlphaToken.kept_logit_chunks`)."""
+    total = torch.zeros(4, dtype=torch.float64)
+    for z, y in chunks:
+        logp = torch.log_softmax(z, dim=-1)
+        total += torch.stack([-(logp.exp() * logp).sum(-1).double().sum(), (z.argmax(-1) == y).double().sum(),
+                              z.double().mean(-1).sum(), torch.tensor(float(y.numel()), dtype=torch.float64,
+                                                                      device=z.device)]).cpu()
+    return total
+
+
+def sft_metrics_from_sums(sums: torch.Tensor) -> dict:
+    ent, hits, _, n = all_reduce_sum(sums).tolist()
+    return {"entropy": ent / n if n else 0.0, "mean_token_accuracy": hits / n if n else 0.0}
+
+
 def sft_metrics(logits: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor) -> dict:
     """`entropy` and `mean_token_accuracy` over the kept tokens of all ranks (TRL's SFTTrainer names)."""
     ent, hits, _, n = all_reduce_sum(token_sums(logits, keep, labels)).tolist()

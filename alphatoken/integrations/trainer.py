@@ -278,11 +278,16 @@ class AlphaTokenMixin:
         keeps TRL's metric store (SFTTrainer); the online loss replaces the forward that logs them there."""
         store = getattr(self, "_metrics", None)
         logits = getattr(valuer, "last_logits", None)
-        if store is None or logits is None:
+        fused = getattr(valuer, "last_kept_rows", None) is not None
+        if store is None or (logits is None and not fused):
             return
-        from .metrics import sft_metrics
+        from .metrics import row_sums, sft_metrics, sft_metrics_from_sums
 
-        for key, value in sft_metrics(logits, tv.mask, inputs["labels"].to(tv.mask.device)).items():
+        if logits is not None:
+            metrics = sft_metrics(logits, tv.mask, inputs["labels"].to(tv.mask.device))
+        else:  # the fused head kept no logits: the kept rows' logits, recomputed a chunk at a time
+            metrics = sft_metrics_from_sums(row_sums(valuer.kept_logit_chunks()))
+        for key, value in metrics.items():
             store["train"][key].append(value)
         if hasattr(self, "_total_train_tokens") and "attention_mask" in inputs:
             tokens = int(all_reduce_sum(float(inputs["attention_mask"].sum())))

@@ -87,3 +87,9 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
     result["logged_keep_ratio"] = [h.get("alphatoken/keep_ratio") for h in trainer.state.log_history if "loss" in h]
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+    # Everything is saved: leave without the interpreter's teardown, where a C++ worker thread of the process
+    # group or the Trainer could still abort the process ("terminate called without an active exception", seen
+    # once on a loaded machine) after the results were written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
+import os
 import sys
 import torch
 import transformers
@@ -25,10 +26,11 @@ assert tuple(logits.shape) == (2, 7, 37) and bool(torch.isfinite(logits).all())
 import kernels  # whatever transformers' probe got under the bare name
 hub = getattr(kernels, "__version__", None) is not None
 assert not hasattr(kernels, "bilinear") or not hub, "this repository's folder posed as the hub package"
+ours = os.path.join(sys.argv[1], "kernels", "__init__.py")  # (a virtualenv may live inside the repository)
 if import_utils.is_kernels_available():  # the hub package is installed: the bare name must be it
-    assert hub and not kernels.__file__.startswith(sys.argv[1]), kernels.__file__
+    assert hub and os.path.realpath(kernels.__file__) != os.path.realpath(ours), kernels.__file__
 import alphatoken.kernels as K
-assert K.__file__.startswith(sys.argv[1]) and callable(K.bilinear)
+assert os.path.realpath(K.__file__) == os.path.realpath(ours) and callable(K.bilinear)
 print("OK", "hub" if hub else "no-hub")
 """
 
@@ -53,7 +55,8 @@ hub = importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path i
 if hub is not None:  # hide the hub package's folder: this checks the machine without it
     sys.path = [p for p in sys.path if not hub.origin.startswith(p.rstrip("/") + "/") or p in ("", sys.argv[1])]
 import kernels
-assert kernels.__file__.startswith(sys.argv[1]), kernels.__file__
+import os
+assert os.path.realpath(kernels.__file__) == os.path.realpath(os.path.join(sys.argv[1], "kernels", "__init__.py")), kernels.__file__
 assert not hasattr(kernels, "__version__")  # transformers' probe reads "N/A": not available
 print("OK")
 """

@@ -7,7 +7,9 @@ One self-contained file (inline CSS, inline SVG, a few lines of inline JS; no ex
 disk without a server):
 
 * every response rendered token by token, each token's background coloured by its value — green where a step
-  on it helps, red where it hurts, stronger for larger |value| — in three views toggled by buttons:
+  on it helps, red where it hurts, stronger for larger |value|; with rank-fused values (config combine="rank",
+  the default, where every value is a positive rank) green and red mean above and below the batch's median —
+  in three views toggled by buttons:
   total (the selection score, the view it opens on), adaptation and stability — keys 1/2/3 too, and
   `report.html#stability` opens on that view; hover a token for its numbers;
 * tokens kept whatever their value (their id is in `always_keep_token_ids`, e.g. <eos>) outlined in blue with a
@@ -262,13 +264,25 @@ def _table(rows: Any, caption: str = "") -> str:
     return f'<table class="grid">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _token_html(tok: ScoredToken, scales: Mapping[str, float]) -> str:
+def _centres(valued, ranked: bool) -> dict:
+    """Where each view's colour changes from red to green: 0 for values (their sign says helps / hurts); the
+    median for rank-fused values (combine="rank": every value is a positive rank, so red means "ranked below the
+    batch's median")."""
+    out = {}
+    for key, field, _ in VIEWS:
+        vals = sorted(getattr(t, field) for t in valued if math.isfinite(getattr(t, field)))
+        out[key] = vals[len(vals) // 2] if ranked and vals else 0.0
+    return out
+
+
+def _token_html(tok: ScoredToken, scales: Mapping[str, float], centres: Optional[Mapping[str, float]] = None) -> str:
     text = tok.text
     shown = html.escape(text.replace("\n", "↵\n").replace("\t", "⇥\t")) if text else "∅"
     if not tok.valued:
         return f'<span class="tok nv" title="not valued (no token before it)">{shown}</span>'
     style = ";".join(
-        f"--{key}:{_colour(getattr(tok, field), scales[key])}" for key, field, _ in VIEWS
+        f"--{key}:{_colour(getattr(tok, field) - (centres or {}).get(key, 0.0), scales[key])}"
+        for key, field, _ in VIEWS
     )
     state = "kept" if tok.kept else "dropped"
     if tok.forced:
@@ -339,7 +353,9 @@ def render_report(examples: Sequence[Mapping], token_values, tokenizer, *, title
     tokens are chosen by); tokens kept because their id is in `always_keep_token_ids` are outlined in blue with a dot."""
     seqs = score_sequences(examples, token_values, tokenizer, always_keep_token_ids)
     valued = [t for s in seqs for t in s.tokens if t.valued]
-    scales = {key: _scale([getattr(t, field) for t in valued]) for key, field, _ in VIEWS}
+    ranked = (config or {}).get("combine") == "rank"
+    centres = _centres(valued, ranked)
+    scales = {key: _scale([getattr(t, field) - centres[key] for t in valued]) for key, field, _ in VIEWS}
     n_kept = sum(t.kept for t in valued)
     view = {field: key for key, field, _ in VIEWS}.get(default_view, default_view)
     if view not in {k for k, _, _ in VIEWS}:
@@ -363,11 +379,13 @@ def render_report(examples: Sequence[Mapping], token_values, tokenizer, *, title
     )
     swatch = lambda rgb, a: f'<span class="sw" style="background:rgba{(*rgb, a)}"></span>'  # noqa: E731
     scale_txt = "".join(
-        f'<span class="vname {key}">full colour at |{field}| ≥ {scales[key]:.3g}</span>' for key, field, _ in VIEWS
+        f'<span class="vname {key}">full colour at |{field}' + (f" − {centres[key]:.3g}" if ranked else "")
+        + f'| ≥ {scales[key]:.3g}</span>' for key, field, _ in VIEWS
     )
+    helps, hurts = ("above the batch median (rank-fused values)", "below it") if ranked else ("helps", "hurts")
     legend = (
-        f'<span class="legend">{swatch(POS_RGB, 0.15)}{swatch(POS_RGB, 0.85)} helps '
-        f'{swatch(NEG_RGB, 0.15)}{swatch(NEG_RGB, 0.85)} hurts '
+        f'<span class="legend">{swatch(POS_RGB, 0.15)}{swatch(POS_RGB, 0.85)} {helps} '
+        f'{swatch(NEG_RGB, 0.15)}{swatch(NEG_RGB, 0.85)} {hurts} '
         f'<span style="text-decoration:line-through;text-decoration-thickness:2px">dropped</span> '
         + (f'<span class="tok nz" style="background:none">{html.escape(flag_label)}</span> '
            if any(t.flagged for t in valued) else "")
@@ -393,7 +411,7 @@ def render_report(examples: Sequence[Mapping], token_values, tokenizer, *, title
             f"<span>keep {s.n_kept}/{s.n_valued} = {pct:.0f}%"
             f'<span class="kr"><i style="width:{pct:.1f}%"></i></span></span></div>'
             + (f'<div class="prompt">{html.escape(prompt)}</div>' if prompt else "")
-            + '<div class="resp">' + "".join(_token_html(t, scales) for t in s.tokens) + "</div></div>"
+            + '<div class="resp">' + "".join(_token_html(t, scales, centres) for t in s.tokens) + "</div></div>"
         )
     more = (f'<p class="note">Showing the first {len(shown)} of {len(seqs)} sequences; the values file has all.</p>'
             if len(shown) < len(seqs) else "")

@@ -155,3 +155,19 @@ def test_report_renders_in_headless_chromium(tok, tmp_path):
     dom = subprocess.run(base + [f"--user-data-dir={tmp_path / 'profile3'}", "--dump-dom", report.as_uri()],
                          capture_output=True, text=True, timeout=120)
     assert 'data-view="t"' in dom.stdout, dom.stderr[-2000:]  # without a hash: Total
+
+
+def test_rank_fused_values_are_coloured_around_their_median(tok):
+    """combine="rank": every value is a positive rank, so colour changes at the median, not at 0, and the legend
+    says so; plain values keep their sign's meaning."""
+    exs, tv = _scored(tok)
+    r = tv.response
+    ranks = torch.zeros_like(tv.total)
+    order = torch.argsort(tv.total[r], stable=True)
+    ranks[r] = (torch.argsort(order, stable=True).float() + 1) / int(r.sum())  # ranks in (0, 1]
+    ranked = TokenValues(ranks, ranks.clone(), ranks.clone(), torch.zeros_like(ranks), ranks.clone(), tv.mask, r)
+    text = render_report(exs, ranked, tok, config={"combine": "rank"})
+    red = "#%02x%02x%02x" % (220, 38, 38)
+    assert "above the batch median" in text and red in text  # below-median tokens are red
+    plain = render_report(exs, ranked, tok, config={"combine": "linear"})
+    assert "above the batch median" not in plain and f"--t:{red}" not in plain  # all positive: no red at all

@@ -29,6 +29,10 @@ from alphatoken.toy.experiment import LIBRARY_DEFAULT, MethodSpec, run_one
 from alphatoken.toy.tasks import RETENTION_TASKS, TargetNoise
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from detect import git_revision  # noqa: E402  (the checkout's revision, ALPHATOKEN_GIT_REV overrides it)
+
+GIT_REVISION = git_revision()
 
 # name -> spec; AlphaToken configs extend alphatoken.toy.experiment.ALPHATOKEN_DEFAULT (normalize=True, γ=1, λ=1).
 METHODS = {
@@ -289,7 +293,7 @@ def main(argv=None) -> dict:
             row.update(lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, grad_clip=args.grad_clip,
                        model_dir=args.model_dir or "builtin", config=json.dumps(spec.config, sort_keys=True),
                        fisher=spec.fisher if spec.kind == "alphatoken" else "",
-                       noise=args.noise or "default", **env)
+                       noise=args.noise or "default", git=GIT_REVISION, **env)
             append_row(csv_path, row)
             print(f"{spec.name:>24} seed {seed}: target {row['target_exact_match']:.3f} drop "
                   f"{row['mean_drop']:+.3f} (add {row['add_drop']:+.3f}) noise-dropped "

@@ -38,6 +38,10 @@ class AlphaTokenConfig:
         how well a step on the token aligns with the target direction U, not how large the step is.
     combine: "linear" (total = adaptation + λ·stability) or "rank" (total = rank(adaptation) + λ·rank(stability),
         percentile ranks over the batch's response tokens; see alphatoken/combine.py).
+    precondition: measure adaptation in the metric of an Adam-like step on the token, ⟨P ⊙ C, U⟩ with
+        P = F^{-1/2} from the kfac reference Fisher, (f_out + δ)^{-1/2} (f_in + δ)^{-1/2}ᵀ, δ = precondition_damping
+        × the factor's mean (needs a kfac Fisher; cosine and leave_one_out then use the same metric).
+    precondition_damping: δ relative to each Fisher factor's mean.
     leave_one_out: with target="batch", take U without the token's own credit (U − C_t/n), which removes the
         self-influence term η|C_t|²/n that otherwise favours high-loss tokens.
     refresh: with target="validation", recompute the validation direction every `refresh` steps.
@@ -63,6 +67,8 @@ class AlphaTokenConfig:
     normalize: bool = False
     cosine: bool = True
     combine: str = "rank"
+    precondition: bool = False
+    precondition_damping: float = 0.1
     leave_one_out: bool = False
     refresh: int = 1
     tracked_layers: Union[str, int] = "all"
@@ -95,6 +101,9 @@ class AlphaTokenConfig:
         self.cosine = _flag("cosine", self.cosine)
         self.combine = _choice("combine", self.combine, COMBINES)
         self.leave_one_out = _flag("leave_one_out", self.leave_one_out)
+        self.precondition = _flag("precondition", self.precondition)
+        self.precondition_damping = _number("precondition_damping", self.precondition_damping, low=0.0,
+                                            low_open=True, hint="δ > 0, relative to each Fisher factor's mean")
         self.refresh = _integer("refresh", self.refresh, low=1)
         self.tracked_layers = _tracked_layers(self.tracked_layers)
         self.track_embeddings = _flag("track_embeddings", self.track_embeddings)

@@ -181,6 +181,17 @@ class AlphaToken:
                 dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
                 self.fisher_entries[layer.name] = (fisher.kind, *[t.to(self.device, dtype) for t in entry])
             self.anchor = Anchor(self.layers, reference, cfg.reference_device, cfg.reference_dtype)
+        self.preconditioners: dict[str, tuple] = {}
+        if cfg.precondition:
+            if fisher is None or fisher.kind != "kfac":
+                raise ValueError("precondition=True measures adaptation in the kfac Fisher's metric: pass "
+                                 "fisher=at.estimate_fisher(model, batches, kind='kfac')")
+            if cfg.track_embeddings:
+                raise ValueError("precondition=True is not available with track_embeddings=True")
+            for name, (_, f_out, f_in) in self.fisher_entries.items():
+                self.preconditioners[name] = tuple(
+                    (f + cfg.precondition_damping * f.mean().clamp(min=torch.finfo(f.dtype).tiny)).rsqrt()
+                    for f in (f_out, f_in))
         if cfg.target == "auto":
             self.cfg = cfg = cfg.replace(target="validation" if validation is not None else "none")
             if validation is None:
@@ -475,7 +486,8 @@ class AlphaToken:
                 direction=None if batch else self.directions.get(0),
                 batch_scale=1.0 / n if batch else None,
                 reduce=all_reduce_sum if batch and self._is_global() else None,
-                fisher=self._layer_fisher(head), want_seed=want_seed, **self._head_drift(head, weight))
+                fisher=self._layer_fisher(head), want_seed=want_seed, **self._head_drift(head, weight),
+                precondition=self.preconditioners.get(head.name))
         self._check_values(hv.adaptation, hv.stability, head, hv.adaptation.new_zeros(1))
         return hv
 
@@ -525,6 +537,12 @@ class AlphaToken:
             if layer.kind == "embedding":
                 adapt, stab = embedding_values(a, g, cfg.lr, direction, fisher, delta)
                 square_norm = credit_square_norm(None, g)
+            elif layer.name in self.preconditioners:  # adaptation and credit norm in the metric P = p_out p_inᵀ
+                p_out, p_in = self.preconditioners[layer.name]
+                a_p, g_p = a.to(p_in.dtype) * p_in, g.to(p_out.dtype) * p_out
+                adapt, _ = linear_values(a_p, g_p, cfg.lr, direction, None, None)
+                _, stab = linear_values(a, g, cfg.lr, None, fisher, delta)
+                square_norm = credit_square_norm(a.to(p_in.dtype) * p_in.sqrt(), g.to(p_out.dtype) * p_out.sqrt())
             else:
                 adapt, stab = linear_values(a, g, cfg.lr, direction, fisher, delta)
                 square_norm = credit_square_norm(a, g)

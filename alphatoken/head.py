@@ -139,7 +139,7 @@ def head_values(a: torch.Tensor, weight: torch.Tensor, chunks: Chunks, eta: floa
                 direction: Optional[Direction] = None, batch_scale: Optional[float] = None,
                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                 fisher=None, delta: Optional[torch.Tensor] = None, reference: Optional[tuple] = None,
-                want_seed: bool = True) -> HeadValues:
+                want_seed: bool = True, precondition: Optional[tuple] = None) -> HeadValues:
     """Values of the head credits g_t a_tᵀ and the seed rows g_t W, one chunk of g at a time.
 
     a (n, d) head-input rows; weight (V, d). `batch_scale` set: the batch target U = batch_scale · Σ gᵀa,
@@ -147,6 +147,8 @@ def head_values(a: torch.Tensor, weight: torch.Tensor, chunks: Chunks, eta: floa
     `direction` (a validation U: matrix or factors) or None. fisher: None, ("diag", F), ("kfac", f_out, f_in);
     delta: W − W₀ as (V, d) or None; or `reference` = (W, W₀), both (V, d) on a's device: the drift is then
     formed tile by tile (`_drift_rows`), with no weight-sized Δ or F ⊙ Δ. Accumulation in fp32 (fp64 for fp64).
+    precondition: (p_out (V,), p_in (d,)): adaptation ⟨P ⊙ C, U⟩ and the credit norm ⟨C, P ⊙ C⟩ in the metric
+    P = p_out p_inᵀ (AlphaTokenConfig.precondition); U itself stays the plain gradient.
     """
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     n, d = a.shape
@@ -170,6 +172,11 @@ def head_values(a: torch.Tensor, weight: torch.Tensor, chunks: Chunks, eta: floa
         ref = (direction.matrix.to(acc),) if direction.matrix is not None else \
             (direction.a_ref.to(acc), direction.g_ref.to(acc))
 
+    p_out, p_in = (None, None) if precondition is None else (precondition[0].to(acc), precondition[1].to(acc))
+
+    def scaled(g, a_c):  # the token side of ⟨P ⊙ C, U⟩
+        return (g, a_c) if p_out is None else (g * p_out, a_c * p_in)
+
     for rows, nll_c, g in chunks():
         if nll_c is not None:
             if nll is None:
@@ -177,13 +184,17 @@ def head_values(a: torch.Tensor, weight: torch.Tensor, chunks: Chunks, eta: floa
             nll[rows] = nll_c
         a_c = a[rows].to(acc)
         g = g.to(acc)
-        square_norm[rows] = (g * g).sum(1) * (a_c * a_c).sum(1)
+        if p_out is None:
+            square_norm[rows] = (g * g).sum(1) * (a_c * a_c).sum(1)
+        else:
+            square_norm[rows] = ((g * g) @ p_out) * ((a_c * a_c) @ p_in)
         if seed is not None:
             seed[rows] = g.to(weight.dtype) @ weight
         if U is not None:
             U.addmm_(g.t(), a_c)
         elif ref is not None:
-            form = ((g @ ref[0]) * a_c).sum(1) if len(ref) == 1 else ((g @ ref[1].t()) * (a_c @ ref[0].t())).sum(1)
+            g_u, a_u = scaled(g, a_c)
+            form = ((g_u @ ref[0]) * a_u).sum(1) if len(ref) == 1 else ((g_u @ ref[1].t()) * (a_u @ ref[0].t())).sum(1)
             adaptation[rows] = (eta * direction.scale) * form
         if kind == "diag":
             norm = ((g * g) @ F * (a_c * a_c)).sum(1)
@@ -207,5 +218,6 @@ def head_values(a: torch.Tensor, weight: torch.Tensor, chunks: Chunks, eta: floa
         if reduce is not None:
             U = reduce(U)
         for rows, _nll, g in chunks():  # second pass: g_tᵀ U a_t with the whole batch's U
-            adaptation[rows] = (eta * batch_scale) * ((g.to(acc) @ U) * a[rows].to(acc)).sum(1)
+            g_u, a_u = scaled(g.to(acc), a[rows].to(acc))
+            adaptation[rows] = (eta * batch_scale) * ((g_u @ U) * a_u).sum(1)
     return HeadValues(nll, adaptation, stability, seed, square_norm)

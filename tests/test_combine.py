@@ -201,3 +201,57 @@ def test_defaults_are_the_measured_rule_and_auto_target_follows_the_validation_b
     explicit = _valuer(model, F, validation=val, target="validation", cosine=True, combine="rank",
                        stability_weight=0.5, keep_ratio=0.8)
     torch.testing.assert_close(auto.value(batch).total, explicit.value(batch).total)
+
+
+@pytest.mark.parametrize("target", ["batch", "validation"])
+def test_preconditioned_adaptation_is_the_kfac_metric_inner_product(target):
+    """precondition=True: adaptation = η⟨P ⊙ C, U⟩ and |C|² = ⟨C, P ⊙ C⟩ per path, P = p_out p_inᵀ with
+    p = (f + δ·mean f)^{-1/2} from the kfac factors, against credits built explicitly in float64."""
+    model = tiny_model("gpt2", seed=381)
+    batch, val = random_batch(382), random_batch(383, B=2)
+    head, body = _names(model)
+    g = torch.Generator().manual_seed(384)
+    modules = dict(model.named_modules())
+    from transformers.pytorch_utils import Conv1D
+
+    def shape(n):
+        w = modules[n].weight
+        return tuple(w.t().shape) if isinstance(modules[n], Conv1D) else tuple(w.shape)
+
+    factors = {n: (torch.rand(shape(n)[0], generator=g, dtype=torch.float64) + 0.05,
+                   torch.rand(shape(n)[1], generator=g, dtype=torch.float64) + 0.05) for n in [head] + body}
+    eta, gamma, damping = 0.7, 0.6, 0.3
+    tv = _valuer(model, at.Fisher("kfac", factors), validation=val if target == "validation" else None,
+                 lr=eta, causal_weight=gamma, stability_weight=0.0, target=target, precondition=True,
+                 precondition_damping=damping).value(batch)
+    P = {}
+    for n, (fo, fi) in factors.items():
+        po, pi = (fo + damping * fo.mean()).rsqrt(), (fi + damping * fi.mean()).rsqrt()
+        P[n] = torch.outer(po, pi)
+    U = target_gradients(model, val if target == "validation" else batch, [head] + body)
+    head_grads, b, t = head_token_gradients(model, batch, head)
+    credits = capture_credits(model, batch, body)
+    for i in range(len(b)):
+        bi, ti = int(b[i]), int(t[i])
+        C = head_grads[i]
+        ad, nd = eta * float((P[head] * C * U[head]).sum()), float((P[head] * C * C).sum()) ** 0.5
+        ac, sq = 0.0, 0.0
+        for name in body:
+            a, gr = credits[name]
+            Cl = torch.outer(gr[bi, ti], a[bi, ti])
+            ac += eta * float((P[name] * Cl * U[name]).sum())
+            sq += float((P[name] * Cl * Cl).sum())
+        got = {k: float(v[bi, ti]) for k, v in tv.parts.items()}
+        for key, ref in (("adaptation_direct", ad), ("adaptation_causal", ac), ("credit_norm_direct", nd),
+                         ("credit_norm_causal", sq ** 0.5)):
+            assert abs(got[key] - ref) <= 1e-6 * (1 + abs(ref)), (key, bi, ti, got[key], ref)
+
+
+def test_precondition_needs_a_kfac_fisher():
+    model = tiny_model("llama", seed=391)
+    head, body = _names(model)
+    diag = at.Fisher("diag", random_fisher(model, [head] + body, 392))
+    with pytest.raises(ValueError, match="kfac"):
+        _valuer(model, diag, precondition=True)
+    with pytest.raises(ValueError, match="kfac"):
+        _valuer(model, None, precondition=True)

@@ -202,6 +202,10 @@ def alphatoken_rules() -> Dict[str, dict]:
         "at_none_rank": dict(target="batch", adapt_weight=0.0, rank=True, lam=0.5),  # no validation: auto → none
         "at_val_cos_rank_l1": dict(target="validation", cosine=True, rank=True, lam=1.0),
         "at_val_rank_l0.5": dict(target="validation", rank=True, lam=0.5),
+        # adaptation in the kfac Fisher's metric, ⟨F^{-1/2} ⊙ C, U⟩ (AlphaTokenConfig.precondition)
+        "at_valpre_cos_adapt": dict(target="validation_pre", cosine=True, lam=0.0),
+        "at_valpre_cos_rank_l0.5": dict(target="validation_pre", cosine=True, rank=True, lam=0.5),
+        "at_valpre_adapt": dict(target="validation_pre", lam=0.0),
     }
     return rules
 
@@ -243,11 +247,14 @@ def score_world(world: World, stage: str, references: Dict[str, object], fisher,
     valuers = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for target in ("validation", "batch"):
+        for name, target, extra in (("validation", "validation", {}), ("batch", "batch", {}),
+                                    ("validation_pre", "validation", {"precondition": True})):
+            if name not in {rule["target"] for rule in rules.values()}:
+                continue
             cfg = AlphaTokenConfig(target=target, tracked_layers=world.tracked_layers, keep_ratio=0.8,
-                                   check_finite=True)
-            valuers[target] = at.AlphaToken(model, cfg, fisher=fisher, reference=theta0_state,
-                                            validation=_strip(world.validation) if target == "validation" else None)
+                                   check_finite=True, **extra)
+            valuers[name] = at.AlphaToken(model, cfg, fisher=fisher, reference=theta0_state,
+                                          validation=_strip(world.validation) if target == "validation" else None)
     try:
         for batch in world.batches:
             b = _strip(batch)

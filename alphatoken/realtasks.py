@@ -223,13 +223,11 @@ def tokenize_examples(examples: Sequence, tokenizer, return_noise: bool = True) 
         rows.append(ids)
         labels.append(row_labels)
         noise.append(row_noise)
-    width = max(len(r) for r in rows)
+    from .data import collate
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = {
-        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long),
-        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long),
-        "labels": torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in labels], dtype=torch.long),
-    }
+    batch = collate([{"input_ids": r, "labels": y} for r, y in zip(rows, labels)], pad)
+    width = batch["input_ids"].shape[1]
     if return_noise:
         batch["noise"] = torch.tensor([r + [False] * (width - len(r)) for r in noise], dtype=torch.bool)
     return batch

@@ -43,7 +43,7 @@ from typing import Callable, Dict, List
 import torch
 
 import alphatoken as at
-from alphatoken.combine import combine_paths
+from alphatoken.combine import combine_paths, percentile_rank
 from alphatoken.config import AlphaTokenConfig
 from alphatoken.scorers import token_entropies, token_losses
 from alphatoken.select import select_local
@@ -59,19 +59,7 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     if pos.numel() == 0 or neg.numel() == 0:
         return float("nan")
     allv = torch.cat([pos, neg])
-    order = torch.argsort(allv, stable=True)
-    ranks = torch.empty_like(allv)
-    sorted_v = allv[order]
-    i = 0
-    n = allv.numel()
-    pos_ranks = torch.arange(1, n + 1, dtype=torch.float64)
-    # average ranks over ties
-    unique, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()
-    starts = ends - counts.double() + 1
-    avg = (starts + ends) / 2
-    ranks[order] = avg[inverse]
-    del pos_ranks, i, unique
+    ranks = percentile_rank(allv) * allv.numel()  # 1-based ranks, ties sharing their average
     r_pos = ranks[: pos.numel()].sum()
     return float((r_pos - pos.numel() * (pos.numel() + 1) / 2) / (pos.numel() * neg.numel()))
 
@@ -147,22 +135,45 @@ def real_world(task: str, seed: int, n_batches: int, batch_size: int, sft_steps:
 def finetune_real(model, tokenizer, examples, steps: int, seed: int, train_blocks: int, batch_size: int = 8,
                   lr: float = 1e-4):
     """Plain SFT of the last `train_blocks` decoder blocks (the rest frozen), AdamW, constant lr."""
+    set_trainable_blocks(model, train_blocks)
+    train_real(model, tokenizer, examples, "full", steps, batch_size, lr, seed)
+
+
+def train_real(model, tokenizer, examples, method, steps: int, batch_size: int, lr: float, seed: int, device="cpu"):
+    """AdamW on the trainable parameters; method: "full" or an object with value_and_loss / last_values.
+    Batches of `batch_size` examples drawn with replacement from a generator seeded with `seed`, gradient norm
+    clipped at 1. Returns (noise tokens dropped share, clean tokens dropped share, seconds)."""
     from alphatoken import realtasks as R
 
-    set_trainable_blocks(model, train_blocks)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
+    counts = {"noise": 0, "noise_dropped": 0, "clean": 0, "clean_dropped": 0}
+    start = time.perf_counter()
     model.train()
     for _ in range(steps):
         idx = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
-        batch = _strip(R.tokenize_examples([examples[i] for i in idx], tokenizer, return_noise=False))
-        loss = model(**batch).loss
+        batch = R.tokenize_examples([examples[i] for i in idx], tokenizer)
+        noise = batch.pop("noise")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        response = (batch["labels"] != -100).cpu()
+        if method == "full":
+            loss = model(**batch).loss
+            kept = response
+        else:
+            loss = method.value_and_loss(batch)
+            kept = method.last_values.mask.cpu() & response
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        counts["noise"] += int((noise & response).sum())
+        counts["noise_dropped"] += int((noise & response & ~kept).sum())
+        counts["clean"] += int((~noise & response).sum())
+        counts["clean_dropped"] += int((~noise & response & ~kept).sum())
     model.eval()
+    return (counts["noise_dropped"] / max(1, counts["noise"]), counts["clean_dropped"] / max(1, counts["clean"]),
+            time.perf_counter() - start)
 
 
 def set_trainable_blocks(model, train_blocks: int) -> None:

@@ -47,43 +47,9 @@ import alphatoken as at  # noqa: E402
 from alphatoken import realtasks as R  # noqa: E402
 from alphatoken.pretrained import load_pretrained  # noqa: E402
 from alphatoken.scorers import make_scorer  # noqa: E402
-from detect import _strip, git_revision, set_trainable_blocks  # noqa: E402
+from detect import _strip, git_revision, set_trainable_blocks, train_real  # noqa: E402
 
 METHODS = ("full", "alphatoken", "rho1", "entropy", "random")
-
-
-def train(model, tokenizer, examples, method, steps: int, batch_size: int, lr: float, seed: int, device):
-    """AdamW on the trainable parameters; method: "full" or an object with value_and_loss / last_values.
-    Returns (noise tokens dropped share, clean tokens dropped share, seconds)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    counts = {"noise": 0, "noise_dropped": 0, "clean": 0, "clean_dropped": 0}
-    start = time.perf_counter()
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
-        batch = R.tokenize_examples([examples[i] for i in idx], tokenizer)
-        noise = batch.pop("noise")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        response = (batch["labels"] != -100).cpu()
-        if method == "full":
-            loss = model(**batch).loss
-            kept = response
-        else:
-            loss = method.value_and_loss(batch)
-            kept = method.last_values.mask.cpu() & response
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        counts["noise"] += int((noise & response).sum())
-        counts["noise_dropped"] += int((noise & response & ~kept).sum())
-        counts["clean"] += int((~noise & response).sum())
-        counts["clean_dropped"] += int((~noise & response & ~kept).sum())
-    model.eval()
-    return (counts["noise_dropped"] / max(1, counts["noise"]), counts["clean_dropped"] / max(1, counts["clean"]),
-            time.perf_counter() - start)
 
 
 def build(method: str, model, tokenizer, data, args, seed: int, device):
@@ -106,7 +72,7 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
     if method == "rho1":
         reference = copy.deepcopy(model)
         set_trainable_blocks(reference, args.train_blocks)
-        train(reference, tokenizer, data.validation, "full", args.steps, args.batch_size, args.lr, seed + 1000,
+        train_real(reference, tokenizer, data.validation, "full", args.steps, args.batch_size, args.lr, seed + 1000,
               device)
         for p in reference.parameters():
             p.requires_grad_(False)
@@ -122,7 +88,7 @@ def run_one(method: str, seed: int, args, base, tokenizer, reference_answers, de
     runner = build(method, model, tokenizer, data, args, seed, device)
     setup = time.perf_counter() - t0
     try:
-        noise_dropped, clean_dropped, seconds = train(model, tokenizer, data.train, runner, args.steps,
+        noise_dropped, clean_dropped, seconds = train_real(model, tokenizer, data.train, runner, args.steps,
                                                       args.batch_size, args.lr, seed, device)
     finally:
         if hasattr(runner, "close"):

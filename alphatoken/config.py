@@ -156,14 +156,19 @@ def _number(name: str, value, *, low: Optional[float] = None, low_open: bool = F
     return v
 
 
+def _whole(value, message: str) -> int:
+    """`value` as an int (an int or a numpy integer); a bool, a float or a string raises `message, got …`."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{message}, got {_got(value)}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ConfigError(f"{message}, got {_got(value)}") from None
+
+
 def _integer(name: str, value, *, low: Optional[int] = None) -> int:
     """A whole number (an int, a numpy integer; not a bool, a float or a string) >= low."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{name} must be a whole number, got {_got(value)}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise ConfigError(f"{name} must be a whole number, got {_got(value)}") from None
+    v = _whole(value, f"{name} must be a whole number")
     if low is not None and v < low:
         raise ConfigError(f"{name} must be >= {low}, got {v}")
     return v
@@ -234,12 +239,7 @@ def _token_ids(name: str, value) -> tuple:
         raise ConfigError(f"{name} must be a list of token ids (whole numbers >= 0), got {_got(value)}")
     ids = []
     for item in value:
-        if isinstance(item, bool):
-            raise ConfigError(f"{name} must hold token ids (whole numbers >= 0), got {_got(item)}")
-        try:
-            i = operator.index(item)
-        except TypeError:
-            raise ConfigError(f"{name} must hold token ids (whole numbers >= 0), got {_got(item)}") from None
+        i = _whole(item, f"{name} must hold token ids (whole numbers >= 0)")
         if i < 0:
             raise ConfigError(f"{name} must hold token ids >= 0, got {i}")
         ids.append(i)

@@ -166,7 +166,7 @@ def head_grads(a, weight, bias, targets, coef: torch.Tensor, scale: float = 1.0,
                chunk_rows: Optional[int] = None, need_a: bool = True, need_w: bool = True, need_b: bool = True):
     """∂(Σ_t c_t ℓ_t)/∂(a, W, b) with c = coef (n,), recomputing each chunk: (grad_a (n, d) | None,
     grad_W (V, d) | None, grad_b (V,) | None), in the dtypes of a, W and b. FLOPs ≈ 6·n·d·V (z, gW, gᵀa)."""
-    n, V = a.shape[0], weight.shape[0]
+    V = weight.shape[0]
     acc = _acc(a)
     grad_a = torch.empty_like(a) if need_a else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None

@@ -67,7 +67,7 @@ def test_last_token_of_a_sequence_has_no_causal_credit():
     model = tiny_model("llama", seed=311)
     batch = random_batch(312)
     tv = _valuer(model).value(batch)
-    labels, mask = batch["labels"], batch.get("attention_mask")
+    labels = batch["labels"]
     for b in range(labels.shape[0]):
         last = int((labels[b] != -100).nonzero().max())
         assert float(tv.parts["credit_norm_causal"][b, last]) == 0.0

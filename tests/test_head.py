@@ -127,6 +127,20 @@ def _masked_loss_grads(model, batch, labels):
     return loss, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
 
 
+def _fused_and_masked_gradients(model, batch, keep_ratio):
+    """value_and_loss through the fused head, checked to be fused and to give the plain masked loss; returns
+    (its gradient, the plain masked loss's gradient) per trainable parameter."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        valuer = at.AlphaToken(model, at.AlphaTokenConfig(keep_ratio=keep_ratio), fisher=None)
+    loss = valuer.value_and_loss(batch)
+    assert valuer.head_fusable is True
+    got = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    want_loss, want = _masked_loss_grads(model, batch, valuer.last_values.apply(batch["labels"]))
+    assert math.isclose(loss.item(), want_loss.item(), rel_tol=1e-11)
+    return zip(got, want)
+
+
 @pytest.mark.parametrize("family", ["gemma2", "gpt2", "qwen2-tied"])
 def test_fused_training_loss_gradients_equal_the_masked_loss_float64(family):
     """value_and_loss through the fused head: loss and every parameter's gradient equal the plain masked loss on
@@ -134,15 +148,7 @@ def test_fused_training_loss_gradients_equal_the_masked_loss_float64(family):
     name, tie = family.split("-")[0], family.endswith("tied")
     model = tiny_model(name, seed=5, tie=tie)
     batch = random_batch(6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        valuer = at.AlphaToken(model, at.AlphaTokenConfig(keep_ratio=0.5), fisher=None)
-    loss = valuer.value_and_loss(batch)
-    assert valuer.head_fusable is True
-    got = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
-    want_loss, want = _masked_loss_grads(model, batch, valuer.last_values.apply(batch["labels"]))
-    assert math.isclose(loss.item(), want_loss.item(), rel_tol=1e-11)
-    for g_got, g_want in zip(got, want):
+    for g_got, g_want in _fused_and_masked_gradients(model, batch, keep_ratio=0.5):
         if g_want is None:
             assert g_got is None or torch.all(g_got == 0)
         else:
@@ -154,15 +160,7 @@ def test_logit_scaling_and_head_bias_are_fused_and_exact(family):
     """Cohere (logit_scale), Granite (logits_scaling), GPT-J (a head bias): fused, loss gradients exact."""
     model = family_model(family, 17)
     batch = batch_for(model, 18, "right")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        valuer = at.AlphaToken(model, at.AlphaTokenConfig(keep_ratio=0.6), fisher=None)
-    loss = valuer.value_and_loss(batch)
-    assert valuer.head_fusable is True
-    got = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
-    want_loss, want = _masked_loss_grads(model, batch, valuer.last_values.apply(batch["labels"]))
-    assert math.isclose(loss.item(), want_loss.item(), rel_tol=1e-11)
-    for g_got, g_want in zip(got, want):
+    for g_got, g_want in _fused_and_masked_gradients(model, batch, keep_ratio=0.6):
         if g_want is not None:
             torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
 

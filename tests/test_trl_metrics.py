@@ -1,11 +1,9 @@
 """TRL's usual metrics next to AlphaToken's: the same names, computed over the kept tokens. With keep_ratio=1.0
 they equal TRL's own trainers' figures; with a mask they equal TRL's computation on the masked labels (SFT "ahead"
 runs TRL's own code) or a hand computation over the kept tokens (DPO)."""
-import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import alphatoken as at
 from alphatoken.integrations.metrics import token_sums

@@ -377,7 +377,7 @@ def cmd_train(args) -> int:
                         tokenize_records)
     from ..progress import progress, progress_enabled
     from .score import validation_batches
-    from .shared import check_tracked_layers, load_fisher, save_fisher
+    from .shared import check_tracked_layers, load_fisher
 
     # ---- everything checked before any work: no model load, no Fisher, no file written on bad input
     yaml_out = _load_yaml(args.config).get("out") if args.config else None

@@ -65,6 +65,14 @@ def main(out_dir: str) -> None:
     }
     torch.save(result, os.path.join(out_dir, f"accel_rank{rank}.pt"))
     accelerator.wait_for_everyone()
+    # Tear the gloo group down before the interpreter exits: leaving it to process exit lets gloo's threads be
+    # destroyed while still joinable ("terminate called without an active exception", SIGABRT) now and then.
+    accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # everything is saved; skip the interpreter's teardown, where a worker thread can still abort
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from .values import TokenValues
 
 __version__ = "0.1.0"
 
-__all__ = ["AlphaTokenConfig", "TokenValues", "AlphaToken", "Fisher", "estimate_fisher", "__version__"]
+__all__ = ["AlphaTokenConfig", "TokenValues", "AlphaToken", "Fisher", "estimate_fisher", "tune_on_validation",
+           "__version__"]
 
 
 def __getattr__(name):  # the engine and Fisher import transformers-free torch code only; load on first use
@@ -22,4 +23,8 @@ def __getattr__(name):  # the engine and Fisher import transformers-free torch c
         from . import fisher
 
         return getattr(fisher, name)
+    if name == "tune_on_validation":
+        from .tuned import tune_on_validation
+
+        return tune_on_validation
     raise AttributeError(f"module 'alphatoken' has no attribute {name!r}")

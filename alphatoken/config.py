@@ -13,7 +13,7 @@ import torch
 
 SELECTIONS = ("batch", "sequence", "threshold")
 PATHS = ("full", "direct")
-TARGETS = ("auto", "batch", "validation", "none")
+TARGETS = ("auto", "batch", "validation", "tuned", "none")
 COMBINES = ("linear", "rank")
 
 
@@ -45,6 +45,9 @@ class AlphaTokenConfig:
     leave_one_out: with target="batch", take U without the token's own credit (U − C_t/n), which removes the
         self-influence term η|C_t|²/n that otherwise favours high-loss tokens.
     refresh: with target="validation", recompute the validation direction every `refresh` steps.
+    tune_steps / tune_lr: with target="tuned" (U = θ − θ_val, the displacement from a copy of the model tuned on
+        the validation batches; DESIGN §3.6), the AdamW steps and learning rate of that tuning, done once when the
+        valuer is built (unless it is given tuned=<the tuned model or state dict>).
     tracked_layers: "all", an int k (the head and the last k transformer blocks) or a regex on module names
         (the head is always tracked).
     track_embeddings: also track the input nn.Embedding.
@@ -71,6 +74,8 @@ class AlphaTokenConfig:
     precondition_damping: float = 0.1
     leave_one_out: bool = False
     refresh: int = 1
+    tune_steps: int = 32
+    tune_lr: float = 1e-4
     tracked_layers: Union[str, int] = "all"
     track_embeddings: bool = False
     reference_device: Optional[Union[str, torch.device]] = None
@@ -105,6 +110,9 @@ class AlphaTokenConfig:
         self.precondition_damping = _number("precondition_damping", self.precondition_damping, low=0.0,
                                             low_open=True, hint="δ > 0, relative to each Fisher factor's mean")
         self.refresh = _integer("refresh", self.refresh, low=1)
+        self.tune_steps = _integer("tune_steps", self.tune_steps, low=1)
+        self.tune_lr = _number("tune_lr", self.tune_lr, low=0.0, low_open=True,
+                               hint="the AdamW learning rate of the tuned target's reference, e.g. 1e-4")
         self.tracked_layers = _tracked_layers(self.tracked_layers)
         self.track_embeddings = _flag("track_embeddings", self.track_embeddings)
         self.reference_device = _device("reference_device", self.reference_device)

@@ -39,6 +39,7 @@ from .hooks import Capture
 from .layers import TrackedLayer, discover_layers, unvalued_weights
 from .losses import kept_mean_nll, masked_causal_lm_loss, response_mask
 from .select import protected_tokens, select_tokens
+from .tuned import TunedDirections, tuned_anchor
 from .values import TokenValues
 from alphatoken import kernels as K
 
@@ -143,7 +144,10 @@ class AlphaToken:
     model: any transformers causal LM (nn.Linear / Conv1D layers, a linear head from get_output_embeddings()).
     fisher: an `alphatoken.Fisher` over the tracked layers, or None (stability is 0, with a warning).
     reference: θ₀ for the drift term: None (snapshot now), a state dict, or a module.
-    validation: a batch, or an iterable of batches cycled every `cfg.refresh` steps (target="validation").
+    validation: a batch, or an iterable of batches cycled every `cfg.refresh` steps (target="validation"), or
+        the batches a copy of the model is tuned on (target="tuned").
+    tuned: with target="tuned", the model (or its state dict) already tuned on the validation batches; without
+        it the valuer tunes a copy itself (`cfg.tune_steps` AdamW steps at `cfg.tune_lr`).
     """
 
     def __init__(
@@ -153,6 +157,7 @@ class AlphaToken:
         fisher: Optional[Fisher] = None,
         reference=None,
         validation=None,
+        tuned=None,
     ):
         self.model = model  # what runs forward (possibly a DDP / accelerate wrapper)
         self.cfg = cfg = cfg or AlphaTokenConfig()
@@ -203,6 +208,15 @@ class AlphaToken:
                     "(DESIGN §3.5)", stacklevel=2)
         self.validation_batches = None
         self.directions: dict[int, Direction] = {}
+        self.tuned_weights: Optional[Anchor] = None
+        if cfg.target == "tuned":
+            if validation is not None and not isinstance(validation, (Mapping, Iterable)):
+                raise TypeError("validation must be a batch dict or an iterable of batch dicts")
+            self.tuned_weights = tuned_anchor(self.layers, model, tuned, validation, cfg.tune_steps, cfg.tune_lr,
+                                              cfg.reference_device, cfg.reference_dtype)
+            self.directions = TunedDirections(self.layers, self.tuned_weights)
+        elif tuned is not None:
+            raise ValueError(f'tuned= is the reference of target="tuned"; this config has target={cfg.target!r}')
         if cfg.target == "validation":
             if validation is None:
                 raise ValueError('target="validation" needs validation=<batch or iterable of batches>')

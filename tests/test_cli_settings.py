@@ -233,3 +233,20 @@ def test_unknown_characters_are_a_one_line_warning(capsys, tmp_path, model_dir):
                       "tokens are valued and trained as unknown (further occurrences are not reported)"]
     # and with neither --validation nor a Fisher, the valuer says that every value is 0, on one line
     assert any(l.startswith("alphatoken: warning:") and "every value is 0" in l for l in err.splitlines())
+
+
+def test_score_with_the_tuned_target(capsys, tmp_path, model_dir):
+    """--target tuned takes the --validation file: a copy of the model is tuned on it (--tune-steps, --tune-lr)."""
+    data = _jsonl(tmp_path / "d.jsonl", SFT_LINES)
+    clean = _jsonl(tmp_path / "clean.jsonl", CLEAN_LINES)
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "score", data, "--model", model_dir, "--out", out, "--fisher", "none",
+                           "--validation", clean, "--target", "tuned", "--tune-steps", "3", "--tune-lr", "0.01")
+    assert code == 0, err
+    cfg = json.loads((out / "summary.json").read_text())["config"]
+    assert cfg["target"] == "tuned" and cfg["tune_steps"] == 3 and cfg["tune_lr"] == 0.01
+    rows = [json.loads(l) for l in (out / "values.jsonl").read_text().splitlines()]
+    adaptation = [a for r in rows for a, resp in zip(r["alphatoken_adaptation"], r["alphatoken_response"]) if resp]
+    assert any(a != 0 for a in adaptation)  # the tuned copy moved: U = θ − θ_val is not 0
+    code, _, err = run_cli(capsys, "score", data, "--model", model_dir, "--out", tmp_path / "o2", "--target", "tuned")
+    assert code == 2 and "--validation FILE" in err

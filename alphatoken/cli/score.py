@@ -130,15 +130,16 @@ def validation_batches(path, tokenizer, pad_id: int, *, max_length, batch_size: 
 
 def check_validation_target(overrides: dict, validation, where: str = "--validation") -> dict:
     """The config overrides with target="validation" when a validation file is given (and target is not set);
-    UserError when they disagree."""
+    UserError when they disagree. target "tuned" takes the file too (a copy of the model is tuned on it)."""
     target = overrides.get("target")
     if validation is not None:
         if target is None:
             return {**overrides, "target": "validation"}
-        if target != "validation":
-            raise UserError(f"{where} is given but target is {target!r}; drop one, or set target validation")
-    elif target == "validation":
-        raise UserError("target validation needs a clean prompt/response JSONL file: pass --validation FILE")
+        if target not in ("validation", "tuned"):
+            raise UserError(f"{where} is given but target is {target!r}; drop one, or set target validation "
+                            "(or tuned)")
+    elif target in ("validation", "tuned"):
+        raise UserError(f"target {target} needs a clean prompt/response JSONL file: pass --validation FILE")
     return overrides
 
 

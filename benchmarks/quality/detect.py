@@ -31,6 +31,7 @@ import copy
 import csv
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -113,7 +114,8 @@ def toy_world(task: str, seed: int, n_batches: int, batch_size: int, sft_steps: 
     return World(f"toy-{task}", model, tokenizer, batches, validation, tune, "all", fisher_batches)
 
 
-def real_world(task: str, seed: int, n_batches: int, batch_size: int, sft_steps: int, train_blocks: int) -> World:
+def real_world(task: str, seed: int, n_batches: int, batch_size: int, sft_steps: int, train_blocks: int,
+               reference_blocks: int = None) -> World:
     from alphatoken import realtasks as R
     from alphatoken.pretrained import load_pretrained
 
@@ -126,7 +128,8 @@ def real_world(task: str, seed: int, n_batches: int, batch_size: int, sft_steps:
 
     def tune(m, kind: str):
         examples = {"noisy": data.train, "clean": clean.train, "validation": data.validation}[kind]
-        finetune_real(m, tokenizer, examples, steps=sft_steps, seed=seed, train_blocks=train_blocks)
+        blocks = train_blocks if kind == "noisy" or reference_blocks is None else reference_blocks
+        finetune_real(m, tokenizer, examples, steps=sft_steps, seed=seed, train_blocks=blocks)
 
     fisher_batches = [_strip(b) for b in batches[:2]]
     return World(f"real-{task}", model, tokenizer, batches, validation, tune, "all", fisher_batches)
@@ -177,9 +180,11 @@ def train_real(model, tokenizer, examples, method, steps: int, batch_size: int, 
 
 
 def set_trainable_blocks(model, train_blocks: int) -> None:
-    """Freeze everything but the last `train_blocks` decoder blocks (and their norms)."""
+    """Freeze everything but the last `train_blocks` decoder blocks (and their norms); -1: train everything."""
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(train_blocks < 0)
+    if train_blocks < 0:
+        return
     blocks = model.model.layers
     for block in list(blocks)[len(blocks) - train_blocks:]:
         for p in block.parameters():
@@ -217,6 +222,21 @@ def alphatoken_rules() -> Dict[str, dict]:
         "at_valpre_cos_adapt": dict(target="validation_pre", cosine=True, lam=0.0),
         "at_valpre_cos_rank_l0.5": dict(target="validation_pre", cosine=True, rank=True, lam=0.5),
         "at_valpre_adapt": dict(target="validation_pre", lam=0.0),
+        # the multi-step target: U = θ − θ_ref, the displacement to a reference tuned on the validation set (or,
+        # as an oracle, on clean training data); ⟨C_t, U⟩ is the first-order change of ℓ_t along it
+        "at_dispval_cos_adapt": dict(target="disp_val", cosine=True, lam=0.0),
+        "at_dispval_cos_adapt_direct": dict(target="disp_val", cosine=True, lam=0.0, gamma=0.0),
+        "at_dispval_cos_rank_l0.5": dict(target="disp_val", cosine=True, rank=True, lam=0.5),
+        "at_dispval_adapt": dict(target="disp_val", lam=0.0),
+        "at_dispval_cos_rank_l0.5_direct": dict(target="disp_val", cosine=True, rank=True, lam=0.5, gamma=0.0),
+        "at_dispval_cos_rank_l0.2_direct": dict(target="disp_val", cosine=True, rank=True, lam=0.2, gamma=0.0),
+        "at_dispval_cos_rank_l0.2": dict(target="disp_val", cosine=True, rank=True, lam=0.2),
+        "at_dispclean_cos_adapt_direct": dict(target="disp_clean", cosine=True, lam=0.0, gamma=0.0),
+        # both adaptation estimates, one gradient and the tuned displacement, fused by rank with stability
+        "at_val+dispval_rank_l0.5": dict(target="validation", also="disp_val", cosine=True, rank=True, lam=0.5),
+        "at_val+dispval_rank_l0": dict(target="validation", also="disp_val", cosine=True, rank=True, lam=0.0),
+        "at_dispclean_cos_adapt": dict(target="disp_clean", cosine=True, lam=0.0),
+        "at_dispclean_cos_rank_l0.5": dict(target="disp_clean", cosine=True, rank=True, lam=0.5),
     }
     return rules
 
@@ -245,6 +265,40 @@ def apply_rule(tv, rule: dict) -> torch.Tensor:
     return out
 
 
+class _DisplacementValuer(at.AlphaToken):
+    """Prototype of a multi-step target: U_l = W_l − W_l^ref for every tracked layer, where the reference took many
+    optimizer steps on the validation set. It has the validation gradient's sign convention (a step along −U moves
+    θ toward the reference), so ⟨C_t, U⟩ ≈ ℓ_t(θ) − ℓ_t(θ_ref) to first order: a linearized Rho-1 excess loss, on
+    both paths."""
+
+    def __init__(self, *args, target_reference, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reference_state = {k: v.detach() for k, v in target_reference.state_dict().items()}
+
+    def _refresh_validation(self) -> None:
+        from alphatoken.credits import Direction
+
+        directions = {}
+        for index, layer in enumerate(self.layers):
+            w = layer.weight.detach()
+            dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+            directions[index] = Direction(matrix=w.to(dtype) - self.reference_state[f"{layer.name}.weight"].to(dtype))
+        self.directions = directions
+
+
+def fused_rule(tvs: dict, rule: dict) -> torch.Tensor:
+    """rank(adaptation under `target`) + rank(adaptation under `also`) + λ rank(stability): two estimates of
+    adaptation (each with the rule's cosine, both paths) fused by percentile rank with stability."""
+    resp = tvs[rule["target"]].response
+    adapt_only = {**rule, "lam": 0.0, "rank": False}
+    ranks = [percentile_rank(apply_rule(tvs[key], adapt_only)[resp]) for key in (rule["target"], rule["also"])]
+    stab = percentile_rank(tvs[rule["target"]].parts["stability_direct"][resp].double() +
+                           rule.get("gamma", 1.0) * tvs[rule["target"]].parts["stability_causal"][resp].double())
+    out = torch.zeros(resp.shape, dtype=torch.float64)
+    out[resp] = ranks[0] + ranks[1] + rule["lam"] * stab
+    return out
+
+
 def score_world(world: World, stage: str, references: Dict[str, object], fisher, theta0_state, seed: int,
                 rules: Dict[str, dict]) -> Dict[str, List[torch.Tensor]]:
     """{scorer: [(B, T) score per batch]} for the world's current model."""
@@ -259,13 +313,17 @@ def score_world(world: World, stage: str, references: Dict[str, object], fisher,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, target, extra in (("validation", "validation", {}), ("batch", "batch", {}),
-                                    ("validation_pre", "validation", {"precondition": True})):
-            if name not in {rule["target"] for rule in rules.values()}:
+                                    ("validation_pre", "validation", {"precondition": True}),
+                                    ("disp_val", "validation", {}), ("disp_clean", "validation", {})):
+            if name not in {t for rule in rules.values() for t in (rule["target"], rule.get("also"))}:
                 continue
             cfg = AlphaTokenConfig(target=target, tracked_layers=world.tracked_layers, keep_ratio=0.8,
                                    check_finite=True, **extra)
-            valuers[name] = at.AlphaToken(model, cfg, fisher=fisher, reference=theta0_state,
-                                          validation=_strip(world.validation) if target == "validation" else None)
+            kind, kwargs = at.AlphaToken, {}
+            if name.startswith("disp_"):
+                kind, kwargs = _DisplacementValuer, {"target_reference": references[name[5:]]}
+            valuers[name] = kind(model, cfg, fisher=fisher, reference=theta0_state,
+                                 validation=_strip(world.validation) if target == "validation" else None, **kwargs)
     try:
         for batch in world.batches:
             b = _strip(batch)
@@ -282,7 +340,7 @@ def score_world(world: World, stage: str, references: Dict[str, object], fisher,
                 add(f"rho1_{ref_name}", loss - token_losses(ref_logits, b["labels"]).double())
             tvs = {target: v.value(b) for target, v in valuers.items()}
             for name, rule in rules.items():
-                add(name, apply_rule(tvs[rule["target"]], rule))
+                add(name, fused_rule(tvs, rule) if "also" in rule else apply_rule(tvs[rule["target"]], rule))
     finally:
         for v in valuers.values():
             v.close()
@@ -328,7 +386,7 @@ def build_world(name: str, seed: int, args) -> World:
         return toy_world(name[4:], seed, args.toy_batches, args.toy_batch_size, args.toy_sft_steps)
     if name.startswith("real-"):
         return real_world(name[5:], seed, args.real_batches, args.real_batch_size, args.real_sft_steps,
-                          args.real_train_blocks)
+                          args.real_train_blocks, args.real_reference_blocks)
     raise ValueError(f"unknown world {name!r}")
 
 
@@ -347,7 +405,7 @@ def run_world(name: str, seed: int, args, writer) -> None:
         world.finetune(ref, kind)
         references[ref_name] = ref.eval()
     print(f"[detect] {name} seed {seed}: world and references ready in {time.perf_counter() - t0:.0f}s", flush=True)
-    rules = alphatoken_rules()
+    rules = {k: v for k, v in alphatoken_rules().items() if re.search(args.rules, k)}
     for stage in ("theta0", "sft"):
         if stage == "sft":
             world.finetune(world.model, "noisy")
@@ -428,6 +486,10 @@ def main(argv=None):
     parser.add_argument("--real-batch-size", type=int, default=16)
     parser.add_argument("--real-sft-steps", type=int, default=20)
     parser.add_argument("--real-train-blocks", type=int, default=4)
+    parser.add_argument("--real-reference-blocks", type=int, default=None,
+                        help="blocks the references are tuned on (default: --real-train-blocks; -1: every "
+                             "parameter, the tied head/embedding included)")
+    parser.add_argument("--rules", default="", help="regex: only the AlphaToken rules it matches (default: all)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--table-only", action="store_true", help="rewrite detect.md from detect.csv and exit")
     args = parser.parse_args(argv)

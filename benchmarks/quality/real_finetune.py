@@ -12,7 +12,7 @@ seed, against the untouched model:
 Methods (all masking methods at the same keep ratio; `<|im_end|>` is always kept so every model learns to stop):
 full (every token), alphatoken (the library's defaults with the clean validation batch), rho1 (excess loss
 against a reference fine-tuned on the same clean validation examples, as Rho-1 intends a reference trained on
-clean data), entropy, random.
+clean data), entropy, random; on request alphatoken_tuned (target="tuned": U = θ − θ_ref with Rho-1's reference).
 
 Only the last `--train-blocks` decoder blocks are trained (2 CPU cores); AlphaToken tracks those blocks and the
 head. CPU default (about 35 minutes on one core):
@@ -50,6 +50,7 @@ from alphatoken.scorers import make_scorer  # noqa: E402
 from detect import _strip, git_revision, set_trainable_blocks, train_real  # noqa: E402
 
 METHODS = ("full", "alphatoken", "rho1", "entropy", "random")
+EXTRA_METHODS = ("alphatoken_tuned",)  # run on request (--methods)
 
 
 def build(method: str, model, tokenizer, data, args, seed: int, device):
@@ -58,7 +59,7 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
                               tracked_layers=args.train_blocks)
     if method == "full":
         return "full"
-    if method == "alphatoken":
+    if method in ("alphatoken", "alphatoken_tuned"):
         validation = {k: v.to(device) for k, v in
                       _strip(R.tokenize_examples(data.validation, tokenizer, return_noise=False)).items()}
         fisher_batches = [_strip(R.tokenize_examples(data.train[i:i + 16], tokenizer)) for i in (0, 16)]
@@ -67,17 +68,28 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
             fisher = at.estimate_fisher(model, [{k: v.to(device) for k, v in b.items()} for b in fisher_batches],
                                         kind="kfac", tracked_layers=args.train_blocks,
                                         generator=torch.Generator().manual_seed(seed), progress=False)
-            cfg = cfg.replace(target="validation", **args.alphatoken_overrides)
-            return at.AlphaToken(model, cfg, fisher=fisher, validation=validation)
+            if method == "alphatoken":
+                cfg = cfg.replace(target="validation", **args.alphatoken_overrides)
+                return at.AlphaToken(model, cfg, fisher=fisher, validation=validation)
+            cfg = cfg.replace(target="tuned", **args.alphatoken_overrides)  # the same tuned copy as Rho-1's
+            return at.AlphaToken(model, cfg, fisher=fisher, tuned=tuned_reference(model, tokenizer, data, args,
+                                                                                  seed, device))
     if method == "rho1":
-        reference = copy.deepcopy(model)
-        set_trainable_blocks(reference, args.train_blocks)
-        train_real(reference, tokenizer, data.validation, "full", args.steps, args.batch_size, args.lr, seed + 1000,
-              device)
+        reference = tuned_reference(model, tokenizer, data, args, seed, device)
         for p in reference.parameters():
             p.requires_grad_(False)
         return make_scorer("rho1", model, cfg, reference=reference.eval())
     return make_scorer(method, model, cfg, seed=seed)
+
+
+def tuned_reference(model, tokenizer, data, args, seed: int, device):
+    """A copy of `model` fine-tuned on the clean validation examples, as Rho-1 intends its reference (the same
+    steps, batch size and learning rate as the run); AlphaToken's tuned target uses the same copy."""
+    reference = copy.deepcopy(model)
+    set_trainable_blocks(reference, args.train_blocks)
+    train_real(reference, tokenizer, data.validation, "full", args.steps, args.batch_size, args.lr, seed + 1000,
+               device)
+    return reference
 
 
 def run_one(method: str, seed: int, args, base, tokenizer, reference_answers, device) -> dict:

@@ -1,0 +1,133 @@
+"""The tuned target (DESIGN §3.6): U = θ − θ_val against float64 brute force, the tuning itself, and its errors."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import alphatoken as at
+from alphatoken.layers import discover_layers
+from alphatoken.losses import masked_causal_lm_loss
+
+from brute import as_matrix
+from models import SPEC_RULE, move_weights, random_batch, random_fisher, tiny_model
+from test_engine_families import brute_values  # unties a tied head: the head credit is the head's own
+
+FIELDS = ("adaptation", "stability", "direct", "causal", "total")
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def _tuned_copy(model, seed: int, frozen: str):
+    """A 'tuned' reference: every 2-D weight moved, except those of modules whose name contains `frozen`."""
+    tuned = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if p.dim() == 2 and frozen not in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return tuned
+
+
+@pytest.mark.parametrize("family,tie", [("llama", False), ("llama", True), ("gpt2", True), ("qwen2", False)])
+def test_tuned_target_matches_brute_force_with_the_drift_live(family, tie):
+    model = tiny_model(family, seed=61, tie=tie)
+    batch = random_batch(62)
+    layers = discover_layers(model)
+    head, body = layers[0].name, [l.name for l in layers[1:]]
+    F = random_fisher(model, [head] + body, 63)
+    theta0 = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in F}
+    tuned = _tuned_copy(model, 64, frozen=body[0])  # one layer the tuning left alone: its U is exactly 0
+    cfg = at.AlphaTokenConfig(**{**SPEC_RULE, "target": "tuned", "lr": 0.7, "stability_weight": 1.3,
+                                 "causal_weight": 0.6})
+    valuer = _quiet(at.AlphaToken, model, cfg, fisher=at.Fisher("diag", F), tuned=tuned.state_dict())
+    move_weights(model, 65)  # training moved θ: U = θ − θ_val and the drift both follow the live weights
+    tv = valuer.value(batch)
+    modules, ref_modules = dict(model.named_modules()), dict(tuned.named_modules())
+    U = {n: as_matrix(modules[n], modules[n].weight.detach() - ref_modules[n].weight.detach())
+         for n in [head] + body}
+    want = brute_values(model, batch, [head] + body, 0.7, 1.3, 0.6, fisher=F, reference=theta0, U=U)
+    for key in FIELDS:
+        got = getattr(tv, key).double()
+        scale = want[key].abs().max().item()
+        assert (got - want[key]).abs().max().item() <= 2e-5 * scale + 1e-9, (key, (got - want[key]).abs().max().item())
+        assert torch.all(got[~tv.response] == 0)
+    assert tv.adaptation[tv.response].abs().max() > 1e-3  # the target is really exercised
+    assert valuer.directions.get(body.index(body[0]) + 1) is not None  # moved by training, though not by tuning
+    valuer.close()
+
+
+def test_an_unmoved_layer_has_no_direction():
+    model = tiny_model("llama", seed=66)
+    layers = discover_layers(model)
+    tuned = _tuned_copy(model, 67, frozen=layers[1].name)
+    valuer = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned"), tuned=tuned)
+    assert valuer.directions.get(1) is None
+    assert valuer.directions.get(0) is not None
+    torch.testing.assert_close(valuer.directions.get(0).matrix,
+                               (model.lm_head.weight - tuned.lm_head.weight).detach())
+    valuer.close()
+
+
+def _validation_loss(model, batch) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return float(masked_causal_lm_loss(logits, batch["labels"]))
+
+
+def test_tune_on_validation_lowers_the_validation_loss_and_leaves_the_model_alone():
+    model = tiny_model("llama", seed=68)
+    for p in model.model.layers[0].parameters():  # the user fine-tunes only part of the model
+        p.requires_grad_(False)
+    val = [random_batch(69, B=2), random_batch(70, B=2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = at.tune_on_validation(model, val, steps=20, lr=1e-2, progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} was changed in the user's model"
+    tuned = copy.deepcopy(model)
+    tuned.load_state_dict(state)
+    assert sum(_validation_loss(tuned, b) for b in val) < sum(_validation_loss(model, b) for b in val) - 0.1
+    frozen = {k for k, _ in model.model.layers[0].named_parameters()}
+    for k in state:
+        moved = not torch.equal(state[k], before[k])
+        if k.startswith("model.layers.0.") and k[len("model.layers.0."):] in frozen:
+            assert not moved, f"frozen {k} moved"
+    assert not torch.equal(state["lm_head.weight"], before["lm_head.weight"])
+
+
+def test_the_valuer_tunes_its_own_reference_the_same_way():
+    model = tiny_model("llama", seed=71)
+    batch, val = random_batch(72), [random_batch(73, B=2), random_batch(74, B=2)]
+    cfg = at.AlphaTokenConfig(target="tuned", tune_steps=5, tune_lr=3e-3)
+    state = at.tune_on_validation(model, val, steps=5, lr=3e-3, progress=False)
+    own = _quiet(at.AlphaToken, model, cfg, validation=val)
+    given = _quiet(at.AlphaToken, model, cfg, tuned=state)
+    a, b = own.value(batch), given.value(batch)
+    torch.testing.assert_close(a.adaptation, b.adaptation)
+    assert torch.equal(a.mask, b.mask)
+    own.close()
+    given.close()
+
+
+def test_tuned_target_errors_name_the_problem():
+    model = tiny_model("llama", seed=75)
+    with pytest.raises(ValueError, match="validation="):
+        _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned"))
+    with pytest.raises(ValueError, match='target="tuned"'):
+        _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="validation"), validation=random_batch(76),
+               tuned=model)
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned"),
+               tuned={k: v for k, v in model.state_dict().items() if k != "lm_head.weight"})
+    with pytest.raises(ValueError, match="tune_steps"):
+        at.AlphaTokenConfig(target="tuned", tune_steps=0)
+    frozen = tiny_model("llama", seed=77)
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires a gradient"):
+        at.tune_on_validation(frozen, random_batch(78), steps=2, lr=1e-3, progress=False)

@@ -297,7 +297,11 @@ class AlphaToken:
         head = self.layers[0]
         a = step.head_input.index_select(0, step.head_rows.index_select(0, rows))
         self.last_kept_rows = (a.detach(), step.targets.index_select(0, rows))
-        return chunked_head_loss(a, head.weight_matrix(), getattr(head.module, "bias", None),
+        # FSDP2 may have resharded the head after the valuation backward: its unit is unsharded again for the
+        # training backward, whose post-backward reduces the head's gradient and reshards it (DESIGN §16)
+        with hold_unsharded(unwrap_model(self.model), head.module, reshard=False):
+            weight = head.weight_matrix()
+        return chunked_head_loss(a, weight, getattr(head.module, "bias", None),
                                  step.targets.index_select(0, rows), torch.as_tensor(denom, device=a.device),
                                  self.head_transform, nll=step.nll.index_select(0, rows), chunk_rows=self.chunk_rows,
                                  grad_rows=None if step.grad_rows is None else step.grad_rows.index_select(0, rows))

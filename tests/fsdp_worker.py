@@ -1,0 +1,178 @@
+"""Run by tests/test_fsdp.py under `torchrun --nproc_per_node 2` on CPU (gloo): FSDP2 (`fully_shard` on every
+decoder layer, then the root) on float64 tiny Llamas, untied and tied head, kfac and diag Fisher.
+
+Every rank holds its block of a global batch (its rows, trimmed to its own length). Per case, three masked
+training steps run side by side: the sharded model (global selection, loss Σ_kept ℓ / N_global · world, which
+FSDP's gradient average turns into Σ_all kept ℓ / N_global) and one process on the whole batch (the same loss).
+Written to <out>/fsdp_<case>_rank<r>.pt, per step: whether the mask equals the single-process block, the largest
+relative error of adaptation / stability / total, whether θ₀ has moved (drift live), the weights' largest
+difference after the step; the bytes of θ₀ and of the Fisher this rank holds and those of the single process; and
+a checkpoint round trip (torch.distributed.checkpoint of the model, the optimizer and `Anchor.state_dict()`, loaded
+into a fresh sharded model and valuer) giving the same next values and step.
+"""
+import copy
+import os
+import sys
+import warnings
+
+import torch
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.abs().max().clamp(min=1e-30)
+    return float((a - b).abs().max() / scale)
+
+
+def _block(batch: dict, rows: slice) -> dict:
+    """Rows of the global batch, trimmed to their own longest sequence (the ranks' T differ)."""
+    mask = batch["attention_mask"][rows]
+    T = int(mask.sum(1).max())
+    return {k: v[rows, :T].contiguous() for k, v in batch.items()}
+
+
+def _ragged_batch(seed: int, per: int) -> dict:
+    """A (4, 10) batch, rows sorted longest first, from the first seed at or after `seed` whose last rank's rows are
+    shorter than the first rank's (so the ranks' trimmed T differ)."""
+    from models import random_batch
+
+    while True:
+        batch = random_batch(seed, B=4, T=10)
+        order = batch["attention_mask"].sum(1).argsort(descending=True, stable=True)
+        batch = {k: v[order] for k, v in batch.items()}
+        lengths = batch["attention_mask"].sum(1)
+        if int(lengths[-per:].max()) < int(lengths[:per].max()):
+            return batch
+        seed += 1
+
+
+def _shard(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _full_params(model) -> list:
+    from alphatoken.sharding import full
+
+    return [full(p.detach()) for p in model.parameters()]
+
+
+def _sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)  # momentum: the optimizer has state to resume
+
+
+def run_case(tie: bool, kind: str, rank: int, world: int, out_dir: str, ckpt_dir: str) -> dict:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    import alphatoken as at
+    from alphatoken.sharding import is_sharded, local_nbytes
+    from models import SPEC_RULE, random_batch, tiny_model
+
+    base = tiny_model("llama", seed=1, tie=tie)
+    fisher = at.estimate_fisher(copy.deepcopy(base), [random_batch(11, B=4)], kind=kind, labels="data", progress=False)
+    cfg = at.AlphaTokenConfig(**{**SPEC_RULE, "keep_ratio": 0.5}, global_selection=True, normalize=True)
+    single, sharded = copy.deepcopy(base), _shard(copy.deepcopy(base))
+    v1 = at.AlphaToken(single, cfg.replace(global_selection=False), fisher=fisher)
+    vs = at.AlphaToken(sharded, cfg, fisher=fisher)
+    opt1, opts = _sgd(single), _sgd(sharded)
+    per = 4 // world
+    rows = slice(rank * per, (rank + 1) * per)
+    res = {"steps": [], "T": []}
+
+    def step(valuer, opt, batch, n_global, scale):
+        loss = valuer.value_and_loss(batch, num_items_in_batch=n_global) * scale
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return valuer.last_values
+
+    for i in range(3):
+        full_batch = _ragged_batch(100 + 10 * i, per)
+        mine = _block(full_batch, rows)
+        res["T"].append(mine["labels"].shape[1])
+        n_global = int((full_batch["labels"] != -100).sum())  # labels[:, 0] is never a response token here
+        want = step(v1, opt1, full_batch, n_global, 1.0)
+        got = step(vs, opts, mine, n_global, float(world))
+        block = (rows, slice(0, mine["labels"].shape[1]))
+        res["steps"].append({
+            "mask_equal": bool(torch.equal(got.mask, want.mask[block])),
+            "kept": int(got.mask.sum()),
+            **{f"{part}_rel": _rel(getattr(got, part), getattr(want, part)[block])
+               for part in ("adaptation", "stability", "total")},
+            "stability_nonzero": bool(want.stability.abs().max() > 0),
+            "drift_live": all(vs.anchor.moved(layer) for layer in vs.layers),  # collective: every rank, in order
+            "weights_diff": max(float((a - b).abs().max()) for a, b in zip(_full_params(sharded), single.parameters())),
+        })
+    # per-rank memory of AlphaToken's state, against one process's
+    res["anchor_bytes"] = vs.anchor.nbytes()
+    res["anchor_bytes_single"] = v1.anchor.nbytes()
+    diag = [e[1] for e in vs.fisher_entries.values() if e[0] == "diag"]
+    res["fisher_bytes"] = sum(local_nbytes(t) for t in diag)
+    res["fisher_bytes_single"] = sum(local_nbytes(e[1]) for e in v1.fisher_entries.values() if e[0] == "diag")
+    res["anchor_sharded"] = all(is_sharded(t) for t in vs.anchor.weights.values())
+    res["fisher_sharded"] = all(is_sharded(t) for t in diag)
+
+    # checkpoint: model, optimizer and θ₀, sharded; then a fresh run resumed from it
+    model_sd, optim_sd = get_state_dict(sharded, opts)
+    dcp.save({"model": model_sd, "optim": optim_sd, "anchor": vs.anchor.state_dict()}, checkpoint_id=ckpt_dir)
+    nxt = _ragged_batch(200, per)
+    mine = _block(nxt, rows)
+    n_global = int((nxt["labels"] != -100).sum())
+    before = step(vs, opts, mine, n_global, float(world))
+    weights_before = _full_params(sharded)
+    vs.close()
+
+    resumed = _shard(tiny_model("llama", seed=7, tie=tie))  # other weights: everything must come from the checkpoint
+    opt_r = _sgd(resumed)
+    vr = at.AlphaToken(resumed, cfg, fisher=fisher)  # θ₀ snapshot of the wrong weights, replaced below
+    model_sd, optim_sd = get_state_dict(resumed, opt_r)
+    state = {"model": model_sd, "optim": optim_sd, "anchor": vr.anchor.state_dict()}
+    dcp.load(state, checkpoint_id=ckpt_dir)  # in place, shard by shard (θ₀ included)
+    set_state_dict(resumed, opt_r, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    after = step(vr, opt_r, mine, n_global, float(world))
+    res["resume_mask_equal"] = bool(torch.equal(before.mask, after.mask))
+    res["resume_total_rel"] = _rel(after.total, before.total)
+    res["resume_stability_rel"] = _rel(after.stability, before.stability)
+    res["resume_weights_diff"] = max(float((a - b).abs().max()) for a, b in zip(_full_params(resumed), weights_before))
+    vr.close()
+    v1.close()
+    dist.barrier()
+    return res
+
+
+def main(out_dir: str) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    code = 0
+    try:
+        for tie, kind in ((False, "kfac"), (False, "diag"), (True, "diag")):
+            name = f"{'tied' if tie else 'untied'}_{kind}"
+            res = run_case(tie, kind, rank, world, out_dir, os.path.join(out_dir, f"ckpt_{name}"))
+            res["world"] = world
+            torch.save(res, os.path.join(out_dir, f"fsdp_{name}_rank{rank}.pt"))
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        # Tear the gloo group down before leaving, and skip the interpreter's teardown: a gloo worker thread can
+        # abort the process there ("terminate called without an active exception") after the results are written.
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

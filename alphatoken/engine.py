@@ -40,7 +40,7 @@ from .hooks import Capture
 from .layers import TrackedLayer, discover_layers, unvalued_weights
 from .losses import kept_mean_nll, masked_causal_lm_loss, response_mask
 from .select import protected_tokens, select_tokens
-from .sharding import check_sharding, full, hold_unsharded, store_like
+from .sharding import check_head_for_training, check_sharding, full, hold_unsharded, store_like
 from .tuned import TunedDirections, tuned_anchor
 from .values import TokenValues
 from alphatoken import kernels as K
@@ -278,6 +278,8 @@ class AlphaToken:
         then computes its full logits. The TokenValues of the batch are kept in `self.last_values` for logging.
         """
         _check_num_items(num_items_in_batch)
+        if loss_fn is None:
+            check_head_for_training(unwrap_model(self.model), self.layers[0].module)
         step = self._run(batch, token_weights, keep_graph=True, forward_model=forward_model,
                          full_logits=loss_fn is not None)
         values = step.values

@@ -91,7 +91,7 @@ def local_nbytes(t: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def _fsdp_owner(root: nn.Module, module: nn.Module) -> Optional[nn.Module]:
+def fsdp_owner(root: nn.Module, module: nn.Module) -> Optional[nn.Module]:
     """The FSDP2 unit whose parameter group holds `module`'s weight: the innermost `fully_shard`-ed module that
     contains `module` (`module` itself included)."""
     try:
@@ -113,7 +113,7 @@ def hold_unsharded(root: nn.Module, module: nn.Module, reshard: bool = True):
     gradient and reshards it). Nothing happens when the weight is already plain (no FSDP2, or inside the unit's
     forward / backward window)."""
     weight = getattr(module, "weight", None)
-    owner = _fsdp_owner(root, module) if is_sharded(weight) else None
+    owner = fsdp_owner(root, module) if is_sharded(weight) else None
     if owner is None:
         yield
         return
@@ -123,6 +123,19 @@ def hold_unsharded(root: nn.Module, module: nn.Module, reshard: bool = True):
     finally:
         if reshard:
             owner.reshard()
+
+
+def check_head_for_training(root: nn.Module, head: nn.Module) -> None:
+    """The fused masked loss runs the head outside the forward. FSDP2 reduces the gradient of the root unit's
+    weights in its final post-backward, which suits a head sharded with the root (`fully_shard(model)` last, as
+    accelerate's and the usual recipes do); a head that is its own unit gets its post-backward from the gradient
+    of its forward input, before the loss's own head gradient has accumulated, so that layout is refused."""
+    owner = fsdp_owner(root, head) if is_sharded(getattr(head, "weight", None)) else None
+    if owner is not None and owner is not root:
+        raise ValueError(
+            "AlphaToken's masked loss needs the output head sharded with the root FSDP2 unit, but the head is its "
+            "own fully_shard unit; shard the decoder layers, then `fully_shard(model)` without sharding the head "
+            "separately (valuer.value() works with either layout)")
 
 
 def check_sharding(layers, target: str) -> None:

@@ -45,11 +45,14 @@ def _ragged_batch(seed: int, per: int) -> dict:
         seed += 1
 
 
-def _shard(model):
+def _shard(model, head_unit: bool = False):
+    """fully_shard every decoder layer (and the head on its own, which then reshards after forward), then the root."""
     from torch.distributed.fsdp import fully_shard
 
     for block in model.model.layers:
         fully_shard(block)
+    if head_unit:
+        fully_shard(model.lm_head)
     fully_shard(model)
     return model
 
@@ -62,6 +65,43 @@ def _full_params(model) -> list:
 
 def _sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)  # momentum: the optimizer has state to resume
+
+
+def run_head_unit(rank: int, world: int) -> dict:
+    """The head as its own FSDP2 unit (resharded after forward): value() unshards it and equals one process's
+    values on the whole batch (drift live); the masked loss refuses the layout with a clear error."""
+    import alphatoken as at
+    from alphatoken.sharding import store_like
+    from models import SPEC_RULE, move_weights, random_batch, tiny_model
+
+    base = tiny_model("llama", seed=2)
+    fisher = at.estimate_fisher(copy.deepcopy(base), [random_batch(11, B=4)], kind="diag", labels="data",
+                                progress=False)
+    cfg = at.AlphaTokenConfig(**SPEC_RULE, global_selection=True)
+    single, sharded = copy.deepcopy(base), _shard(copy.deepcopy(base), head_unit=True)
+    v1 = at.AlphaToken(single, cfg.replace(global_selection=False), fisher=fisher)
+    vs = at.AlphaToken(sharded, cfg, fisher=fisher)
+    move_weights(single, seed=5)
+    with torch.no_grad():
+        for p, q in zip(sharded.parameters(), single.parameters()):  # the same move, shard by shard
+            p.to_local().copy_(store_like(p, q).to_local())
+    per = 4 // world
+    rows = slice(rank * per, (rank + 1) * per)
+    batch = _ragged_batch(300, per)
+    mine = _block(batch, rows)
+    want, got = v1.value(batch), vs.value(mine)
+    block = (rows, slice(0, mine["labels"].shape[1]))
+    res = {"mask_equal": bool(torch.equal(got.mask, want.mask[block])),
+           "total_rel": _rel(got.total, want.total[block]), "stability_rel": _rel(got.stability, want.stability[block]),
+           "drift_live": all(vs.anchor.moved(layer) for layer in vs.layers)}
+    try:
+        vs.value_and_loss(mine)
+        res["refused"] = ""
+    except ValueError as err:
+        res["refused"] = str(err)
+    vs.close()
+    v1.close()
+    return res
 
 
 def run_case(tie: bool, kind: str, rank: int, world: int, out_dir: str, ckpt_dir: str) -> dict:
@@ -160,6 +200,7 @@ def main(out_dir: str) -> None:
             res = run_case(tie, kind, rank, world, out_dir, os.path.join(out_dir, f"ckpt_{name}"))
             res["world"] = world
             torch.save(res, os.path.join(out_dir, f"fsdp_{name}_rank{rank}.pt"))
+        torch.save(run_head_unit(rank, world), os.path.join(out_dir, f"fsdp_head_unit_rank{rank}.pt"))
     except BaseException:
         import traceback
 

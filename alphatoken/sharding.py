@@ -125,17 +125,30 @@ def hold_unsharded(root: nn.Module, module: nn.Module, reshard: bool = True):
             owner.reshard()
 
 
+def _unit_modules(unit: nn.Module) -> tuple:
+    """The modules sharing `unit`'s FSDP2 parameter group (`fully_shard([norm, head])` makes one group of two)."""
+    state = unit._get_fsdp_state() if hasattr(unit, "_get_fsdp_state") else None
+    return tuple(getattr(state, "_modules", ())) or (unit,)
+
+
 def check_head_for_training(root: nn.Module, head: nn.Module) -> None:
-    """The fused masked loss runs the head outside the forward. FSDP2 reduces the gradient of the root unit's
-    weights in its final post-backward, which suits a head sharded with the root (`fully_shard(model)` last, as
-    accelerate's and the usual recipes do); a head that is its own unit gets its post-backward from the gradient
-    of its forward input, before the loss's own head gradient has accumulated, so that layout is refused."""
+    """Refuse the one FSDP2 layout the fused masked loss cannot train: the head alone in its own unit.
+
+    The masked loss runs the head's matmul outside the forward (`head_loss.chunked_head_loss`) on the captured
+    head input. Supported: the head in the root unit (`fully_shard(model)` last), and the head grouped with the
+    final norm (accelerate's FSDP2 layout, `fully_shard([norm, head])`): there FSDP2 hooks the unit's post-backward
+    to the norm's input. A head alone in its unit gets that hook on its own input, which the valuation backward
+    starts from, and the training backward then reads a freed weight (seen as a crash in torch 2.13)."""
     owner = fsdp_owner(root, head) if is_sharded(getattr(head, "weight", None)) else None
-    if owner is not None and owner is not root:
+    if owner is None or owner is root:
+        return
+    modules = _unit_modules(owner)
+    if len(modules) == 1 and modules[0] is head:
         raise ValueError(
-            "AlphaToken's masked loss needs the output head sharded with the root FSDP2 unit, but the head is its "
-            "own fully_shard unit; shard the decoder layers, then `fully_shard(model)` without sharding the head "
-            "separately (valuer.value() works with either layout)")
+            "AlphaToken's masked loss cannot train an output head that is alone in its own FSDP2 unit; shard the "
+            "head with the root (`fully_shard(model)` after the decoder layers) or with the final norm "
+            "(`fully_shard([model.model.norm, model.lm_head])`, accelerate's layout). valuer.value() works with "
+            "any layout")
 
 
 def check_sharding(layers, target: str) -> None:

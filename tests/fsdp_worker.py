@@ -1,5 +1,6 @@
-"""Run by tests/test_fsdp.py under `torchrun --nproc_per_node 2` on CPU (gloo): FSDP2 (`fully_shard` on every
-decoder layer, then the root) on float64 tiny Llamas, untied and tied head, kfac and diag Fisher.
+"""Run by tests/test_fsdp.py under `torchrun --nproc_per_node 2` on CPU (gloo) as `fsdp_worker.py OUT LAYOUT`:
+FSDP2 (`fully_shard` on every decoder layer, then the head's unit by LAYOUT (see `_shard`), then the root) on
+float64 tiny Llamas, untied and tied head, kfac and diag Fisher.
 
 Every rank holds its block of a global batch (its rows, trimmed to its own length). Per case, three masked
 training steps run side by side: the sharded model (global selection, loss Σ_kept ℓ / N_global · world, which
@@ -45,13 +46,22 @@ def _ragged_batch(seed: int, per: int) -> dict:
         seed += 1
 
 
-def _shard(model, head_unit: bool = False):
-    """fully_shard every decoder layer (and the head on its own, which then reshards after forward), then the root."""
+def _shard(model, layout: str = "root"):
+    """fully_shard every decoder layer, then the head's unit, then the root. layout "root": the head (and the
+    embedding) in the root unit; "accelerate": accelerate's FSDP2 layout, the input embedding its own unit (untied)
+    and the tail [final norm, head] (with a tied embedding) one unit kept unsharded after forward; "head": the head
+    alone in a unit that reshards after forward."""
     from torch.distributed.fsdp import fully_shard
 
     for block in model.model.layers:
         fully_shard(block)
-    if head_unit:
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    if layout == "accelerate":
+        if not tied:
+            fully_shard(model.model.embed_tokens)
+        tail = [model.model.norm, model.model.embed_tokens, model.lm_head] if tied else [model.model.norm, model.lm_head]
+        fully_shard(tail, reshard_after_forward=False)
+    elif layout == "head":
         fully_shard(model.lm_head)
     fully_shard(model)
     return model
@@ -78,7 +88,7 @@ def run_head_unit(rank: int, world: int) -> dict:
     fisher = at.estimate_fisher(copy.deepcopy(base), [random_batch(11, B=4)], kind="diag", labels="data",
                                 progress=False)
     cfg = at.AlphaTokenConfig(**SPEC_RULE, global_selection=True)
-    single, sharded = copy.deepcopy(base), _shard(copy.deepcopy(base), head_unit=True)
+    single, sharded = copy.deepcopy(base), _shard(copy.deepcopy(base), "head")
     v1 = at.AlphaToken(single, cfg.replace(global_selection=False), fisher=fisher)
     vs = at.AlphaToken(sharded, cfg, fisher=fisher)
     move_weights(single, seed=5)
@@ -104,7 +114,7 @@ def run_head_unit(rank: int, world: int) -> dict:
     return res
 
 
-def run_case(tie: bool, kind: str, rank: int, world: int, out_dir: str, ckpt_dir: str) -> dict:
+def run_case(tie: bool, kind: str, layout: str, rank: int, world: int, out_dir: str, ckpt_dir: str) -> dict:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -116,7 +126,7 @@ def run_case(tie: bool, kind: str, rank: int, world: int, out_dir: str, ckpt_dir
     base = tiny_model("llama", seed=1, tie=tie)
     fisher = at.estimate_fisher(copy.deepcopy(base), [random_batch(11, B=4)], kind=kind, labels="data", progress=False)
     cfg = at.AlphaTokenConfig(**{**SPEC_RULE, "keep_ratio": 0.5}, global_selection=True, normalize=True)
-    single, sharded = copy.deepcopy(base), _shard(copy.deepcopy(base))
+    single, sharded = copy.deepcopy(base), _shard(copy.deepcopy(base), layout)
     v1 = at.AlphaToken(single, cfg.replace(global_selection=False), fisher=fisher)
     vs = at.AlphaToken(sharded, cfg, fisher=fisher)
     opt1, opts = _sgd(single), _sgd(sharded)
@@ -167,7 +177,7 @@ def run_case(tie: bool, kind: str, rank: int, world: int, out_dir: str, ckpt_dir
     weights_before = _full_params(sharded)
     vs.close()
 
-    resumed = _shard(tiny_model("llama", seed=7, tie=tie))  # other weights: everything must come from the checkpoint
+    resumed = _shard(tiny_model("llama", seed=7, tie=tie), layout)  # other weights: all from the checkpoint
     opt_r = _sgd(resumed)
     vr = at.AlphaToken(resumed, cfg, fisher=fisher)  # θ₀ snapshot of the wrong weights, replaced below
     model_sd, optim_sd = get_state_dict(resumed, opt_r)
@@ -185,7 +195,7 @@ def run_case(tie: bool, kind: str, rank: int, world: int, out_dir: str, ckpt_dir
     return res
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, layout: str) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -197,10 +207,11 @@ def main(out_dir: str) -> None:
     try:
         for tie, kind in ((False, "kfac"), (False, "diag"), (True, "diag")):
             name = f"{'tied' if tie else 'untied'}_{kind}"
-            res = run_case(tie, kind, rank, world, out_dir, os.path.join(out_dir, f"ckpt_{name}"))
+            res = run_case(tie, kind, layout, rank, world, out_dir, os.path.join(out_dir, f"ckpt_{name}"))
             res["world"] = world
             torch.save(res, os.path.join(out_dir, f"fsdp_{name}_rank{rank}.pt"))
-        torch.save(run_head_unit(rank, world), os.path.join(out_dir, f"fsdp_head_unit_rank{rank}.pt"))
+        if layout == "root":
+            torch.save(run_head_unit(rank, world), os.path.join(out_dir, f"fsdp_head_unit_rank{rank}.pt"))
     except BaseException:
         import traceback
 
@@ -216,4 +227,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

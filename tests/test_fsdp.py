@@ -69,17 +69,20 @@ def test_deepspeed_zero3_weights_are_refused():
         at.AlphaToken(model, at.AlphaTokenConfig(target="none"), fisher=None)
 
 
-def test_fsdp2_values_masks_steps_and_checkpoint_equal_single_process(tmp_path):
+@pytest.mark.parametrize("layout", ["root", "accelerate"])
+def test_fsdp2_values_masks_steps_and_checkpoint_equal_single_process(tmp_path, layout):
+    """layout "root": the head sharded with the root unit; "accelerate": accelerate's FSDP2 layout (embedding and
+    the tail [final norm, head] their own units)."""
     script = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), script, str(tmp_path)]
+           str(_free_port()), script, str(tmp_path), layout]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for r in range(2):  # the head as its own unit: value() equals one process's; the masked loss refuses it
+    for r in range(2 if layout == "root" else 0):  # the head as its own unit: value() equals one process's; the masked loss refuses it
         res = torch.load(tmp_path / f"fsdp_head_unit_rank{r}.pt")
         assert res["mask_equal"] and res["total_rel"] < 1e-6 and res["stability_rel"] < 1e-6, res
         assert res["drift_live"], res
-        assert "own fully_shard unit" in res["refused"], res
+        assert "alone in its own FSDP2 unit" in res["refused"], res
     for case in ("untied_kfac", "untied_diag", "tied_diag"):
         results = [torch.load(tmp_path / f"fsdp_{case}_rank{r}.pt") for r in range(2)]
         assert all(a != b for a, b in zip(results[0]["T"], results[1]["T"])), case  # the ranks' T differ

@@ -107,3 +107,24 @@ def test_fsdp2_values_masks_steps_and_checkpoint_equal_single_process(tmp_path, 
             assert all(r["fisher_sharded"] for r in results)
             assert sum(r["fisher_bytes"] for r in results) == results[0]["fisher_bytes_single"] > 0
             assert max(r["fisher_bytes"] for r in results) <= results[0]["fisher_bytes_single"] // 2 + 1024
+
+
+def test_trainer_with_accelerate_fsdp2_plugin_equals_ddp(tmp_path):
+    """AlphaTokenTrainer (online mode) with accelerate's FSDP2 plugin under `accelerate launch`, 2 CPU processes:
+    the weights after two accumulated steps, the logged loss, keep ratio and stability equal the same run under
+    DDP (itself held to one process by test_ddp.py); weights, θ₀ and the diag Fisher were sharded."""
+    script = os.path.join(os.path.dirname(__file__), "fsdp_trainer.py")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), script, str(tmp_path)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for r in range(2):
+        res = torch.load(tmp_path / f"trainer_rank{r}.pt")
+        assert res["world"] == 2, res
+        assert res["weights_sharded"] and res["anchor_sharded"] and res["fisher_sharded"], res
+        assert res["moved"] > 1e-3 and res["drift_live"], res  # it trained, and the second step's drift was live
+        assert res["weights_diff"] < 1e-10, res
+        for key in ("loss", "keep_ratio", "stability"):
+            ddp, fsdp = res[key]
+            assert len(ddp) == 2 and fsdp == pytest.approx(ddp, rel=1e-9, abs=1e-12), (key, res)

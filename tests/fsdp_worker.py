@@ -125,10 +125,14 @@ def run_case(tie: bool, kind: str, layout: str, rank: int, world: int, out_dir: 
 
     base = tiny_model("llama", seed=1, tie=tie)
     fisher = at.estimate_fisher(copy.deepcopy(base), [random_batch(11, B=4)], kind=kind, labels="data", progress=False)
-    cfg = at.AlphaTokenConfig(**{**SPEC_RULE, "keep_ratio": 0.5}, global_selection=True, normalize=True)
+    if kind == "kfac":  # the library's defaults: validation target, cosine, rank fusion over every rank's tokens
+        cfg, validation = at.AlphaTokenConfig(keep_ratio=0.5, global_selection=True), random_batch(21, B=2)
+    else:  # the formulas' rule (batch target, U all-reduced over the ranks), normalized by the global RMS
+        cfg = at.AlphaTokenConfig(**{**SPEC_RULE, "keep_ratio": 0.5}, global_selection=True, normalize=True)
+        validation = None
     single, sharded = copy.deepcopy(base), _shard(copy.deepcopy(base), layout)
-    v1 = at.AlphaToken(single, cfg.replace(global_selection=False), fisher=fisher)
-    vs = at.AlphaToken(sharded, cfg, fisher=fisher)
+    v1 = at.AlphaToken(single, cfg.replace(global_selection=False), fisher=fisher, validation=validation)
+    vs = at.AlphaToken(sharded, cfg, fisher=fisher, validation=validation)
     opt1, opts = _sgd(single), _sgd(sharded)
     per = 4 // world
     rows = slice(rank * per, (rank + 1) * per)
@@ -179,7 +183,7 @@ def run_case(tie: bool, kind: str, layout: str, rank: int, world: int, out_dir: 
 
     resumed = _shard(tiny_model("llama", seed=7, tie=tie), layout)  # other weights: all from the checkpoint
     opt_r = _sgd(resumed)
-    vr = at.AlphaToken(resumed, cfg, fisher=fisher)  # θ₀ snapshot of the wrong weights, replaced below
+    vr = at.AlphaToken(resumed, cfg, fisher=fisher, validation=validation)  # θ₀ snapshot of the wrong weights, replaced below
     model_sd, optim_sd = get_state_dict(resumed, opt_r)
     state = {"model": model_sd, "optim": optim_sd, "anchor": vr.anchor.state_dict()}
     dcp.load(state, checkpoint_id=ckpt_dir)  # in place, shard by shard (θ₀ included)

@@ -16,7 +16,9 @@ backward, SGD step) is measured after a warm-up step. Per rank:
 * `step_peak_mib` — peak RSS of the measured step above the RSS just before it (`/proc/self/clear_refs` resets
                   the high-water mark; `malloc_trim` first), i.e. the step's transient memory: gathered weights,
                   the drift's gathered θ₀ / Fisher of one layer at a time, activations, gradients;
-* `rss_mib`     — resident memory before the step (everything the process holds, libraries included).
+* `plain_step_peak_mib` — the same measure for a plain FSDP2 step of the same model and batch
+                  (`model(**batch, labels).loss.backward()`, SGD step), measured first, without a valuer;
+* `rss_mib`     — resident memory before the AlphaToken step (everything the process holds, libraries included).
 
 CSV columns: world, rank, the figures above, the model size, and the metadata of every stored row (device, date,
 library versions, git revision). The summary printed per world is the largest value over the ranks.
@@ -41,7 +43,7 @@ if str(_HERE) not in sys.path:
 
 import torch  # noqa: E402
 
-FIGURES = ("theta0_mib", "fisher_mib", "weights_mib", "step_peak_mib", "rss_mib")
+FIGURES = ("theta0_mib", "fisher_mib", "weights_mib", "step_peak_mib", "plain_step_peak_mib", "rss_mib")
 COLUMNS = ["bench", "world", "rank", "fisher", *FIGURES, "params", "layers", "hidden", "vocab", "tokens",
            "device", "date", "torch", "transformers", "alphatoken", "git_rev"]
 MIB = 2 ** 20
@@ -61,6 +63,19 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # pragma: no cover - not glibc
         pass
+
+
+def _step_peak(step, dist) -> int:
+    """Peak RSS (bytes) of one call of `step` above the RSS just before it, after a warm-up call (allocator pools,
+    AlphaToken's first-step check of its fused head)."""
+    step()
+    _trim()
+    dist.barrier()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _rss_kib("VmRSS") * 1024
+    step()
+    return _rss_kib("VmHWM") * 1024 - base
 
 
 # ------------------------------------------------------------------------------------------------ one rank
@@ -87,6 +102,14 @@ def _worker(args) -> None:
             fully_shard(block)
         fully_shard(model)
         batch = SB.make_batch(spec, torch.device("cpu"))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def plain():
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        plain_peak = _step_peak(plain, dist)
         g = torch.Generator().manual_seed(0)
         layers = discover_layers(model, "all", False)
         if args.fisher == "diag":
@@ -102,26 +125,19 @@ def _worker(args) -> None:
             for p in model.parameters():
                 local = p.to_local()
                 local.add_(1e-3 * torch.randn(local.shape, generator=g))
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
         def step():
             valuer.value_and_loss(batch).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        step()  # warm-up: allocator pools, the first step's fused-head check
-        _trim()
-        dist.barrier()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
         base = _rss_kib("VmRSS") * 1024
-        step()
-        peak = _rss_kib("VmHWM") * 1024 - base
+        peak = _step_peak(step, dist)
         fisher_bytes = sum(local_nbytes(t) for entry in valuer.fisher_entries.values() for t in entry[1:])
         row = {"world": world, "rank": rank, "fisher": args.fisher, "params": params,
                "theta0_mib": valuer.anchor.nbytes() / MIB, "fisher_mib": fisher_bytes / MIB,
                "weights_mib": sum(local_nbytes(p) for p in model.parameters()) / MIB,
-               "step_peak_mib": peak / MIB, "rss_mib": base / MIB}
+               "step_peak_mib": peak / MIB, "plain_step_peak_mib": plain_peak / MIB, "rss_mib": base / MIB}
         with open(os.path.join(args.worker, f"rank{rank}.json"), "w") as f:
             json.dump(row, f)
         valuer.close()
@@ -194,7 +210,7 @@ def main(argv=None) -> int:
             top = {k: max(r[k] for r in ranks) for k in FIGURES}
             print(f"world {world}: per rank (max over ranks) θ₀ {top['theta0_mib']:.2f} MiB, Fisher "
                   f"{top['fisher_mib']:.2f} MiB, weights {top['weights_mib']:.2f} MiB, step peak "
-                  f"{top['step_peak_mib']:.1f} MiB, RSS {top['rss_mib']:.0f} MiB", flush=True)
+                  f"{top['step_peak_mib']:.1f} MiB (plain FSDP2 step {top['plain_step_peak_mib']:.1f} MiB), RSS {top['rss_mib']:.0f} MiB", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)

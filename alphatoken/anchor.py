@@ -28,9 +28,14 @@ class Anchor:
 
     def __init__(self, layers: list[TrackedLayer], reference=None, device=None, dtype: Optional[torch.dtype] = None):
         self.weights: dict[str, torch.Tensor] = {}
+        # FSDP2's sharded parameters (the optimizer's copies, in their own dtype), kept to form Δ from: inside the
+        # unit's window the module holds the unsharded weight, which mixed precision casts (bf16(W) − θ₀ ≠ 0)
+        self.sharded: dict[str, torch.Tensor] = {}
         state = reference.state_dict() if isinstance(reference, nn.Module) else reference
         for layer in layers:
             w = layer.weight
+            if is_sharded(w):
+                self.sharded[layer.name] = w
             if state is None:
                 ref = w.detach()
             else:
@@ -47,25 +52,30 @@ class Anchor:
         rank must call it, in the same order)."""
         return full(self.weights[layer.name])
 
-    def delta(self, layer: TrackedLayer, reference: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    def delta(self, layer: TrackedLayer) -> Optional[torch.Tensor]:
         """Δ = W − W⁰ in the weight's storage shape, float32 (float64 for float64 weights), whole; None when every
         entry is exactly zero (the weights have not moved), so that the drift term can be skipped.
 
-        A sharded weight (outside its FSDP2 window) gives Δ shard by shard, then gathered; an unsharded one (inside
-        the window) is compared with the gathered θ₀ (`reference`, when the caller has already gathered it). Either
-        way every rank decides "moved" on the same whole Δ."""
-        w = layer.weight.detach()
+        Under FSDP2, Δ is formed shard by shard from the sharded parameter (the full-precision copy the optimizer
+        steps, whether or not the module holds its unsharded, possibly down-cast weight just now) and this rank's
+        θ₀ shard, then gathered: one all-gather of Δ per call, and every rank decides "moved" on the same whole Δ.
+        """
+        w0 = self.weights[layer.name]
+        w = self.sharded.get(layer.name, layer.weight).detach()
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-        w0 = self.weights[layer.name] if reference is None else reference
         if is_sharded(w) and is_sharded(w0):
-            local = w.to_local().to(dtype) - w0.to_local().to(device=w.to_local().device, dtype=dtype)
             from torch.distributed.tensor import DTensor
 
+            local = w.to_local().to(dtype) - w0.to_local().to(device=w.to_local().device, dtype=dtype)
             delta = full(DTensor.from_local(local, w.device_mesh, w.placements, run_check=False, shape=w.shape,
                                             stride=w.stride()))
         else:
             delta = full(w).to(dtype) - full(w0).to(device=w.device, dtype=dtype)
         return delta if bool(delta.any()) else None
+
+    def is_sharded(self, layer: TrackedLayer) -> bool:
+        """Whether the layer's θ₀ is stored sharded (FSDP2)."""
+        return is_sharded(self.weights[layer.name])
 
     def moved(self, layer: TrackedLayer) -> bool:
         """Whether the layer's weight differs from θ₀ in any entry (by value)."""

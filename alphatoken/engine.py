@@ -532,15 +532,16 @@ class AlphaToken:
 
     def _head_drift(self, head: TrackedLayer, weight: torch.Tensor) -> dict:
         """The head's drift operands: (W, W₀) to form Δ tile by tile when θ₀ sits on the weight's device,
-        else Δ itself (a CPU θ₀ is copied over once, as for the body layers)."""
+        else Δ itself (a CPU θ₀ is copied over once, as for the body layers; a sharded θ₀ gives Δ from the
+        sharded parameter, one all-gather, DESIGN §16)."""
         if self.anchor is None or head.name not in self.fisher_entries:
             return {}
-        w0 = self.anchor.reference(head)  # whole θ₀ (one all-gather under FSDP2)
-        delta = self.anchor.delta(head, w0)
-        if delta is None:
+        w0 = self.anchor.weights[head.name]
+        if self.anchor.is_sharded(head) or w0.device != weight.device:
+            delta = self._delta(head)
+            return {} if delta is None else {"delta": delta}
+        if not self.anchor.moved(head):
             return {}
-        if w0.device != weight.device:
-            return {"delta": head.weight_matrix(delta)}
         return {"reference": (weight, head.weight_matrix(w0))}
 
     def _causal(self, seed_rows, head_rows, batch, body_rows, n: int, keep_graph: bool):

@@ -114,6 +114,49 @@ def run_head_unit(rank: int, world: int) -> dict:
     return res
 
 
+def run_mixed_precision(rank: int, world: int) -> dict:
+    """FSDP2 mixed precision (float32 parameters, bfloat16 compute): inside a unit's window the module holds the
+    bfloat16 cast, but Δ is the parameters' own drift. Every Δ the valuer forms while valuing is None before any
+    move (the cast is no move), and equals one process's float32 Δ exactly after one."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    import alphatoken as at
+    from alphatoken.sharding import store_like
+    from models import SPEC_RULE, move_weights, random_batch, tiny_model
+
+    base = tiny_model("llama", seed=3, dtype=torch.float32)
+    move_weights(base, seed=9)
+    fisher = at.estimate_fisher(copy.deepcopy(base), [random_batch(11, B=4)], kind="diag", labels="data",
+                                progress=False)
+    sharded = copy.deepcopy(base)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in sharded.model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(sharded, mp_policy=policy)
+    vs = at.AlphaToken(sharded, at.AlphaTokenConfig(**SPEC_RULE, global_selection=True), fisher=fisher)
+    seen = []
+    delta = vs.anchor.delta
+    vs.anchor.delta = lambda layer: seen.append((layer.name, delta(layer))) or seen[-1][1]
+    mine = _block(_ragged_batch(400, 4 // world), slice(rank * (4 // world), (rank + 1) * (4 // world)))
+    vs.value(mine)
+    res = {"unmoved_calls": len(seen), "unmoved_all_none": all(d is None for _, d in seen)}
+    single = copy.deepcopy(base)
+    move_weights(single, seed=6)
+    with torch.no_grad():
+        for p, q in zip(sharded.parameters(), single.parameters()):
+            p.to_local().copy_(store_like(p, q).to_local())
+    v1 = at.AlphaToken(single, at.AlphaTokenConfig(**SPEC_RULE), fisher=fisher, reference=base)
+    seen.clear()
+    vs.value(mine)
+    want = {layer.name: v1.anchor.delta(layer) for layer in v1.layers}
+    res["moved_calls"] = len(seen)
+    res["moved_delta_diff"] = max(float((d - want[name]).abs().max()) if d is not None else float("inf")
+                                  for name, d in seen)
+    vs.close()
+    v1.close()
+    return res
+
+
 def run_case(tie: bool, kind: str, layout: str, rank: int, world: int, out_dir: str, ckpt_dir: str) -> dict:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -216,6 +259,7 @@ def main(out_dir: str, layout: str) -> None:
             torch.save(res, os.path.join(out_dir, f"fsdp_{name}_rank{rank}.pt"))
         if layout == "root":
             torch.save(run_head_unit(rank, world), os.path.join(out_dir, f"fsdp_head_unit_rank{rank}.pt"))
+            torch.save(run_mixed_precision(rank, world), os.path.join(out_dir, f"fsdp_mixed_rank{rank}.pt"))
     except BaseException:
         import traceback
 

@@ -83,6 +83,10 @@ def test_fsdp2_values_masks_steps_and_checkpoint_equal_single_process(tmp_path, 
         assert res["mask_equal"] and res["total_rel"] < 1e-6 and res["stability_rel"] < 1e-6, res
         assert res["drift_live"], res
         assert "alone in its own FSDP2 unit" in res["refused"], res
+    for r in range(2 if layout == "root" else 0):  # mixed precision: the float32 cast is no drift; Δ is the master's
+        res = torch.load(tmp_path / f"fsdp_mixed_rank{r}.pt")
+        assert res["unmoved_calls"] > 0 and res["unmoved_all_none"], res
+        assert res["moved_calls"] == res["unmoved_calls"] and res["moved_delta_diff"] == 0.0, res
     for case in ("untied_kfac", "untied_diag", "tied_diag"):
         results = [torch.load(tmp_path / f"fsdp_{case}_rank{r}.pt") for r in range(2)]
         assert all(a != b for a, b in zip(results[0]["T"], results[1]["T"])), case  # the ranks' T differ

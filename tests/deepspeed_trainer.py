@@ -62,7 +62,8 @@ def main(out_dir: str) -> None:
                   "loss": (logged(ddp, "loss"), logged(ds, "loss")),
                   "keep_ratio": (logged(ddp, "alphatoken/keep_ratio"), logged(ds, "alphatoken/keep_ratio"))}
         torch.save(result, os.path.join(out_dir, f"ds_rank{dist.get_rank()}.pt"))
-        dist.barrier()
+        ds.accelerator.wait_for_everyone()
+        ds.accelerator.end_training()
     except BaseException:
         import traceback
 

@@ -11,12 +11,13 @@ import torch
 
 from test_fsdp import _env, _free_port
 
-pytestmark = pytest.mark.skipif(
+needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
     reason="DeepSpeed is not installed (pip install -e '.[deepspeed]'); on GPUs run "
            "`accelerate launch --use_deepspeed --zero_stage 2 --num_processes 2 tests/deepspeed_trainer.py OUT`")
 
 
+@needs_deepspeed
 def test_zero2_ahead_mode_equals_ddp(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "deepspeed_trainer.py")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -32,3 +33,19 @@ def test_zero2_ahead_mode_equals_ddp(tmp_path):
         assert len(ddp) == 2 and ds == pytest.approx(ddp, rel=1e-6), res
         ddp, ds = res["keep_ratio"]
         assert ds == ddp and all(0 < k < 1 for k in ds), res
+
+
+def test_trainer_refuses_zero3_when_built():
+    """The trainer says so at construction, before a step (the valuer refuses ZeRO-3 weights too)."""
+    from types import SimpleNamespace
+
+    from alphatoken.integrations.trainer import AlphaTokenMixin
+
+    for mode in ("online", "ahead"):
+        stub = SimpleNamespace(args=SimpleNamespace(), _at_mode=mode, is_deepspeed_enabled=True,
+                               accelerator=SimpleNamespace(state=SimpleNamespace(
+                                   deepspeed_plugin=SimpleNamespace(zero_stage=3))))
+        with pytest.raises(ValueError, match="ZeRO-3"):
+            AlphaTokenMixin._at_check_setup(stub)
+    stub.accelerator.state.deepspeed_plugin.zero_stage = 2  # ZeRO-2 with "ahead" passes the check
+    AlphaTokenMixin._at_check_setup(stub)

@@ -9,7 +9,8 @@ storage shape) is stored the same way, so that its memory per rank is `1/world` 
                                  (a plain copy when `param` is a plain tensor); no communication
     full(t)                   -> the whole tensor (one all-gather over the mesh when `t` is a DTensor)
     local_nbytes(t)           -> the bytes this rank holds for `t`
-    hold_unsharded(module)    -> a context in which an FSDP2 module's weights are unsharded (plain tensors)
+    hold_unsharded(root, m)   -> a context in which the FSDP2 unit holding `m`'s weight is unsharded (plain tensors)
+    check_head_for_training, check_sharding -> the layouts the valuer refuses, with the fix in the message
 
 A single process and DDP see plain tensors everywhere, and every function here is then the identity.
 """

@@ -46,6 +46,19 @@ def _ragged_batch(seed: int, per: int) -> dict:
         seed += 1
 
 
+def _kept_logits_rel(vs, v1, rank: int, world: int) -> float:
+    """`kept_logit_chunks` after a step (TRL's metrics read it; FSDP2 has resharded the head by then): this rank's
+    kept rows' logits against the single process's rows of the same block (its kept rows come in batch-row order,
+    so rank 0's block leads and the last rank's ends the list). Relative error; 0 rows on both sides give 0."""
+    got = [z for z, _ in vs.kept_logit_chunks(chunk_rows=3)]  # collective under FSDP2: every rank calls it
+    want = torch.cat([z for z, _ in v1.kept_logit_chunks()])
+    got = torch.cat(got) if got else want[:0]
+    k = got.shape[0]
+    block = want[:k] if rank == 0 else want[want.shape[0] - k:]
+    assert world == 2, "the block offsets above assume two ranks"
+    return _rel(got, block) if k else 0.0
+
+
 def _shard(model, layout: str = "root"):
     """fully_shard every decoder layer, then the head's unit, then the root. layout "root": the head (and the
     embedding) in the root unit; "accelerate": accelerate's FSDP2 layout, the input embedding its own unit (untied)
@@ -204,6 +217,7 @@ def run_case(tie: bool, kind: str, layout: str, rank: int, world: int, out_dir: 
             "stability_nonzero": bool(want.stability.abs().max() > 0),
             "drift_live": all(vs.anchor.moved(layer) for layer in vs.layers),  # collective: every rank, in order
             "weights_diff": max(float((a - b).abs().max()) for a, b in zip(_full_params(sharded), single.parameters())),
+            "kept_logits_rel": _kept_logits_rel(vs, v1, rank, world),
         })
     # per-rank memory of AlphaToken's state, against one process's
     res["anchor_bytes"] = vs.anchor.nbytes()

@@ -100,6 +100,7 @@ def test_fsdp2_values_masks_steps_and_checkpoint_equal_single_process(tmp_path, 
                     assert step[f"{part}_rel"] < 1e-6, where  # float64 sums, float32 TokenValues
                 assert step["stability_nonzero"] and step["drift_live"], where
                 assert step["weights_diff"] < 1e-12, where  # the masked step trains the sharded weights alike
+                assert step["kept_logits_rel"] < 1e-6, where  # the kept rows' logits, recomputed after the step
             assert res["resume_mask_equal"] and res["resume_total_rel"] < 1e-12, (case, res)
             assert res["resume_stability_rel"] < 1e-12 and res["resume_weights_diff"] < 1e-12, (case, res)
             assert res["anchor_sharded"]

@@ -24,6 +24,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / scale)
 
 
+def _flat(entry) -> torch.Tensor:
+    """A Fisher entry (diag tensor or kfac pair) as one flat tensor."""
+    return torch.cat([x.flatten() for x in entry]) if isinstance(entry, tuple) else entry.flatten()
+
+
 def _block(batch: dict, rows: slice) -> dict:
     """Rows of the global batch, trimmed to their own longest sequence (the ranks' T differ)."""
     mask = batch["attention_mask"][rows]
@@ -180,19 +185,25 @@ def run_case(tie: bool, kind: str, layout: str, rank: int, world: int, out_dir: 
     from models import SPEC_RULE, random_batch, tiny_model
 
     base = tiny_model("llama", seed=1, tie=tie)
-    fisher = at.estimate_fisher(copy.deepcopy(base), [random_batch(11, B=4)], kind=kind, labels="data", progress=False)
+    calibration = [random_batch(11, B=4), random_batch(12, B=4)]
+    calibration[1]["labels"][2:] = -100  # the last rank's block of this batch has no response token
+    fisher = at.estimate_fisher(copy.deepcopy(base), calibration, kind=kind, labels="data", progress=False)
     if kind == "kfac":  # the library's defaults: validation target, cosine, rank fusion over every rank's tokens
         cfg, validation = at.AlphaTokenConfig(keep_ratio=0.5, global_selection=True), random_batch(21, B=2)
     else:  # the formulas' rule (batch target, U all-reduced over the ranks), normalized by the global RMS
         cfg = at.AlphaTokenConfig(**{**SPEC_RULE, "keep_ratio": 0.5}, global_selection=True, normalize=True)
         validation = None
     single, sharded = copy.deepcopy(base), _shard(copy.deepcopy(base), layout)
+    per = 4 // world
+    rows = slice(rank * per, (rank + 1) * per)
+    # estimated on the sharded model, each rank from its blocks: the single process's Fisher of the whole batches
+    estimated = at.estimate_fisher(sharded, [_block(b, rows) for b in calibration], kind=kind, labels="data",
+                                   progress=False)
+    res = {"steps": [], "T": [],
+           "fisher_estimate_rel": max(_rel(_flat(estimated[n]), _flat(fisher[n])) for n in fisher.names())}
     v1 = at.AlphaToken(single, cfg.replace(global_selection=False), fisher=fisher, validation=validation)
     vs = at.AlphaToken(sharded, cfg, fisher=fisher, validation=validation)
     opt1, opts = _sgd(single), _sgd(sharded)
-    per = 4 // world
-    rows = slice(rank * per, (rank + 1) * per)
-    res = {"steps": [], "T": []}
 
     def step(valuer, opt, batch, n_global, scale):
         loss = valuer.value_and_loss(batch, num_items_in_batch=n_global) * scale

@@ -93,6 +93,7 @@ def test_fsdp2_values_masks_steps_and_checkpoint_equal_single_process(tmp_path, 
         assert sum(s["kept"] for r in results for s in r["steps"]) > 0
         for res in results:
             assert res["world"] == 2
+            assert res["fisher_estimate_rel"] < 1e-12, (case, res)  # estimate_fisher on the sharded model
             for i, step in enumerate(res["steps"]):
                 where = (case, i, step)
                 assert step["mask_equal"], where

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
-import gc
 import json
 import os
 import socket
@@ -43,26 +41,12 @@ if str(_HERE) not in sys.path:
 
 import torch  # noqa: E402
 
+from memory_bench import _rss_kib, _trim  # noqa: E402  (one RSS probe for both memory benchmarks)
+
 FIGURES = ("theta0_mib", "fisher_mib", "weights_mib", "step_peak_mib", "plain_step_peak_mib", "rss_mib")
 COLUMNS = ["bench", "world", "rank", "fisher", *FIGURES, "params", "layers", "hidden", "vocab", "tokens",
            "device", "date", "torch", "transformers", "alphatoken", "git_rev"]
 MIB = 2 ** 20
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # pragma: no cover - not glibc
-        pass
 
 
 def _step_peak(step, dist) -> int:

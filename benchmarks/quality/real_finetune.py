@@ -60,8 +60,7 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
     if method == "full":
         return "full"
     if method in ("alphatoken", "alphatoken_tuned"):
-        validation = {k: v.to(device) for k, v in
-                      _strip(R.tokenize_examples(data.validation, tokenizer, return_noise=False)).items()}
+        validation = {k: v.to(device) for k, v in validation_batch(data, tokenizer, args).items()}
         fisher_batches = fisher_data(data, tokenizer, args)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -80,6 +79,18 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
             p.requires_grad_(False)
         return make_scorer("rho1", model, cfg, reference=reference.eval())
     return make_scorer(method, model, cfg, seed=seed)
+
+
+def validation_batch(data, tokenizer, args) -> dict:
+    """AlphaToken's clean validation batch; with --validation-retention N, the base model's own first
+    --retention-tokens tokens of answer to N retention prompts are added (their cut-off end of turn unlabelled), so
+    that U also points at keeping what the model already says."""
+    extra = list(args.retention_short[:args.validation_retention])
+    batch = _strip(R.tokenize_examples(list(data.validation) + extra, tokenizer, return_noise=False))
+    for row in range(len(data.validation), len(data.validation) + len(extra)):
+        last = int((batch["labels"][row] != -100).nonzero().max())
+        batch["labels"][row, last] = -100  # the answer was cut, not ended
+    return batch
 
 
 def fisher_data(data, tokenizer, args) -> list:
@@ -194,6 +205,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fisher-data", default="train", choices=("train", "retention"),
                         help="what AlphaToken's Fisher is estimated on (see fisher_data)")
+    parser.add_argument("--validation-retention", type=int, default=0,
+                        help="add the base model's answers to this many retention prompts to AlphaToken's validation")
+    parser.add_argument("--retention-tokens", type=int, default=8, help="how much of each of those answers")
     parser.add_argument("--set", nargs="*", default=[], help="AlphaTokenConfig overrides for the alphatoken method")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out_real"))
     parser.add_argument("--table-only", action="store_true")
@@ -211,6 +225,8 @@ def main(argv=None):
     answers = R.reference_answers(base, tokenizer)
     args.retention_answers = (R.reference_answers(base, tokenizer, R.RETENTION_PROMPTS)
                               if args.fisher_data == "retention" else [])
+    args.retention_short = (R.reference_answers(base, tokenizer, R.RETENTION_PROMPTS, args.retention_tokens)
+                            if args.validation_retention else [])
     base_nll = R.answers_nll(base, tokenizer, answers)
     base_em = R.exact_match(base, tokenizer, R.task_data(args.task, n_train=1, n_eval=args.n_eval).eval)
     rev = git_revision()
@@ -231,7 +247,9 @@ def main(argv=None):
                 row = run_one(method, seed, args, base, tokenizer, answers, device)
                 row.update(forgetting=row["general_nll"] - base_nll, base_exact_match=base_em,
                            base_general_nll=base_nll, git=rev,
-                           config=" ".join([f"fisher={args.fisher_data}", *args.set]))
+                           config=" ".join([f"fisher={args.fisher_data}",
+                                            f"validation_retention={args.validation_retention}x{args.retention_tokens}",
+                                            *args.set]))
                 writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
                 fh.flush()
                 print(f"[real] {method} seed {seed}: EM {row['target_exact_match']:.3f}, forgetting "

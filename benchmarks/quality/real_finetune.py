@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import csv
 import math
 import statistics
@@ -50,7 +51,7 @@ from alphatoken.scorers import make_scorer  # noqa: E402
 from detect import _strip, git_revision, set_trainable_blocks, train_real  # noqa: E402
 
 METHODS = ("full", "alphatoken", "rho1", "entropy", "random")
-EXTRA_METHODS = ("alphatoken_tuned",)  # run on request (--methods)
+EXTRA_METHODS = ("alphatoken_tuned", "alphatoken_retention")  # run on request (--methods)
 
 
 def build(method: str, model, tokenizer, data, args, seed: int, device):
@@ -59,7 +60,7 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
                               tracked_layers=args.train_blocks)
     if method == "full":
         return "full"
-    if method in ("alphatoken", "alphatoken_tuned"):
+    if method in ("alphatoken", "alphatoken_tuned", "alphatoken_retention"):
         validation = {k: v.to(device) for k, v in validation_batch(data, tokenizer, args).items()}
         fisher_batches = fisher_data(data, tokenizer, args)
         with warnings.catch_warnings():
@@ -70,6 +71,12 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
             if method == "alphatoken":
                 cfg = cfg.replace(target="validation", **args.alphatoken_overrides)
                 return at.AlphaToken(model, cfg, fisher=fisher, validation=validation)
+            if method == "alphatoken_retention":
+                task = at.AlphaToken(model, cfg.replace(target="validation", **args.alphatoken_overrides),
+                                     fisher=fisher, validation=validation)
+                keep = at.AlphaToken(model, cfg.replace(target="validation", stability_weight=0.0), fisher=fisher,
+                                     validation={k: v.to(device) for k, v in retention_batch(tokenizer, args).items()})
+                return TwoTargets(model, task, keep, args.retention_weight, cfg)
             cfg = cfg.replace(target="tuned", **args.alphatoken_overrides)  # the same tuned copy as Rho-1's
             return at.AlphaToken(model, cfg, fisher=fisher, tuned=tuned_reference(model, tokenizer, data, args,
                                                                                   seed, device))
@@ -79,6 +86,39 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
             p.requires_grad_(False)
         return make_scorer("rho1", model, cfg, reference=reference.eval())
     return make_scorer(method, model, cfg, seed=seed)
+
+
+class TwoTargets:
+    """Prototype: rank(task value) + μ·rank(retention adaptation), the latter with U from the base model's own
+    answer openings to the retention prompts; the top keep_ratio of each batch keep their loss (plain masked NLL)."""
+
+    def __init__(self, model, task, keep, weight: float, cfg):
+        self.model, self.task, self.keep, self.weight, self.cfg = model, task, keep, weight, cfg
+        self.last_values = None
+
+    def value_and_loss(self, batch):
+        from alphatoken.select import protected_tokens, select_tokens
+
+        task, keep = self.task.value(batch), self.keep.value(batch)
+        response = task.response
+        total = torch.where(response, task.total + self.weight * keep.total, torch.zeros_like(task.total))
+        mask = select_tokens(total, response, self.cfg, protected_tokens(batch["labels"], response, self.cfg))
+        self.last_values = dataclasses.replace(task, mask=mask)
+        return self.model(**{**batch, "labels": self.last_values.apply(batch["labels"])}).loss
+
+    def close(self):
+        self.task.close()
+        self.keep.close()
+
+
+def retention_batch(tokenizer, args) -> dict:
+    """The base model's own first --retention-tokens tokens of answer to the retention prompts (cut end unlabelled)."""
+    extra = list(args.retention_short)
+    batch = _strip(R.tokenize_examples(extra, tokenizer, return_noise=False))
+    for row in range(len(extra)):
+        last = int((batch["labels"][row] != -100).nonzero().max())
+        batch["labels"][row, last] = -100
+    return batch
 
 
 def validation_batch(data, tokenizer, args) -> dict:
@@ -207,6 +247,8 @@ def main(argv=None):
                         help="what AlphaToken's Fisher is estimated on (see fisher_data)")
     parser.add_argument("--validation-retention", type=int, default=0,
                         help="add the base model's answers to this many retention prompts to AlphaToken's validation")
+    parser.add_argument("--retention-weight", type=float, default=1.0,
+                        help="μ of alphatoken_retention: rank(task value) + μ·rank(retention adaptation)")
     parser.add_argument("--retention-tokens", type=int, default=8, help="how much of each of those answers")
     parser.add_argument("--set", nargs="*", default=[], help="AlphaTokenConfig overrides for the alphatoken method")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out_real"))
@@ -226,7 +268,7 @@ def main(argv=None):
     args.retention_answers = (R.reference_answers(base, tokenizer, R.RETENTION_PROMPTS)
                               if args.fisher_data == "retention" else [])
     args.retention_short = (R.reference_answers(base, tokenizer, R.RETENTION_PROMPTS, args.retention_tokens)
-                            if args.validation_retention else [])
+                            if args.validation_retention or "alphatoken_retention" in args.methods else [])
     base_nll = R.answers_nll(base, tokenizer, answers)
     base_em = R.exact_match(base, tokenizer, R.task_data(args.task, n_train=1, n_eval=args.n_eval).eval)
     rev = git_revision()
@@ -249,6 +291,7 @@ def main(argv=None):
                            base_general_nll=base_nll, git=rev,
                            config=" ".join([f"fisher={args.fisher_data}",
                                             f"validation_retention={args.validation_retention}x{args.retention_tokens}",
+                                            f"retention_weight={args.retention_weight}",
                                             *args.set]))
                 writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
                 fh.flush()

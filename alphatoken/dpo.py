@@ -28,7 +28,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .losses import IGNORE_INDEX, response_mask, token_logprobs
+from .batch import IGNORE_INDEX, response_mask
+from .tokens import token_logprobs
 
 __all__ = [
     "check_beta",

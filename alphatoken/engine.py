@@ -15,7 +15,6 @@ the same chunked head (`head_loss.chunked_head_loss`, an autograd Function recom
 """
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
 import numbers
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from .anchor import Anchor
+from .batch import BATCH_KEYS, model_inputs, response_mask, unwrap_model, validate_batch  # noqa: F401 (re-exported)
 from .config import AlphaTokenConfig
 from .combine import PathValues, combine_paths, credit_square_norm, percentile_rank
 from .credits import Direction, embedding_direction, embedding_values, linear_values, matched
@@ -37,22 +37,14 @@ from .head import CHECK_ROWS, candidate_transform, fused_chunks, head_values, ma
 from .head_loss import chunked_head_loss
 from .hooks import Capture
 from .layers import TrackedLayer, discover_layers, unvalued_weights
-from .losses import kept_mean_nll, masked_causal_lm_loss, response_mask
+from .losses import kept_mean_nll, masked_causal_lm_loss
 from .select import protected_tokens, select_tokens
 from .tuned import TunedDirections, tuned_anchor
+from .tokens import accumulation_dtype, nll_with_graph
 from .values import TokenValues
 from alphatoken import kernels as K
 
 TokenWeights = Union[None, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
-
-
-def _accurate(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half types and float32; float64 stays float64 (exact checks)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -73,69 +65,6 @@ class _Step:
 
 class NonFiniteError(FloatingPointError):
     """NaN or Inf in the loss, a captured gradient or a value; the message names where."""
-
-
-BATCH_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "token_type_ids")
-
-
-def validate_batch(batch, device) -> dict:
-    """Check and move a batch: input_ids and labels (B, T) integer, attention_mask (B, T) if given."""
-    if not isinstance(batch, Mapping):
-        raise TypeError(f"a batch must be a dict with input_ids and labels, got {type(batch).__name__}")
-    for key in ("input_ids", "labels"):
-        if key not in batch:
-            raise ValueError(f"the batch has no {key!r} (keys: {sorted(batch)}); labels are -100 outside the response")
-        if not isinstance(batch[key], torch.Tensor) or batch[key].dim() != 2:
-            raise ValueError(f"batch[{key!r}] must be a (B, T) tensor, got {getattr(batch[key], 'shape', type(batch[key]))}")
-    shape = tuple(batch["input_ids"].shape)
-    out = {}
-    for key, value in batch.items():
-        if key in BATCH_KEYS:
-            if tuple(value.shape) != shape:
-                raise ValueError(f"batch[{key!r}] has shape {tuple(value.shape)} but input_ids has {shape}")
-            out[key] = value.to(device)
-    if out["labels"].dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"labels must be integer token ids, got {out['labels'].dtype}")
-    return out
-
-
-_FORWARD_ARGS: dict[type, set] = {}
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The causal LM inside a DDP / accelerate / compile wrapper (the wrapper is still what runs forward)."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if callable(getattr(model, "get_output_embeddings", None)):
-            return model
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-    return model
-
-
-def model_inputs(model: nn.Module, batch: dict) -> dict:
-    """The model's forward arguments: no labels (AlphaToken computes its own losses), no cache.
-
-    With left padding and no position_ids, positions are derived from the attention mask so that a padded
-    sequence is valued exactly as the unpadded one.
-    """
-    model = unwrap_model(model)
-    cls = type(model)
-    if cls not in _FORWARD_ARGS:
-        params = inspect.signature(model.forward).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        _FORWARD_ARGS[cls] = set(params) | (set(BATCH_KEYS) | {"use_cache"} if takes_any else set())
-    accepted = _FORWARD_ARGS[cls]
-    inputs = {k: v for k, v in batch.items() if k != "labels" and k in accepted}
-    mask = batch.get("attention_mask")
-    if mask is not None and "position_ids" not in batch and "position_ids" in accepted and bool((mask[:, 0] == 0).any()):
-        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    if "use_cache" in accepted:
-        inputs["use_cache"] = False
-    return inputs
 
 
 class AlphaToken:
@@ -382,7 +311,7 @@ class AlphaToken:
                 if callable(token_weights):  # the weights read every token's NLL first: one pass for it
                     nll = K.head_nll(a_rows, weight, bias, targets, self.head_transform.scale,
                                      self.head_transform.softcap, self.chunk_rows)
-                like = nll if nll is not None else a_rows.new_zeros(a_rows.shape[0], dtype=_acc_dtype(a_rows))
+                like = nll if nll is not None else a_rows.new_zeros(a_rows.shape[0], dtype=accumulation_dtype(a_rows))
                 weights = None if token_weights is None else self._weights(token_weights, like, b, t, (B, T))
                 chunks = fused_chunks(a_rows, weight, bias, targets, weights, self.head_transform, self.chunk_rows)
                 reuse = keep_graph and token_weights is None  # the seed rows are then the loss's own ∂ℓ/∂a
@@ -393,7 +322,7 @@ class AlphaToken:
                 step.nll, step.head_input = nll, (head_input if keep_graph else None)
             else:
                 rows = logits.reshape(-1, logits.shape[-1]) if fed else logits[b, t - 1]
-                logp_graph, nll_graph = self._nll_with_graph(rows, targets)
+                logp_graph, nll_graph = nll_with_graph(rows, targets)
                 logp, nll = logp_graph.detach(), nll_graph.detach()
                 self._check_finite(nll, "the loss (per-token NLL of the response tokens)")
                 weights = self._weights(token_weights, nll, b, t, (B, T))
@@ -437,14 +366,6 @@ class AlphaToken:
         zero = torch.zeros(response.shape, dtype=torch.float32, device=response.device)
         return TokenValues(zero, zero.clone(), zero.clone(), zero.clone(), zero.clone(),
                            torch.zeros_like(response), response)
-
-    @staticmethod
-    def _nll_with_graph(logit_rows, targets) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs (n, V), NLL (n,)) of the targets from their logit rows (n, V), in the graph
-        (also when the caller is under torch.no_grad: the valuation backward needs it)."""
-        with torch.enable_grad():
-            logp = torch.log_softmax(_accurate(logit_rows), dim=-1)
-            return logp, -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
 
     def _weights(self, token_weights: TokenWeights, nll, b, t, shape) -> torch.Tensor:
         if token_weights is None:
@@ -665,7 +586,7 @@ class AlphaToken:
 
         try:
             with torch.enable_grad():
-                loss = self._nll_with_graph(logits[b, t - 1], labels[b, t])[1].sum()
+                loss = nll_with_graph(logits[b, t - 1], labels[b, t])[1].sum()
             self._check_finite(loss, "the validation loss")
             self.capture.backward(loss, on_grad, retain_graph=False)
         finally:

@@ -14,10 +14,12 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
+from .batch import model_inputs, unwrap_model, validate_batch
 from .hooks import Capture
 from .layers import TrackedLayer, discover_layers
-from .losses import response_mask
+from .batch import response_mask
 from .progress import progress
+from .tokens import accurate
 
 KINDS = ("diag", "kfac")
 FORMAT = "alphatoken-fisher-v1"
@@ -224,8 +226,6 @@ def estimate_fisher(
     show = kwargs.pop("progress", progress_bar)
     if kwargs:
         raise TypeError(f"estimate_fisher() got unexpected arguments {sorted(kwargs)}")
-    from .engine import _accurate, model_inputs, unwrap_model, validate_batch
-
     layers = discover_layers(unwrap_model(model), tracked_layers, track_embeddings)
     device = next(model.parameters()).device
     acc: dict[int, object] = {}
@@ -258,7 +258,7 @@ def estimate_fisher(
                     logits = model(**model_inputs(model, batch)).logits
             finally:
                 capture.close_recording()
-            rows = _accurate(logits[b, t - 1])
+            rows = accurate(logits[b, t - 1])
             if labels == "model":
                 with torch.no_grad():
                     target = torch.multinomial(torch.softmax(rows, -1), 1, generator=generator).squeeze(1)

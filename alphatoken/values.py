@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-IGNORE_INDEX = -100
+from .batch import IGNORE_INDEX
 
 
 @dataclass

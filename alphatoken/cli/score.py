@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..batch import IGNORE_INDEX
 from ..errors import UserError
 from .shared import (RunError, config_overrides, estimate_fisher, max_length_for, new_valuer, progress_setting,
                      reference_logprobs, resolve_device, response_rows, say, valuation_config)
@@ -33,7 +34,7 @@ def _score_rows(valuer, examples: list[dict], kind: str, pad_id: int, batch_size
             lengths = [len(ex["input_ids"]) for ex in group]
         else:
             from ..dpo import dpo_token_weights
-            from ..losses import response_mask
+            from ..batch import response_mask
 
             batch = collate_dpo(group, pad_id, device=device)
             ref = reference_logprobs(valuer.model, batch)
@@ -216,7 +217,7 @@ def cmd_score(args) -> int:
     stacked = _stack(rows)
     report_rows = response_rows(examples, kind)
     if args.select_within == "dataset":  # one cut over the whole file's values (always_keep_token_ids kept)
-        labels = torch.full(stacked.total.shape, -100, dtype=torch.long)
+        labels = torch.full(stacked.total.shape, IGNORE_INDEX, dtype=torch.long)
         for i, r in enumerate(report_rows):
             labels[i, : len(r["labels"])] = torch.tensor(r["labels"], dtype=torch.long)
         stacked.mask = select_local(stacked.total, stacked.response, cfg,

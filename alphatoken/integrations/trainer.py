@@ -41,7 +41,7 @@ import torch
 
 from ..config import AlphaTokenConfig
 from ..distributed import all_reduce_sum, is_distributed
-from ..losses import IGNORE_INDEX, response_mask
+from ..batch import IGNORE_INDEX, response_mask, unwrap_model
 
 MODES = ("online", "ahead")
 # batch keys that are bookkeeping, not model inputs
@@ -74,11 +74,14 @@ def _model_inputs(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
 
 
-def _unwrap(model):
-    inner = model
-    while hasattr(inner, "module") and isinstance(getattr(inner, "module"), torch.nn.Module):
-        inner = inner.module
-    return inner
+def build_valuer(spec, model, kwargs: dict):
+    """The valuer a trainer uses, built at its first training step: `spec` itself when it is a ready valuer
+    (anything with value / value_and_loss / last_values), else `AlphaToken(<model unwrapped>, spec, **kwargs)`."""
+    if not isinstance(spec, AlphaTokenConfig):
+        return spec
+    from ..engine import AlphaToken
+
+    return AlphaToken(unwrap_model(model), spec, **kwargs)
 
 
 @contextlib.contextmanager
@@ -184,14 +187,8 @@ class AlphaTokenMixin:
 
     def _at_get_valuer(self, model):
         if self._at_valuer is None:
-            spec = self._at_spec
-            if isinstance(spec, AlphaTokenConfig):
-                from ..engine import AlphaToken
-
-                self._at_valuer = AlphaToken(_unwrap(self.model if self.model is not None else model), spec,
-                                             **self._at_kwargs)
-            else:
-                self._at_valuer = spec  # a ready valuer (anything with value / value_and_loss / last_values)
+            self._at_valuer = build_valuer(self._at_spec, self.model if self.model is not None else model,
+                                           self._at_kwargs)
         return self._at_valuer
 
     @property

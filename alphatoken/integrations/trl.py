@@ -27,9 +27,10 @@ import torch
 
 from ..config import AlphaTokenConfig
 from ..distributed import all_reduce_sum
-from ..dpo import check_beta, check_pairs, completion_labels, dpo_value_and_loss, token_logprobs
-from ..losses import response_mask
-from .trainer import _token_stats, _unwrap, forward_through, with_alphatoken
+from ..batch import response_mask
+from ..dpo import check_beta, check_pairs, completion_labels, dpo_value_and_loss
+from ..tokens import token_logprobs
+from .trainer import _token_stats, build_valuer, forward_through, with_alphatoken
 
 try:
     import trl  # noqa: F401
@@ -105,12 +106,7 @@ class AlphaTokenDPOTrainer(DPOTrainer):
 
     def _at_get_valuer(self, model):
         if self._at_valuer is None:
-            if isinstance(self._at_spec, AlphaTokenConfig):
-                from ..engine import AlphaToken
-
-                self._at_valuer = AlphaToken(_unwrap(self.model), self._at_spec, **self._at_kwargs)
-            else:
-                self._at_valuer = self._at_spec
+            self._at_valuer = build_valuer(self._at_spec, self.model, self._at_kwargs)
         return self._at_valuer
 
     def reference_token_logps(self, inputs: dict, labels: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .anchor import Anchor
-from .batch import BATCH_KEYS, model_inputs, response_mask, unwrap_model, validate_batch  # noqa: F401 (re-exported)
+from .batch import (BATCH_KEYS, model_inputs, nonpad_rows, response_mask, response_rows,  # noqa: F401
+                    unwrap_model, validate_batch)  # BATCH_KEYS: re-exported
 from .config import AlphaTokenConfig
 from .combine import PathValues, combine_paths, credit_square_norm, percentile_rank
 from .credits import Direction, embedding_direction, embedding_values, linear_values, matched
@@ -35,13 +36,13 @@ from .distributed import all_reduce_sum, gather_values, is_distributed
 from .fisher import Fisher
 from .head import CHECK_ROWS, candidate_transform, fused_chunks, head_values, matches, materialized_chunks
 from .head_loss import chunked_head_loss
-from .hooks import Capture
+from .hooks import Capture, CaptureSession, LayerRows
 from .layers import TrackedLayer, discover_layers, unvalued_weights
 from .losses import kept_mean_nll, masked_causal_lm_loss
 from .select import protected_tokens, select_tokens
 from .tuned import TunedDirections, tuned_anchor
 from .tokens import accumulation_dtype, nll_with_graph
-from .values import TokenValues
+from .values import StepResult, TokenValues
 from alphatoken import kernels as K
 
 TokenWeights = Union[None, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
@@ -157,11 +158,8 @@ class AlphaToken:
             self.validation_batches = itertools.cycle(batches)
         self.capture = Capture(self.layers)
         self.steps = 0
-        self.last_values: Optional[TokenValues] = None
-        # (head-input rows, targets) of the kept tokens of the last fused value_and_loss: what logging needs to
-        # recompute their logits chunk by chunk (`kept_logit_chunks`) without the step keeping (tokens × vocab)
-        self.last_kept_rows: Optional[tuple] = None
-        self.last_logits: Optional[torch.Tensor] = None  # only after a value_and_loss with a custom loss_fn
+        self._last_values: Optional[TokenValues] = None
+        self._last_result: Optional[StepResult] = None  # the last `step`'s result (read by the properties below)
         self.head_transform = candidate_transform(unwrap_model(model))
         self.head_fusable: Optional[bool] = None  # decided at the first step, from the model's own logits
         self.chunk_rows: Optional[int] = None  # rows per head chunk (None: kernels.chunk_rows_for)
@@ -169,6 +167,21 @@ class AlphaToken:
         self.closed = False
 
     # ---------------------------------------------------------------- public surface
+    @property
+    def last_values(self) -> Optional[TokenValues]:
+        """The TokenValues of the last `value` / `value_and_loss` / `step` (read-only; `step` returns them)."""
+        return self._last_values
+
+    @property
+    def last_logits(self) -> Optional[torch.Tensor]:
+        """The model's full logits of the last step with a custom loss_fn (`StepResult.logits`), else None."""
+        return None if self._last_result is None else self._last_result.logits
+
+    @property
+    def last_kept_rows(self) -> Optional[tuple]:
+        """(head-input rows, targets) of the kept tokens of the last fused step (`StepResult.kept_rows`)."""
+        return None if self._last_result is None else self._last_result.kept_rows
+
     def tracked_parameters(self) -> list[nn.Parameter]:
         """The parameters the values are defined over (tied weights once)."""
         seen, params = set(), []
@@ -189,7 +202,7 @@ class AlphaToken:
         forward_model: run the forward through this module instead (e.g. the DDP wrapper of the model).
         """
         values = self._run(batch, token_weights, keep_graph=False, forward_model=forward_model).values
-        self.last_values = values
+        self._last_values = values
         return values
 
     def value_and_loss(
@@ -204,32 +217,57 @@ class AlphaToken:
 
         Default loss: mean next-token NLL over the kept tokens (sum / num_items_in_batch when given), through
         the chunked head (no (tokens × vocab) logits). `loss_fn(logits, masked_labels)` replaces it; the model
-        then computes its full logits. The TokenValues of the batch are kept in `self.last_values` for logging.
+        then computes its full logits. The TokenValues of the batch are also in `self.last_values` for logging;
+        `step` returns everything the step computed.
+        """
+        return self.step(batch, loss_fn, num_items_in_batch, token_weights, forward_model).loss
+
+    def step(
+        self,
+        batch,
+        loss_fn: Optional[Callable] = None,
+        num_items_in_batch=None,
+        token_weights: TokenWeights = None,
+        forward_model: Optional[nn.Module] = None,
+    ) -> StepResult:
+        """`value_and_loss`, returning a `StepResult`: the loss, the values, and what logging or DPO needs.
+
+        loss_fn may return the loss tensor, or an object with a `.loss` (e.g. `dpo.DPOOutput`), which is then
+        the result's `output`.
         """
         _check_num_items(num_items_in_batch)
         step = self._run(batch, token_weights, keep_graph=True, forward_model=forward_model,
                          full_logits=loss_fn is not None)
         values = step.values
         labels = values.apply(batch["labels"].to(values.mask.device))
-        self.last_values, self.last_kept_rows = values, None
-        # a custom loss (DPO) needs the model's full logits anyway: kept for its metrics until the next step
-        self.last_logits = step.logits if loss_fn is not None else None
-        if loss_fn is not None:
-            return loss_fn(step.logits, labels)
-        if step.head_rows is None:  # no response token: a zero loss that still backpropagates
-            return masked_causal_lm_loss(step.logits, labels, num_items_in_batch)
+        if loss_fn is not None:  # a custom loss (DPO) needs the model's full logits anyway: kept for its metrics
+            out = loss_fn(step.logits, labels)
+            loss, output = (out, None) if isinstance(out, torch.Tensor) else (out.loss, out)
+            result = StepResult(loss, values, logits=step.logits, output=output)
+        elif step.head_rows is None:  # no response token: a zero loss that still backpropagates
+            result = StepResult(masked_causal_lm_loss(step.logits, labels, num_items_in_batch), values)
+        elif step.head_input is None:  # the unfused head: the valuation's own per-token NLL (graph kept)
+            kept = values.mask[values.response]
+            result = StepResult(kept_mean_nll(step.nll_graph, kept, num_items_in_batch, step.logits), values)
+        else:
+            result = self._fused_loss(step, num_items_in_batch)
+        self._last_values, self._last_result = values, result
+        return result
+
+    def _fused_loss(self, step: "_Step", num_items_in_batch) -> StepResult:
+        """The masked mean NLL of the kept tokens through the chunked head (`head_loss.chunked_head_loss`)."""
+        values = step.values
         kept = values.mask[values.response]
-        if step.head_input is None:  # the unfused head: the valuation's own per-token NLL (graph kept)
-            return kept_mean_nll(step.nll_graph, kept, num_items_in_batch, step.logits)
         rows = kept.nonzero().squeeze(1)  # the kept rows (selection's own read of the device)
         denom = num_items_in_batch if num_items_in_batch is not None else kept.sum().clamp(min=1)
         head = self.layers[0]
         a = step.head_input.index_select(0, step.head_rows.index_select(0, rows))
-        self.last_kept_rows = (a.detach(), step.targets.index_select(0, rows))
-        return chunked_head_loss(a, head.weight_matrix(), getattr(head.module, "bias", None),
-                                 step.targets.index_select(0, rows), torch.as_tensor(denom, device=a.device),
-                                 self.head_transform, nll=step.nll.index_select(0, rows), chunk_rows=self.chunk_rows,
+        targets = step.targets.index_select(0, rows)
+        loss = chunked_head_loss(a, head.weight_matrix(), getattr(head.module, "bias", None), targets,
+                                 torch.as_tensor(denom, device=a.device), self.head_transform,
+                                 nll=step.nll.index_select(0, rows), chunk_rows=self.chunk_rows,
                                  grad_rows=None if step.grad_rows is None else step.grad_rows.index_select(0, rows))
+        return StepResult(loss, values, kept_rows=(a.detach(), targets))
 
     @torch.no_grad()
     def kept_logit_chunks(self, chunk_rows: int = 1024):
@@ -271,23 +309,21 @@ class AlphaToken:
         self.steps += 1
 
         body = cfg.paths == "full" and len(self.layers) > 1
-        b, t = response.nonzero(as_tuple=True)  # the response rows (one read of the device, selection's own)
-        n = b.numel()
+        rows = response_rows(response)  # one read of the device, selection's own
+        b, t = rows.b, rows.t
+        n = rows.n
         if self._is_global():  # every rank takes the same branches and joins every collective, in order
             n = int(all_reduce_sum(n))
-        head_rows, body_rows = b * T + t - 1, b * T + t
+        head_rows, body_rows = rows.head, rows.tokens
         fuse = n > 0 and not full_logits and self.head_fusable is not False
         feed = None  # the rows the model's own head runs on: one row once the fused head is trusted
         if n > 0 and not full_logits:
             feed = head_rows[:1] if fuse and self.head_fusable else head_rows
         model = forward_model if forward_model is not None else self.model
-        self.capture.open(set(range(1, len(self.layers))) if body and n > 0 else set(), head_rows=feed,
-                          rows_expected=B * T)
-        try:
-            with torch.enable_grad():  # graph kept for the body backward, the masked loss, or a logit transform
-                logits = model(**model_inputs(model, batch)).logits
-        finally:
-            self.capture.close_recording()
+        session = self.capture.session(set(range(1, len(self.layers))) if body and n > 0 else set(), B * T,
+                                       head_rows=feed)
+        # the graph is kept for the body backward, the masked loss, or a logit transform
+        logits = session.forward(model, model_inputs(model, batch))
         try:
             if n == 0:
                 return _Step(self._empty(response), logits)
@@ -335,7 +371,7 @@ class AlphaToken:
             direct = PathValues(hv.adaptation, hv.stability, hv.square_norm)
             causal = PathValues.zeros_like(direct)
             if body:
-                causal = self._causal(hv.seed, head_rows, batch, body_rows, n, keep_graph)
+                causal = self._causal(session, hv.seed, head_rows, batch, body_rows, n, keep_graph)
             self._raise_if_nonfinite()
             step.values = self._combine(direct, causal, n, b, t, response, labels)
             return step
@@ -436,7 +472,7 @@ class AlphaToken:
             return {"delta": self._delta(head)}
         return {"reference": (weight, head.weight_matrix(w0))}
 
-    def _causal(self, seed_rows, head_rows, batch, body_rows, n: int, keep_graph: bool):
+    def _causal(self, session: CaptureSession, seed_rows, head_rows, batch, body_rows, n: int, keep_graph: bool):
         """One valuation backward; each body layer's values at rows t as its g arrives.
 
         The backward starts at the head's input, with its gradient g_head W_head (`seed_rows`, from the chunked
@@ -448,19 +484,9 @@ class AlphaToken:
         keep_rows = None if mask is None else (mask.reshape(-1, 1) > 0)  # U over non-pad rows: pads zeroed
         acc = PathValues.zeros(body_rows.numel(), body_rows.device, seed_rows.dtype)
 
-        @torch.no_grad()
-        def on_grad(index: int, grad: torch.Tensor) -> None:
-            layer = self.layers[index]
-            g_all = grad.reshape(-1, grad.shape[-1])
-            x = self.capture.inputs[index]
-            a_all = x.reshape(-1) if layer.kind == "embedding" else x.reshape(-1, x.shape[-1])
-            if a_all.shape[0] != g_all.shape[0] or g_all.shape[0] != batch["input_ids"].numel():
-                raise ValueError(
-                    f"unsupported tracked module {layer.name!r}: its rows ({a_all.shape[0]}) do not map to the "
-                    f"batch's (B, T) positions; exclude it with AlphaTokenConfig(tracked_layers=<regex>)"
-                )
-            a, g = a_all.index_select(0, body_rows), g_all.index_select(0, body_rows)
-            direction = self.directions.get(index)
+        def on_rows(rows: LayerRows) -> None:  # under no_grad (CaptureSession)
+            layer, a, g, a_all, g_all = rows.layer, rows.a, rows.g, rows.a_all, rows.g_all
+            direction = self.directions.get(rows.index)
             if cfg.target == "batch":  # pad rows zeroed rather than gathered: no read of the mask's count
                 a_ref, g_ref = a_all, g_all
                 if keep_rows is not None:
@@ -487,7 +513,8 @@ class AlphaToken:
         a_head = self.capture.inputs[0]
         grad_a = torch.zeros(a_head.shape, dtype=a_head.dtype, device=a_head.device)
         grad_a.view(-1, grad_a.shape[-1]).index_copy_(0, head_rows, seed_rows.to(a_head.dtype))
-        self.capture.backward(a_head, on_grad, retain_graph=keep_graph, grad_output=grad_a)
+        session.backward(a_head, on_rows, head_rows=head_rows, body_rows=body_rows, retain_graph=keep_graph,
+                         grad_output=grad_a)
         return acc
 
     def _is_global(self) -> bool:
@@ -558,39 +585,22 @@ class AlphaToken:
         n = int(response.sum())
         if n == 0:
             raise ValueError("the validation batch has no response tokens (every label is -100)")
-        B, T = labels.shape
-        b, t = response.nonzero(as_tuple=True)
-        head_rows = b * T + t - 1
-        mask = batch.get("attention_mask")
-        body_rows = (mask.reshape(-1) > 0).nonzero().squeeze(1) if mask is not None else torch.arange(B * T, device=self.device)
-        self.capture.open(set(range(len(self.layers))))
-        try:
-            with torch.enable_grad():
-                logits = self.model(**model_inputs(self.model, batch)).logits
-        finally:
-            self.capture.close_recording()
+        rows = response_rows(response)
         directions: dict[int, Direction] = {}
 
-        @torch.no_grad()
-        def on_grad(index: int, grad: torch.Tensor) -> None:
-            layer = self.layers[index]
-            rows = head_rows if layer.is_head else body_rows
-            x = self.capture.inputs[index]
-            a = (x.reshape(-1) if layer.kind == "embedding" else x.reshape(-1, x.shape[-1])).index_select(0, rows)
-            g = grad.reshape(-1, grad.shape[-1]).index_select(0, rows)
-            self._check_finite(g, f"the validation output-gradient of layer {layer.name!r}")
-            if layer.kind == "embedding":
-                directions[index] = embedding_direction(a, g, layer.shape[1], 1.0 / n)
+        def on_rows(r: LayerRows) -> None:  # under no_grad (CaptureSession)
+            self._check_finite(r.g, f"the validation output-gradient of layer {r.layer.name!r}")
+            if r.layer.kind == "embedding":
+                directions[r.index] = embedding_direction(r.a, r.g, r.layer.shape[1], 1.0 / n)
             else:
-                directions[index] = Direction.from_rows(a.detach().clone(), g.detach().clone(), 1.0 / n)
+                directions[r.index] = Direction.from_rows(r.a.detach().clone(), r.g.detach().clone(), 1.0 / n)
 
-        try:
+        with self.capture.session(set(range(len(self.layers))), labels.numel()) as session:
+            logits = session.forward(self.model, model_inputs(self.model, batch))
             with torch.enable_grad():
-                loss = nll_with_graph(logits[b, t - 1], labels[b, t])[1].sum()
+                loss = nll_with_graph(logits[rows.b, rows.t - 1], labels[rows.b, rows.t])[1].sum()
             self._check_finite(loss, "the validation loss")
-            self.capture.backward(loss, on_grad, retain_graph=False)
-        finally:
-            self.capture.release()
+            session.backward(loss, on_rows, head_rows=rows.head, body_rows=nonpad_rows(batch), retain_graph=False)
         self.directions = directions
 
     # ---------------------------------------------------------------- errors

@@ -28,7 +28,7 @@ import torch
 from ..config import AlphaTokenConfig
 from ..distributed import all_reduce_sum
 from ..batch import response_mask
-from ..dpo import check_beta, check_pairs, completion_labels, dpo_value_and_loss
+from ..dpo import check_beta, check_pairs, completion_labels, dpo_step
 from ..tokens import token_logprobs
 from .trainer import _token_stats, build_valuer, forward_through, with_alphatoken
 
@@ -142,22 +142,21 @@ class AlphaTokenDPOTrainer(DPOTrainer):
         batch["labels"] = labels
         valuer = self._at_get_valuer(model)
         with forward_through(valuer, model):
-            loss = dpo_value_and_loss(valuer, batch, ref, self.beta)
-        tv, out = valuer.last_values, valuer.last_dpo
+            result = dpo_step(valuer, batch, ref, self.beta)
+        loss, tv, out = result.loss, result.values, result.output
         kept, n, adapt, stab, total = all_reduce_sum(_token_stats(tv).cpu()).tolist()
         if n:
             for key, value in (("keep_ratio", kept / n), ("adaptation", adapt / n), ("stability", stab / n),
                                ("total", total / n)):
                 self._metrics[mode][f"alphatoken/{key}"].append(value)
-        self._at_log_trl_metrics(mode, valuer, tv, labels, ref, out, inputs)
+        self._at_log_trl_metrics(mode, result.logits, tv, labels, ref, out, inputs)
         return (loss, None) if return_outputs else loss
 
-    def _at_log_trl_metrics(self, mode, valuer, tv, labels, ref, out, inputs) -> None:
+    def _at_log_trl_metrics(self, mode, logits, tv, labels, ref, out, inputs) -> None:
         """TRL's DPO metrics over the kept tokens (alphatoken.integrations.metrics), plus the all-token rewards."""
         from ..dpo import masked_dpo_loss
         from .metrics import dpo_metrics
 
-        logits = getattr(valuer, "last_logits", None)
         with torch.no_grad():
             policy = token_logprobs(logits, labels.to(logits.device)) if logits is not None else None
             everything = (masked_dpo_loss(policy, ref.to(policy.device), response_mask(labels).to(policy.device),

@@ -15,11 +15,9 @@ the same chunked head (`head_loss.chunked_head_loss`, an autograd Function recom
 """
 from __future__ import annotations
 
-import itertools
 import math
 import numbers
 import warnings
-from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -27,11 +25,11 @@ import torch
 from torch import nn
 
 from .anchor import Anchor
-from .batch import (BATCH_KEYS, model_inputs, nonpad_rows, response_mask, response_rows,  # noqa: F401
+from .batch import (BATCH_KEYS, model_inputs, response_mask, response_rows,  # noqa: F401
                     unwrap_model, validate_batch)  # BATCH_KEYS: re-exported
 from .config import AlphaTokenConfig
 from .combine import PathValues, combine_paths, credit_square_norm, percentile_rank
-from .credits import Direction, embedding_direction, embedding_values, linear_values, matched
+from .credits import Direction, embedding_values, linear_values
 from .distributed import all_reduce_sum, gather_values, is_distributed
 from .fisher import Fisher
 from .head import CHECK_ROWS, candidate_transform, fused_chunks, head_values, matches, materialized_chunks
@@ -40,7 +38,8 @@ from .hooks import Capture, CaptureSession, LayerRows
 from .layers import TrackedLayer, discover_layers, unvalued_weights
 from .losses import kept_mean_nll, masked_causal_lm_loss
 from .select import protected_tokens, select_tokens
-from .tuned import TunedDirections, tuned_anchor
+from .targets import (batch_direction, pad_zeroed, resolve_auto, tuned_target, validation_cycle,
+                      validation_directions)
 from .tokens import accumulation_dtype, nll_with_graph
 from .values import StepResult, TokenValues
 from alphatoken import kernels as K
@@ -127,35 +126,16 @@ class AlphaToken:
                 self.preconditioners[name] = tuple(
                     (f + cfg.precondition_damping * f.mean().clamp(min=torch.finfo(f.dtype).tiny)).rsqrt()
                     for f in (f_out, f_in))
-        if cfg.target == "auto":
-            self.cfg = cfg = cfg.replace(target="validation" if validation is not None else "none")
-            if validation is None:
-                warnings.warn(
-                    "AlphaToken: no validation batch, so adaptation is 0 and tokens are ranked by stability alone "
-                    + ("(and without a Fisher every value is 0, so selection keeps tokens by position). " if fisher is None
-                       else "") + "For the recommended setting pass validation=<a few clean target-task examples>; "
-                    "target='batch' needs no extra data but ranks noise above clean tokens in benchmarks/quality "
-                    "(DESIGN §3.5)", stacklevel=2)
+        self.cfg = cfg = resolve_auto(cfg, validation, fisher)
         self.validation_batches = None
         self.directions: dict[int, Direction] = {}
         self.tuned_weights: Optional[Anchor] = None
         if cfg.target == "tuned":
-            if validation is not None and not isinstance(validation, (Mapping, Iterable)):
-                raise TypeError("validation must be a batch dict or an iterable of batch dicts")
-            self.tuned_weights = tuned_anchor(self.layers, model, tuned, validation, cfg.tune_steps, cfg.tune_lr,
-                                              cfg.reference_device, cfg.reference_dtype)
-            self.directions = TunedDirections(self.layers, self.tuned_weights)
+            self.tuned_weights, self.directions = tuned_target(self.layers, model, tuned, validation, cfg)
         elif tuned is not None:
             raise ValueError(f'tuned= is the reference of target="tuned"; this config has target={cfg.target!r}')
         if cfg.target == "validation":
-            if validation is None:
-                raise ValueError('target="validation" needs validation=<batch or iterable of batches>')
-            batches = [validation] if isinstance(validation, Mapping) else validation
-            if not isinstance(batches, Iterable):
-                raise TypeError("validation must be a batch dict or an iterable of batch dicts")
-            if isinstance(batches, Sized) and len(batches) == 0:
-                raise ValueError("validation is empty: pass a batch dict or a non-empty list of batch dicts")
-            self.validation_batches = itertools.cycle(batches)
+            self.validation_batches = validation_cycle(validation)
         self.capture = Capture(self.layers)
         self.steps = 0
         self._last_values: Optional[TokenValues] = None
@@ -487,13 +467,9 @@ class AlphaToken:
         def on_rows(rows: LayerRows) -> None:  # under no_grad (CaptureSession)
             layer, a, g, a_all, g_all = rows.layer, rows.a, rows.g, rows.a_all, rows.g_all
             direction = self.directions.get(rows.index)
-            if cfg.target == "batch":  # pad rows zeroed rather than gathered: no read of the mask's count
-                a_ref, g_ref = a_all, g_all
-                if keep_rows is not None:
-                    g_ref = torch.where(keep_rows, g_all, 0.0)
-                    a_ref = torch.where(keep_rows.squeeze(1), a_all, 0) if layer.kind == "embedding" else \
-                        torch.where(keep_rows, a_all, 0.0)
-                direction = self._batch_direction(layer, a_ref, g_ref, n)
+            if cfg.target == "batch":
+                a_ref, g_ref = pad_zeroed(layer, a_all, g_all, keep_rows)
+                direction = batch_direction(layer, a_ref, g_ref, n, self._is_global())
             fisher, delta = self._layer_fisher(layer), self._delta(layer)
             if layer.kind == "embedding":
                 adapt, stab = embedding_values(a, g, cfg.lr, direction, fisher, delta)
@@ -519,20 +495,6 @@ class AlphaToken:
 
     def _is_global(self) -> bool:
         return self.cfg.global_selection and is_distributed()
-
-    def _batch_direction(self, layer: TrackedLayer, a_ref, g_ref, n: int) -> Direction:
-        """U = (1/n) Σ_s g_s a_sᵀ over this batch's rows — over all ranks' rows under global selection."""
-        if layer.kind == "embedding":
-            direction = embedding_direction(a_ref, g_ref, layer.shape[1], 1.0 / n)
-        elif self._is_global():  # always materialized: the ranks' sums add up
-            a_ref, g_ref = matched(a_ref, g_ref)
-            local = g_ref.T @ a_ref
-            direction = Direction(matrix=local if local.dtype == torch.float64 else local.float(), scale=1.0 / n)
-        else:
-            return Direction.from_rows(a_ref, g_ref, 1.0 / n)
-        if self._is_global():  # n is already the global count
-            direction.matrix = all_reduce_sum(direction.matrix)
-        return direction
 
     def _rms(self, x: torch.Tensor) -> torch.Tensor:
         square_sum, count = x.double().pow(2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)
@@ -579,29 +541,8 @@ class AlphaToken:
         batch = next(self.validation_batches, None)  # a bare StopIteration would silently end a caller's map()
         if batch is None:
             raise ValueError("the validation iterable yielded no batch: pass a batch dict or a non-empty list of them")
-        batch = validate_batch(batch, self.device)
-        labels = batch["labels"]
-        response = response_mask(labels)
-        n = int(response.sum())
-        if n == 0:
-            raise ValueError("the validation batch has no response tokens (every label is -100)")
-        rows = response_rows(response)
-        directions: dict[int, Direction] = {}
-
-        def on_rows(r: LayerRows) -> None:  # under no_grad (CaptureSession)
-            self._check_finite(r.g, f"the validation output-gradient of layer {r.layer.name!r}")
-            if r.layer.kind == "embedding":
-                directions[r.index] = embedding_direction(r.a, r.g, r.layer.shape[1], 1.0 / n)
-            else:
-                directions[r.index] = Direction.from_rows(r.a.detach().clone(), r.g.detach().clone(), 1.0 / n)
-
-        with self.capture.session(set(range(len(self.layers))), labels.numel()) as session:
-            logits = session.forward(self.model, model_inputs(self.model, batch))
-            with torch.enable_grad():
-                loss = nll_with_graph(logits[rows.b, rows.t - 1], labels[rows.b, rows.t])[1].sum()
-            self._check_finite(loss, "the validation loss")
-            session.backward(loss, on_rows, head_rows=rows.head, body_rows=nonpad_rows(batch), retain_graph=False)
-        self.directions = directions
+        self.directions = validation_directions(self.capture, self.model, validate_batch(batch, self.device),
+                                                self._check_finite)
 
     # ---------------------------------------------------------------- errors
     def _raise_if_nonfinite(self) -> None:

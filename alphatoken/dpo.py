@@ -189,6 +189,7 @@ def dpo_step(
     beta: float,
     label_smoothing: float = 0.0,
     indices: Optional[Sequence[int]] = None,
+    forward_model=None,
 ):
     """One DPO step's values, mask and masked loss from one forward, as the valuer's `StepResult`.
 
@@ -197,6 +198,7 @@ def dpo_step(
         batch: `input_ids`, `attention_mask`, `labels` (2B, T), chosen rows first (see `completion_labels`).
         ref_token_logps: (2B, T) reference per-token log-probs aligned with labels (0 outside the response).
         indices: the pairs' dataset indices, for error messages.
+        forward_model: run the forward through this module (e.g. the trainer's DDP wrapper of the model).
     Returns the `StepResult`: `loss`, `values`, `logits` (the policy's) and `output` (the `DPOOutput`).
     """
     beta = check_beta(beta)
@@ -210,7 +212,8 @@ def dpo_step(
     resp = response_mask(labels)
     ref = ref_token_logps.detach().float() * resp
     loss_fn = DPOMaskedLoss(ref, beta, label_smoothing)
-    return valuer.step(batch, loss_fn=loss_fn.output, token_weights=dpo_token_weights(ref, beta, resp))
+    return valuer.step(batch, loss_fn=loss_fn.output, token_weights=dpo_token_weights(ref, beta, resp),
+                       forward_model=forward_model)
 
 
 def dpo_value_and_loss(

@@ -285,7 +285,7 @@ class AlphaToken:
         response = response_mask(labels)
         B, T = labels.shape
         if self.validation_batches is not None and self.steps % cfg.refresh == 0:
-            self._refresh_validation()
+            self._refresh_validation(forward_model)
         self.steps += 1
 
         body = cfg.paths == "full" and len(self.layers) > 1
@@ -536,12 +536,13 @@ class AlphaToken:
                            **{k: full[k] for k in rows})
 
     # ---------------------------------------------------------------- validation target
-    def _refresh_validation(self) -> None:
+    def _refresh_validation(self, forward_model: Optional[nn.Module] = None) -> None:
         """U = ∇ of the mean NLL of the next validation batch, per layer, kept as factors or materialized."""
         batch = next(self.validation_batches, None)  # a bare StopIteration would silently end a caller's map()
         if batch is None:
             raise ValueError("the validation iterable yielded no batch: pass a batch dict or a non-empty list of them")
-        self.directions = validation_directions(self.capture, self.model, validate_batch(batch, self.device),
+        model = forward_model if forward_model is not None else self.model  # as the step's own forward
+        self.directions = validation_directions(self.capture, model, validate_batch(batch, self.device),
                                                 self._check_finite)
 
     # ---------------------------------------------------------------- errors

@@ -84,10 +84,21 @@ def build_valuer(spec, model, kwargs: dict):
     return AlphaToken(unwrap_model(model), spec, **kwargs)
 
 
+def masked_loss(valuer, model, inputs: dict, num_items_in_batch=None):
+    """`valuer.value_and_loss(inputs)` with its forward through `model` (the trainer's DDP/FSDP wrapper of the
+    valued model), so the wrapper's gradient sync sees the training forward: passed as `forward_model=` to an
+    AlphaToken; a ready valuer without that argument (a scorer) runs inside `forward_through`."""
+    if hasattr(valuer, "step"):  # AlphaToken: the forward model is an argument, nothing is set on the valuer
+        return valuer.value_and_loss(inputs, num_items_in_batch=num_items_in_batch, forward_model=model)
+    with forward_through(valuer, model):
+        return valuer.value_and_loss(inputs, num_items_in_batch=num_items_in_batch)
+
+
 @contextlib.contextmanager
 def forward_through(valuer, model):
     """Run `valuer`'s forwards through `model` (a DDP/FSDP wrapper of `valuer.model`) inside the block,
-    so the wrapper's gradient sync sees the training forward. The engine looks through wrappers itself."""
+    so the wrapper's gradient sync sees the training forward. The engine looks through wrappers itself.
+    For valuers without a `forward_model=` argument; `masked_loss` passes it to an AlphaToken instead."""
     inner = getattr(valuer, "model", None)
     if inner is None or model is inner:
         yield valuer
@@ -240,8 +251,7 @@ class AlphaTokenMixin:
         if window is None or window.seen >= window.n_batches:  # training_step without get_batch_samples
             window = self._at_window = _Window(1, all_reduce_sum(int(response_mask(inputs["labels"]).sum())))
         valuer = self._at_get_valuer(model)
-        with forward_through(valuer, model):
-            loss = valuer.value_and_loss(_model_inputs(inputs), num_items_in_batch=window.denominator)
+        loss = masked_loss(valuer, model, _model_inputs(inputs), window.denominator)
         tv = valuer.last_values
         stats = all_reduce_sum(_token_stats(tv).cpu())  # one small collective per micro-batch, like TRL's metrics
         self._at_stats += stats
@@ -266,8 +276,7 @@ class AlphaTokenMixin:
             masked = dict(inputs, labels=tv.apply(inputs["labels"].to(tv.mask.device)).to(inputs["labels"].device))
             return super().compute_loss(model, masked, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        with forward_through(valuer, model):
-            loss = valuer.value_and_loss(_model_inputs(inputs), num_items_in_batch=num_items_in_batch)
+        loss = masked_loss(valuer, model, _model_inputs(inputs), num_items_in_batch)
         return (loss, None) if return_outputs else loss
 
     def _at_log_trl_metrics(self, valuer, tv, inputs) -> None:

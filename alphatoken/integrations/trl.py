@@ -30,7 +30,7 @@ from ..distributed import all_reduce_sum
 from ..batch import response_mask
 from ..dpo import check_beta, check_pairs, completion_labels, dpo_step
 from ..tokens import token_logprobs
-from .trainer import _token_stats, build_valuer, forward_through, with_alphatoken
+from .trainer import _token_stats, build_valuer, with_alphatoken
 
 try:
     import trl  # noqa: F401
@@ -141,8 +141,7 @@ class AlphaTokenDPOTrainer(DPOTrainer):
                  if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
         batch["labels"] = labels
         valuer = self._at_get_valuer(model)
-        with forward_through(valuer, model):
-            result = dpo_step(valuer, batch, ref, self.beta)
+        result = dpo_step(valuer, batch, ref, self.beta, forward_model=model)
         loss, tv, out = result.loss, result.values, result.output
         kept, n, adapt, stab, total = all_reduce_sum(_token_stats(tv).cpu()).tolist()
         if n:

@@ -275,7 +275,7 @@ class _DisplacementValuer(at.AlphaToken):
         super().__init__(*args, **kwargs)
         self.reference_state = {k: v.detach() for k, v in target_reference.state_dict().items()}
 
-    def _refresh_validation(self) -> None:
+    def _refresh_validation(self, forward_model=None) -> None:
         from alphatoken.credits import Direction
 
         directions = {}

@@ -297,9 +297,9 @@ def main(argv=None) -> int:
                spec_overrides={"vocab": args.vocab} if args.vocab else None, rounds=args.rounds)
     csv_path = args.csv or str(C.RESULTS_DIR / f"step_{mode}_{time.strftime('%Y-%m-%d')}.csv")
     C.write_csv(rows, Path(csv_path))
-    import gpu_bench
+    from bench_table import format_table
 
-    print(gpu_bench.format_table(rows))
+    print(format_table(rows))
     print(f"rows written to {csv_path}")
     return 0 if all(r["status"] != "error" for r in rows) else 1
 

@@ -17,6 +17,7 @@ recorded twice. Reentrant checkpointing runs its first forward without autograd,
 """
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -139,7 +140,10 @@ class Capture:
         indices = sorted(self.probes)
         if not indices:
             return
-        self.on_grad = on_grad
+        # autograd may call the hooks on a worker thread, whose context is empty: run them in a copy of this
+        # one (kernel overrides and launch counters are contextvars, alphatoken.kernels.gate)
+        context = contextvars.copy_context()
+        self.on_grad = lambda index, grad: context.copy().run(on_grad, index, grad)
         try:
             torch.autograd.grad(
                 output, [self.probes[i] for i in indices], grad_outputs=grad_output, retain_graph=retain_graph,

@@ -127,13 +127,11 @@ def compiled(op: str) -> Callable:
     return _COMPILED[op]
 
 
-PER_TOKEN_METHOD = {"method": "func"}  # "func": torch.func.vmap(grad); "outer": g_t a_tᵀ by broadcasting
-
-
-def per_token_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def per_token_grads(a: torch.Tensor, g: torch.Tensor, method: str = "func") -> torch.Tensor:
     """The per-token weight gradients g_t a_tᵀ, (N, d_out, d_in), by torch.func.vmap(grad) (or, in the
-    seconds-long smoke mode, by a broadcast outer product: the same tensor without importing torch._dynamo)."""
-    if PER_TOKEN_METHOD["method"] == "outer":
+    seconds-long smoke mode, method="outer", by a broadcast outer product: the same tensor without importing
+    torch._dynamo)."""
+    if method == "outer":
         return g[:, :, None] * a[:, None, :]
     from torch.func import grad, vmap
 
@@ -156,8 +154,8 @@ def _per_token_grads_weight(d_out, d_in, dtype, device):
     return _W_CACHE[key]
 
 
-def materialized(op: str, t: dict):
-    G = per_token_grads(t["a"], t["g"])
+def materialized(op: str, t: dict, per_token: str = "func"):
+    G = per_token_grads(t["a"], t["g"], per_token)
     flat = G.reshape(G.shape[0], -1)
     if op == "bilinear":
         return (flat @ t["M"].reshape(-1)).float()
@@ -221,7 +219,7 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 3e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-2  # fp32 may run as TF32
 
 
-def providers_for(op, t, device, compile_ok: bool, interp: bool) -> Dict[str, Callable]:
+def providers_for(op, t, device, compile_ok: bool, interp: bool, per_token: str = "func") -> Dict[str, Callable]:
     import alphatoken.kernels as K
 
     fn = getattr(K, op)
@@ -242,7 +240,7 @@ def providers_for(op, t, device, compile_ok: bool, interp: bool) -> Dict[str, Ca
     if compile_ok:
         cf = compiled(op)
         out["torch_compile"] = lambda: cf(*args)
-    out["materialized"] = lambda: materialized(op, t)
+    out["materialized"] = lambda: materialized(op, t, per_token)
     if op == "ghost_dot":
         out["triton_dense"] = lambda: K.bilinear(t["a"], t["g"], K.materialize_reference(t["a_ref"], t["g_ref"]))
     return out
@@ -263,7 +261,7 @@ def bench_kernel_case(case, device, env, cfg) -> List[dict]:
     mm_name = "cublas" if device.type == "cuda" else "matmul"
     mm = lambda: A @ B  # noqa: E731
 
-    fns = providers_for(op, t, device, cfg["compile"], cfg["interp"])
+    fns = providers_for(op, t, device, cfg["compile"], cfg["interp"], cfg["per_token"])
     skips: Dict[str, str] = {}
     # the per-token route: skip where it cannot fit (the row says so)
     need = materialized_bytes(op, N, d_in, d_out, t["a"].element_size())
@@ -351,7 +349,7 @@ def bench_kernel_case(case, device, env, cfg) -> List[dict]:
                 speedup_vs_materialized=(mat_ms / med) if mat_ms else None,
                 peak_mib=peaks.get(name), status=status.get(name, "ok"),
                 note=notes.get(name, "") + (f"; fp32 matmul precision={prec}" if dname == "fp32" else "")
-                + (f"; per-token grads by {'torch.func vmap(grad)' if PER_TOKEN_METHOD['method'] == 'func' else 'outer products'}"
+                + (f"; per-token grads by {'torch.func vmap(grad)' if cfg['per_token'] == 'func' else 'outer products'}"
                    if name == "materialized" else "")))
         elif name in skips:
             rows.append(C.make_row(env, **base, provider=name,
@@ -387,13 +385,13 @@ def run(quick: bool = False, cpu: bool = False, *, step: bool = True, kernels: b
     if compile is None:
         compile = not (cpu and quick)
     torch.set_float32_matmul_precision(fp32_matmul)
-    PER_TOKEN_METHOD["method"] = "outer" if (cpu and quick) else "func"
     mode = ("cpu" if cpu else "gpu") + ("-quick" if quick else "")
     env = C.environment(device, mode)
     t0 = time.monotonic()
     if budget_s is None:
         budget_s = (60 if quick else 300) if cpu else (150 if quick else 270)
     cfg = dict(seed=seed, compile=compile, interp=interp, deadline=t0 + budget_s,
+               per_token="outer" if (cpu and quick) else "func",  # "func": torch.func.vmap(grad)
                warmup_ms=10 if quick else 15, rep_ms=40 if quick else 60,
                rounds=3 if (quick and cpu) else (5 if quick else 9), min_round_s=0.001 if quick else 0.02,
                cpu_mem_budget=2**28 if quick else 2**30,

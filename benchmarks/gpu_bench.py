@@ -246,24 +246,10 @@ def providers_for(op, t, device, compile_ok: bool, interp: bool, per_token: str 
     return out
 
 
-def bench_kernel_case(case, device, env, cfg) -> List[dict]:
-    op, dname, N, V, d = case["op"], case["dtype"], case["N"], case["V"], case["d"]
-    dtype = DTYPES[dname]
-    d_in = d_out = d
-    flops = flops_of(op, N, V, d_in, d_out)
-    base = dict(bench="kernel", op=op, dtype=dname, N=N, V=V if V else "", d_in=d_in, d_out=d_out, flops=flops)
-    prec = torch.get_float32_matmul_precision()
-    t = make_inputs(op, dtype, N, V, d_in, d_out, device, seed=cfg["seed"] + N + d)
-    m, k, n = matmul_shape(op, N, V, d_in, d_out)
-    gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 1)
-    A = torch.randn(m, k, generator=gen, device=device).to(dtype)  # random, never zeros (DESIGN §14)
-    B = torch.randn(k, n, generator=gen, device=device).to(dtype)
-    mm_name = "cublas" if device.type == "cuda" else "matmul"
-    mm = lambda: A @ B  # noqa: E731
-
-    fns = providers_for(op, t, device, cfg["compile"], cfg["interp"], cfg["per_token"])
+def _skips(op, fns, N, d_in, d_out, t, flops, device, cfg) -> Dict[str, str]:
+    """{provider: why it is skipped}: the per-token route where it cannot fit (the row says so), the interpreter
+    where too slow, the dense ghost route on the CPU."""
     skips: Dict[str, str] = {}
-    # the per-token route: skip where it cannot fit (the row says so)
     need = materialized_bytes(op, N, d_in, d_out, t["a"].element_size())
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -276,11 +262,12 @@ def bench_kernel_case(case, device, env, cfg) -> List[dict]:
         skips["triton_interp"] = "skipped: too slow for Triton's interpreter at this size"
     if op == "ghost_dot" and "triton_dense" in fns and device.type != "cuda":
         skips["triton_dense"] = "skipped on CPU (same as reference bilinear)"
-    for name in skips:
-        fns.pop(name, None)
+    return skips
 
-    # correctness once per provider (fresh inputs per case), then time
-    truth = _truth(op, t)
+
+def _check_providers(fns, truth, dtype, device, cfg, skips: Dict[str, str]):
+    """(the providers that ran, their notes, their status): one warm call each, checked against the truth; a
+    provider that fails or runs out of time or memory is added to `skips`."""
     notes: Dict[str, str] = {}
     status: Dict[str, str] = {}
     live: Dict[str, Callable] = {}
@@ -305,7 +292,12 @@ def bench_kernel_case(case, device, env, cfg) -> List[dict]:
         if device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
+    return live, notes, status
 
+
+def _time_providers(live, mm, mm_name: str, device, cfg, skips: Dict[str, str]):
+    """(timings, peak memory, the matmul's (median, q20, q80), its note): on CUDA each provider timed alone with
+    the matmul before and after; on the CPU all interleaved with the matmul."""
     timings: Dict[str, tuple] = {}
     peaks: Dict[str, Optional[float]] = {}
     if device.type == "cuda":
@@ -322,16 +314,38 @@ def bench_kernel_case(case, device, env, cfg) -> List[dict]:
             torch.cuda.empty_cache()
         mm_b = C.time_cuda(mm, cfg["warmup_ms"], cfg["rep_ms"])
         mm_med = min(mm_a[0], mm_b[0])
-        mm_row = (mm_med, min(mm_a[1], mm_b[1]), max(mm_a[2], mm_b[2]))
-        mm_note = f"before/after {mm_a[0]:.4g}/{mm_b[0]:.4g} ms"
-    else:
-        all_fns = dict(live)
-        all_fns[mm_name] = mm
-        res = C.time_interleaved(all_fns, device, rounds=cfg["rounds"], warmup=0, min_round_s=cfg["min_round_s"])
-        mm_row = res.pop(mm_name)
-        mm_med = mm_row[0]
-        timings = res
-        mm_note = "interleaved with the providers"
+        return timings, peaks, (mm_med, min(mm_a[1], mm_b[1]), max(mm_a[2], mm_b[2])), \
+            f"before/after {mm_a[0]:.4g}/{mm_b[0]:.4g} ms"
+    all_fns = dict(live)
+    all_fns[mm_name] = mm
+    res = C.time_interleaved(all_fns, device, rounds=cfg["rounds"], warmup=0, min_round_s=cfg["min_round_s"])
+    mm_row = res.pop(mm_name)
+    return res, peaks, mm_row, "interleaved with the providers"
+
+
+def bench_kernel_case(case, device, env, cfg) -> List[dict]:
+    op, dname, N, V, d = case["op"], case["dtype"], case["N"], case["V"], case["d"]
+    dtype = DTYPES[dname]
+    d_in = d_out = d
+    flops = flops_of(op, N, V, d_in, d_out)
+    base = dict(bench="kernel", op=op, dtype=dname, N=N, V=V if V else "", d_in=d_in, d_out=d_out, flops=flops)
+    prec = torch.get_float32_matmul_precision()
+    t = make_inputs(op, dtype, N, V, d_in, d_out, device, seed=cfg["seed"] + N + d)
+    m, k, n = matmul_shape(op, N, V, d_in, d_out)
+    gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 1)
+    A = torch.randn(m, k, generator=gen, device=device).to(dtype)  # random, never zeros (DESIGN §14)
+    B = torch.randn(k, n, generator=gen, device=device).to(dtype)
+    mm_name = "cublas" if device.type == "cuda" else "matmul"
+    mm = lambda: A @ B  # noqa: E731
+
+    fns = providers_for(op, t, device, cfg["compile"], cfg["interp"], cfg["per_token"])
+    skips = _skips(op, fns, N, d_in, d_out, t, flops, device, cfg)
+    for name in skips:
+        fns.pop(name, None)
+    # correctness once per provider (fresh inputs per case), then time
+    live, notes, status = _check_providers(fns, _truth(op, t), dtype, device, cfg, skips)
+    timings, peaks, mm_row, mm_note = _time_providers(live, mm, mm_name, device, cfg, skips)
+    mm_med = mm_row[0]
     torch_ms = timings.get("torch", (None,))[0]
     mat_ms = timings.get("materialized", (None,))[0]
 

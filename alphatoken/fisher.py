@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 from .batch import model_inputs, nonpad_rows, response_mask, response_rows, unwrap_model, validate_batch
+from .distributed import all_reduce_sum, is_distributed
 from .hooks import Capture
 from .layers import TrackedLayer, discover_layers
 from .progress import progress
+from .sharding import is_sharded
 from .tokens import accurate
 
 KINDS = ("diag", "kfac")
@@ -213,6 +215,10 @@ def estimate_fisher(
     labels: "model" samples each response label from the model's own distribution (the true Fisher);
         "data" uses the batch labels (the empirical Fisher).
     Parameters' `.grad` are never touched. `progress` / `progress_bar` shows a bar (default: on a terminal).
+    On an FSDP2-sharded model each rank passes its own batches (the same number on every rank) and gets the Fisher
+    of all ranks' batches, summed over ranks: the same on every rank, as one process would estimate it from them
+    (the accumulators are whole-size while estimating; the valuer keeps a diag entry's shard). Elsewhere (one
+    process, DDP) each process estimates from its own batches.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -223,6 +229,7 @@ def estimate_fisher(
         raise TypeError(f"estimate_fisher() got unexpected arguments {sorted(kwargs)}")
     layers = discover_layers(unwrap_model(model), tracked_layers, track_embeddings)
     device = next(model.parameters()).device
+    sharded = is_distributed() and any(is_sharded(layer.weight) for layer in layers)  # FSDP2 (DESIGN §16)
     acc: dict[int, object] = {}
     for i, layer in enumerate(layers):
         d_out, d_in = layer.shape
@@ -240,13 +247,13 @@ def estimate_fisher(
             batch = validate_batch(batch, device)
             resp = response_mask(batch["labels"])
             n = int(resp.sum())
-            if n == 0:
+            if (all_reduce_sum(n) if sharded else n) == 0:  # FSDP2: every rank runs the same forwards (collectives)
                 continue
             rows = response_rows(resp)
             with capture.session(set(range(len(layers))), resp.numel()) as session:
                 logits = session.forward(model, model_inputs(model, batch))
                 logit_rows = accurate(logits[rows.b, rows.t - 1])
-                if labels == "model":
+                if labels == "model" and n > 0:  # (n = 0: a rank of a sharded model joining the others' forward)
                     with torch.no_grad():
                         target = torch.multinomial(torch.softmax(logit_rows, -1), 1, generator=generator).squeeze(1)
                 else:
@@ -257,6 +264,12 @@ def estimate_fisher(
             n_tokens += n
     finally:
         capture.remove()
+    if sharded:  # the Fisher of all ranks' batches, the same on every rank (the valuer then keeps its shard)
+        n_tokens = int(all_reduce_sum(n_tokens))
+        for i in acc:
+            parts = acc[i] if isinstance(acc[i], tuple) else (acc[i],)
+            reduced = tuple(all_reduce_sum(t) for t in parts)
+            acc[i] = reduced if isinstance(acc[i], tuple) else reduced[0]
     if n_tokens == 0:
         raise ValueError("estimate_fisher: the batches hold no response tokens (every label is -100)")
     tensors = {}

@@ -60,6 +60,23 @@ GENERAL_PROMPTS = (
     "What is the chemical symbol for gold?", "What instrument has 88 keys?", "How many hours are in a day?",
 )
 
+# The retention set: general prompts disjoint from GENERAL_PROMPTS (which measure forgetting), for a Fisher or a
+# target that stands for what the model must keep; the base model's own answers make it (no external data).
+RETENTION_PROMPTS = (
+    "What is the tallest animal?", "Name a vegetable that is green.", "How many minutes are in an hour?",
+    "What do plants need to grow?", "Give an antonym for fast.", "What is the smallest prime number?",
+    "What does a compass show?", "Who painted the Mona Lisa?", "What is 12 plus 15?",
+    "Name a bird that cannot fly.", "What shape has three sides?", "What is ice made of?",
+    "How many months are in a year?", "What is the hottest planet in the solar system?", "What do cows drink?",
+    "Name a musical instrument with strings.", "What is the opposite of up?", "What organ pumps blood?",
+    "How many sides does a hexagon have?", "What color are bananas when they are ripe?",
+    "What is the main ingredient of bread?", "Which season comes after winter?", "What is 9 minus 4?",
+    "Name a tool used to cut paper.", "What does a doctor do?", "What is the largest planet?",
+    "Give a word that rhymes with cat.", "What do you call a baby dog?", "How many wheels does a bicycle have?",
+    "What is the first letter of the alphabet?", "What language has the most native speakers?",
+    "What is rain made of?",
+)
+
 TASKS = ("capitals", "reverse")
 
 
@@ -283,4 +300,5 @@ def answers_nll(model, tokenizer, answers) -> float:
 
 
 __all__ = ["TASKS", "RealNoise", "RealExample", "RealTaskData", "make_examples", "task_data", "tokenize_examples",
-           "generate", "exact_match", "reference_answers", "answers_nll", "GENERAL_PROMPTS", "chat_prefix"]
+           "generate", "exact_match", "reference_answers", "answers_nll", "GENERAL_PROMPTS", "RETENTION_PROMPTS",
+           "chat_prefix"]

@@ -173,6 +173,11 @@ class AlphaTokenMixin:
     # ------------------------------------------------------------------------------------------------ setup
     def _at_check_setup(self) -> None:
         args = self.args
+        plugin = getattr(getattr(getattr(self, "accelerator", None), "state", None), "deepspeed_plugin", None)
+        if getattr(self, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", None) == 3:
+            raise ValueError(
+                "AlphaToken does not support DeepSpeed ZeRO-3 (it partitions the weights, and the drift term needs "
+                "each whole weight with its θ₀; DESIGN §17): use ZeRO-1/2 with alphatoken_mode='ahead', or FSDP2")
         if self._at_mode != "online":
             return
         if getattr(self, "is_deepspeed_enabled", False):

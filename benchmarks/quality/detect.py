@@ -265,27 +265,6 @@ def apply_rule(tv, rule: dict) -> torch.Tensor:
     return out
 
 
-class _DisplacementValuer(at.AlphaToken):
-    """Prototype of a multi-step target: U_l = W_l − W_l^ref for every tracked layer, where the reference took many
-    optimizer steps on the validation set. It has the validation gradient's sign convention (a step along −U moves
-    θ toward the reference), so ⟨C_t, U⟩ ≈ ℓ_t(θ) − ℓ_t(θ_ref) to first order: a linearized Rho-1 excess loss, on
-    both paths."""
-
-    def __init__(self, *args, target_reference, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.reference_state = {k: v.detach() for k, v in target_reference.state_dict().items()}
-
-    def _refresh_validation(self, forward_model=None) -> None:
-        from alphatoken.credits import Direction
-
-        directions = {}
-        for index, layer in enumerate(self.layers):
-            w = layer.weight.detach()
-            dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-            directions[index] = Direction(matrix=w.to(dtype) - self.reference_state[f"{layer.name}.weight"].to(dtype))
-        self.directions = directions
-
-
 def fused_rule(tvs: dict, rule: dict) -> torch.Tensor:
     """rank(adaptation under `target`) + rank(adaptation under `also`) + λ rank(stability): two estimates of
     adaptation (each with the rule's cosine, both paths) fused by percentile rank with stability."""
@@ -314,16 +293,16 @@ def score_world(world: World, stage: str, references: Dict[str, object], fisher,
         warnings.simplefilter("ignore")
         for name, target, extra in (("validation", "validation", {}), ("batch", "batch", {}),
                                     ("validation_pre", "validation", {"precondition": True}),
-                                    ("disp_val", "validation", {}), ("disp_clean", "validation", {})):
+                                    ("disp_val", "tuned", {}), ("disp_clean", "tuned", {})):
             if name not in {t for rule in rules.values() for t in (rule["target"], rule.get("also"))}:
                 continue
             cfg = AlphaTokenConfig(target=target, tracked_layers=world.tracked_layers, keep_ratio=0.8,
                                    check_finite=True, **extra)
-            kind, kwargs = at.AlphaToken, {}
-            if name.startswith("disp_"):
-                kind, kwargs = _DisplacementValuer, {"target_reference": references[name[5:]]}
-            valuers[name] = kind(model, cfg, fisher=fisher, reference=theta0_state,
-                                 validation=_strip(world.validation) if target == "validation" else None, **kwargs)
+            # the tuned target (DESIGN §3.6) with the Rho-1 reference as its tuned copy: the same θ_ref for both
+            tuned = {"tuned": references[name[5:]]} if target == "tuned" else {}
+            valuers[name] = at.AlphaToken(model, cfg, fisher=fisher, reference=theta0_state,
+                                          validation=_strip(world.validation) if target == "validation" else None,
+                                          **tuned)
     try:
         for batch in world.batches:
             b = _strip(batch)

@@ -62,7 +62,7 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
     if method in ("alphatoken", "alphatoken_tuned"):
         validation = {k: v.to(device) for k, v in
                       _strip(R.tokenize_examples(data.validation, tokenizer, return_noise=False)).items()}
-        fisher_batches = [_strip(R.tokenize_examples(data.train[i:i + 16], tokenizer)) for i in (0, 16)]
+        fisher_batches = fisher_data(data, tokenizer, args)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fisher = at.estimate_fisher(model, [{k: v.to(device) for k, v in b.items()} for b in fisher_batches],
@@ -80,6 +80,16 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
             p.requires_grad_(False)
         return make_scorer("rho1", model, cfg, reference=reference.eval())
     return make_scorer(method, model, cfg, seed=seed)
+
+
+def fisher_data(data, tokenizer, args) -> list:
+    """The batches the Fisher is estimated on: `train` (32 noisy training examples, the task itself) or `retention`
+    (the base model's own answers to `realtasks.RETENTION_PROMPTS`: what the model must keep, disjoint from the
+    prompts forgetting is measured on)."""
+    if args.fisher_data == "retention":
+        return [_strip(R.tokenize_examples(args.retention_answers[i:i + 16], tokenizer, return_noise=False))
+                for i in range(0, len(args.retention_answers), 16)]
+    return [_strip(R.tokenize_examples(data.train[i:i + 16], tokenizer)) for i in (0, 16)]
 
 
 def tuned_reference(model, tokenizer, data, args, seed: int, device):
@@ -115,7 +125,7 @@ def run_one(method: str, seed: int, args, base, tokenizer, reference_answers, de
 
 FIELDS = ["method", "seed", "task", "keep_ratio", "steps", "train_blocks", "lr", "target_exact_match",
           "general_nll", "forgetting", "noise_dropped_share", "clean_dropped_share", "train_seconds",
-          "setup_seconds", "base_exact_match", "base_general_nll", "git"]
+          "setup_seconds", "base_exact_match", "base_general_nll", "git", "config"]
 
 
 def write_table(out: Path) -> str:
@@ -182,6 +192,8 @@ def main(argv=None):
     parser.add_argument("--n-eval", type=int, default=40)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fisher-data", default="train", choices=("train", "retention"),
+                        help="what AlphaToken's Fisher is estimated on (see fisher_data)")
     parser.add_argument("--set", nargs="*", default=[], help="AlphaTokenConfig overrides for the alphatoken method")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out_real"))
     parser.add_argument("--table-only", action="store_true")
@@ -197,6 +209,8 @@ def main(argv=None):
     base, tokenizer = load_pretrained("smollm2")
     base = base.to(device)
     answers = R.reference_answers(base, tokenizer)
+    args.retention_answers = (R.reference_answers(base, tokenizer, R.RETENTION_PROMPTS)
+                              if args.fisher_data == "retention" else [])
     base_nll = R.answers_nll(base, tokenizer, answers)
     base_em = R.exact_match(base, tokenizer, R.task_data(args.task, n_train=1, n_eval=args.n_eval).eval)
     rev = git_revision()
@@ -205,8 +219,9 @@ def main(argv=None):
     if path.exists():
         done = {(r["method"], int(r["seed"])) for r in csv.DictReader(open(path))}
     new = not path.exists()
+    fields = FIELDS if new else next(csv.reader(open(path)))  # a results file from before `config` keeps its columns
     with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         for seed in args.seeds:
@@ -215,7 +230,8 @@ def main(argv=None):
                     continue
                 row = run_one(method, seed, args, base, tokenizer, answers, device)
                 row.update(forgetting=row["general_nll"] - base_nll, base_exact_match=base_em,
-                           base_general_nll=base_nll, git=rev)
+                           base_general_nll=base_nll, git=rev,
+                           config=" ".join([f"fisher={args.fisher_data}", *args.set]))
                 writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
                 fh.flush()
                 print(f"[real] {method} seed {seed}: EM {row['target_exact_match']:.3f}, forgetting "

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+from .batch import IGNORE_INDEX
 from .errors import UserError
 
-IGNORE_INDEX = -100
 SFT, DPO = "sft", "dpo"
 RESPONSE_ALIASES = ("response", "completion")
 

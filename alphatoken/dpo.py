@@ -28,7 +28,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .losses import IGNORE_INDEX, response_mask, token_logprobs
+from .batch import IGNORE_INDEX, response_mask
+from .tokens import token_logprobs
 
 __all__ = [
     "check_beta",
@@ -161,7 +162,8 @@ def masked_dpo_loss(
 class DPOMaskedLoss:
     """`loss_fn(logits, masked_labels)` for `AlphaToken.value_and_loss`: the masked DPO loss.
 
-    The kept tokens are those whose masked label is not -100. The last `DPOOutput` is kept in `.last`.
+    The kept tokens are those whose masked label is not -100. `output` returns the whole `DPOOutput` (pass it as
+    the loss_fn of `AlphaToken.step`, whose result then carries it); the last one is also kept in `.last`.
     """
 
     def __init__(self, ref_token_logps: torch.Tensor, beta: float, label_smoothing: float = 0.0):
@@ -170,29 +172,34 @@ class DPOMaskedLoss:
         self.label_smoothing = label_smoothing
         self.last: Optional[DPOOutput] = None
 
-    def __call__(self, logits: torch.Tensor, masked_labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    def output(self, logits: torch.Tensor, masked_labels: torch.Tensor, num_items_in_batch=None) -> DPOOutput:
         keep = response_mask(masked_labels.to(logits.device))
         policy = token_logprobs(logits, masked_labels.to(logits.device))
         self.last = masked_dpo_loss(policy, self.ref.to(policy.device), keep, self.beta, self.label_smoothing)
-        return self.last.loss
+        return self.last
+
+    def __call__(self, logits: torch.Tensor, masked_labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        return self.output(logits, masked_labels, num_items_in_batch).loss
 
 
-def dpo_value_and_loss(
+def dpo_step(
     valuer,
     batch: dict,
     ref_token_logps: torch.Tensor,
     beta: float,
     label_smoothing: float = 0.0,
     indices: Optional[Sequence[int]] = None,
+    forward_model=None,
 ):
-    """One DPO step's values, mask and masked loss from one forward.
+    """One DPO step's values, mask and masked loss from one forward, as the valuer's `StepResult`.
 
     Args:
         valuer: an `AlphaToken`.
         batch: `input_ids`, `attention_mask`, `labels` (2B, T), chosen rows first (see `completion_labels`).
         ref_token_logps: (2B, T) reference per-token log-probs aligned with labels (0 outside the response).
         indices: the pairs' dataset indices, for error messages.
-    Returns the loss; `valuer.last_values` holds the TokenValues, `valuer.last_dpo` the `DPOOutput`.
+        forward_model: run the forward through this module (e.g. the trainer's DDP wrapper of the model).
+    Returns the `StepResult`: `loss`, `values`, `logits` (the policy's) and `output` (the `DPOOutput`).
     """
     beta = check_beta(beta)
     labels = batch["labels"]
@@ -205,6 +212,17 @@ def dpo_value_and_loss(
     resp = response_mask(labels)
     ref = ref_token_logps.detach().float() * resp
     loss_fn = DPOMaskedLoss(ref, beta, label_smoothing)
-    loss = valuer.value_and_loss(batch, loss_fn=loss_fn, token_weights=dpo_token_weights(ref, beta, resp))
-    valuer.last_dpo = loss_fn.last
-    return loss
+    return valuer.step(batch, loss_fn=loss_fn.output, token_weights=dpo_token_weights(ref, beta, resp),
+                       forward_model=forward_model)
+
+
+def dpo_value_and_loss(
+    valuer,
+    batch: dict,
+    ref_token_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    indices: Optional[Sequence[int]] = None,
+):
+    """`dpo_step`'s loss alone (`valuer.last_values` holds the TokenValues); `dpo_step` returns the rest."""
+    return dpo_step(valuer, batch, ref_token_logps, beta, label_smoothing, indices).loss

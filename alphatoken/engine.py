@@ -16,12 +16,9 @@ the same chunked head (`head_loss.chunked_head_loss`, an autograd Function recom
 from __future__ import annotations
 
 import contextlib
-import inspect
-import itertools
 import math
 import numbers
 import warnings
-from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -29,32 +26,27 @@ import torch
 from torch import nn
 
 from .anchor import Anchor
+from .batch import (BATCH_KEYS, model_inputs, response_mask, response_rows,  # noqa: F401
+                    unwrap_model, validate_batch)  # BATCH_KEYS: re-exported
 from .config import AlphaTokenConfig
 from .combine import PathValues, combine_paths, credit_square_norm, percentile_rank
-from .credits import Direction, embedding_direction, embedding_values, linear_values, matched
+from .credits import Direction, embedding_values, linear_values
 from .distributed import all_reduce_sum, gather_values, is_distributed
 from .fisher import Fisher
 from .head import CHECK_ROWS, candidate_transform, fused_chunks, head_values, matches, materialized_chunks
 from .head_loss import chunked_head_loss
-from .hooks import Capture
+from .hooks import Capture, CaptureSession, LayerRows
 from .layers import TrackedLayer, discover_layers, unvalued_weights
-from .losses import kept_mean_nll, masked_causal_lm_loss, response_mask
+from .losses import kept_mean_nll, masked_causal_lm_loss
 from .select import protected_tokens, select_tokens
 from .sharding import check_head_for_training, check_sharding, full, hold_unsharded, store_like
-from .tuned import TunedDirections, tuned_anchor
-from .values import TokenValues
+from .targets import (batch_direction, pad_zeroed, resolve_auto, tuned_target, validation_cycle,
+                      validation_directions)
+from .tokens import accumulation_dtype, nll_with_graph
+from .values import StepResult, TokenValues
 from alphatoken import kernels as K
 
 TokenWeights = Union[None, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
-
-
-def _accurate(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half types and float32; float64 stays float64 (exact checks)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -75,69 +67,6 @@ class _Step:
 
 class NonFiniteError(FloatingPointError):
     """NaN or Inf in the loss, a captured gradient or a value; the message names where."""
-
-
-BATCH_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "token_type_ids")
-
-
-def validate_batch(batch, device) -> dict:
-    """Check and move a batch: input_ids and labels (B, T) integer, attention_mask (B, T) if given."""
-    if not isinstance(batch, Mapping):
-        raise TypeError(f"a batch must be a dict with input_ids and labels, got {type(batch).__name__}")
-    for key in ("input_ids", "labels"):
-        if key not in batch:
-            raise ValueError(f"the batch has no {key!r} (keys: {sorted(batch)}); labels are -100 outside the response")
-        if not isinstance(batch[key], torch.Tensor) or batch[key].dim() != 2:
-            raise ValueError(f"batch[{key!r}] must be a (B, T) tensor, got {getattr(batch[key], 'shape', type(batch[key]))}")
-    shape = tuple(batch["input_ids"].shape)
-    out = {}
-    for key, value in batch.items():
-        if key in BATCH_KEYS:
-            if tuple(value.shape) != shape:
-                raise ValueError(f"batch[{key!r}] has shape {tuple(value.shape)} but input_ids has {shape}")
-            out[key] = value.to(device)
-    if out["labels"].dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"labels must be integer token ids, got {out['labels'].dtype}")
-    return out
-
-
-_FORWARD_ARGS: dict[type, set] = {}
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The causal LM inside a DDP / accelerate / compile wrapper (the wrapper is still what runs forward)."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if callable(getattr(model, "get_output_embeddings", None)):
-            return model
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-    return model
-
-
-def model_inputs(model: nn.Module, batch: dict) -> dict:
-    """The model's forward arguments: no labels (AlphaToken computes its own losses), no cache.
-
-    With left padding and no position_ids, positions are derived from the attention mask so that a padded
-    sequence is valued exactly as the unpadded one.
-    """
-    model = unwrap_model(model)
-    cls = type(model)
-    if cls not in _FORWARD_ARGS:
-        params = inspect.signature(model.forward).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        _FORWARD_ARGS[cls] = set(params) | (set(BATCH_KEYS) | {"use_cache"} if takes_any else set())
-    accepted = _FORWARD_ARGS[cls]
-    inputs = {k: v for k, v in batch.items() if k != "labels" and k in accepted}
-    mask = batch.get("attention_mask")
-    if mask is not None and "position_ids" not in batch and "position_ids" in accepted and bool((mask[:, 0] == 0).any()):
-        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    if "use_cache" in accepted:
-        inputs["use_cache"] = False
-    return inputs
 
 
 class AlphaToken:
@@ -197,42 +126,20 @@ class AlphaToken:
                 self.preconditioners[name] = tuple(
                     (f + cfg.precondition_damping * f.mean().clamp(min=torch.finfo(f.dtype).tiny)).rsqrt()
                     for f in (f_out, f_in))
-        if cfg.target == "auto":
-            self.cfg = cfg = cfg.replace(target="validation" if validation is not None else "none")
-            if validation is None:
-                warnings.warn(
-                    "AlphaToken: no validation batch, so adaptation is 0 and tokens are ranked by stability alone "
-                    + ("(and without a Fisher every value is 0, so selection keeps tokens by position). " if fisher is None
-                       else "") + "For the recommended setting pass validation=<a few clean target-task examples>; "
-                    "target='batch' needs no extra data but ranks noise above clean tokens in benchmarks/quality "
-                    "(DESIGN §3.5)", stacklevel=2)
+        self.cfg = cfg = resolve_auto(cfg, validation, fisher)
         self.validation_batches = None
         self.directions: dict[int, Direction] = {}
         self.tuned_weights: Optional[Anchor] = None
         if cfg.target == "tuned":
-            if validation is not None and not isinstance(validation, (Mapping, Iterable)):
-                raise TypeError("validation must be a batch dict or an iterable of batch dicts")
-            self.tuned_weights = tuned_anchor(self.layers, model, tuned, validation, cfg.tune_steps, cfg.tune_lr,
-                                              cfg.reference_device, cfg.reference_dtype)
-            self.directions = TunedDirections(self.layers, self.tuned_weights)
+            self.tuned_weights, self.directions = tuned_target(self.layers, model, tuned, validation, cfg)
         elif tuned is not None:
             raise ValueError(f'tuned= is the reference of target="tuned"; this config has target={cfg.target!r}')
         if cfg.target == "validation":
-            if validation is None:
-                raise ValueError('target="validation" needs validation=<batch or iterable of batches>')
-            batches = [validation] if isinstance(validation, Mapping) else validation
-            if not isinstance(batches, Iterable):
-                raise TypeError("validation must be a batch dict or an iterable of batch dicts")
-            if isinstance(batches, Sized) and len(batches) == 0:
-                raise ValueError("validation is empty: pass a batch dict or a non-empty list of batch dicts")
-            self.validation_batches = itertools.cycle(batches)
+            self.validation_batches = validation_cycle(validation)
         self.capture = Capture(self.layers)
         self.steps = 0
-        self.last_values: Optional[TokenValues] = None
-        # (head-input rows, targets) of the kept tokens of the last fused value_and_loss: what logging needs to
-        # recompute their logits chunk by chunk (`kept_logit_chunks`) without the step keeping (tokens × vocab)
-        self.last_kept_rows: Optional[tuple] = None
-        self.last_logits: Optional[torch.Tensor] = None  # only after a value_and_loss with a custom loss_fn
+        self._last_values: Optional[TokenValues] = None
+        self._last_result: Optional[StepResult] = None  # the last `step`'s result (read by the properties below)
         self.head_transform = candidate_transform(unwrap_model(model))
         self.head_fusable: Optional[bool] = None  # decided at the first step, from the model's own logits
         self.chunk_rows: Optional[int] = None  # rows per head chunk (None: kernels.chunk_rows_for)
@@ -240,6 +147,21 @@ class AlphaToken:
         self.closed = False
 
     # ---------------------------------------------------------------- public surface
+    @property
+    def last_values(self) -> Optional[TokenValues]:
+        """The TokenValues of the last `value` / `value_and_loss` / `step` (read-only; `step` returns them)."""
+        return self._last_values
+
+    @property
+    def last_logits(self) -> Optional[torch.Tensor]:
+        """The model's full logits of the last step with a custom loss_fn (`StepResult.logits`), else None."""
+        return None if self._last_result is None else self._last_result.logits
+
+    @property
+    def last_kept_rows(self) -> Optional[tuple]:
+        """(head-input rows, targets) of the kept tokens of the last fused step (`StepResult.kept_rows`)."""
+        return None if self._last_result is None else self._last_result.kept_rows
+
     def tracked_parameters(self) -> list[nn.Parameter]:
         """The parameters the values are defined over (tied weights once)."""
         seen, params = set(), []
@@ -260,7 +182,7 @@ class AlphaToken:
         forward_model: run the forward through this module instead (e.g. the DDP wrapper of the model).
         """
         values = self._run(batch, token_weights, keep_graph=False, forward_model=forward_model).values
-        self.last_values = values
+        self._last_values = values
         return values
 
     def value_and_loss(
@@ -275,7 +197,23 @@ class AlphaToken:
 
         Default loss: mean next-token NLL over the kept tokens (sum / num_items_in_batch when given), through
         the chunked head (no (tokens × vocab) logits). `loss_fn(logits, masked_labels)` replaces it; the model
-        then computes its full logits. The TokenValues of the batch are kept in `self.last_values` for logging.
+        then computes its full logits. The TokenValues of the batch are also in `self.last_values` for logging;
+        `step` returns everything the step computed.
+        """
+        return self.step(batch, loss_fn, num_items_in_batch, token_weights, forward_model).loss
+
+    def step(
+        self,
+        batch,
+        loss_fn: Optional[Callable] = None,
+        num_items_in_batch=None,
+        token_weights: TokenWeights = None,
+        forward_model: Optional[nn.Module] = None,
+    ) -> StepResult:
+        """`value_and_loss`, returning a `StepResult`: the loss, the values, and what logging or DPO needs.
+
+        loss_fn may return the loss tensor, or an object with a `.loss` (e.g. `dpo.DPOOutput`), which is then
+        the result's `output`.
         """
         _check_num_items(num_items_in_batch)
         if loss_fn is None:
@@ -284,29 +222,38 @@ class AlphaToken:
                          full_logits=loss_fn is not None)
         values = step.values
         labels = values.apply(batch["labels"].to(values.mask.device))
-        self.last_values, self.last_kept_rows = values, None
-        # a custom loss (DPO) needs the model's full logits anyway: kept for its metrics until the next step
-        self.last_logits = step.logits if loss_fn is not None else None
-        if loss_fn is not None:
-            return loss_fn(step.logits, labels)
-        if step.head_rows is None:  # no response token: a zero loss that still backpropagates
-            return masked_causal_lm_loss(step.logits, labels, num_items_in_batch)
+        if loss_fn is not None:  # a custom loss (DPO) needs the model's full logits anyway: kept for its metrics
+            out = loss_fn(step.logits, labels)
+            loss, output = (out, None) if isinstance(out, torch.Tensor) else (out.loss, out)
+            result = StepResult(loss, values, logits=step.logits, output=output)
+        elif step.head_rows is None:  # no response token: a zero loss that still backpropagates
+            result = StepResult(masked_causal_lm_loss(step.logits, labels, num_items_in_batch), values)
+        elif step.head_input is None:  # the unfused head: the valuation's own per-token NLL (graph kept)
+            kept = values.mask[values.response]
+            result = StepResult(kept_mean_nll(step.nll_graph, kept, num_items_in_batch, step.logits), values)
+        else:
+            result = self._fused_loss(step, num_items_in_batch)
+        self._last_values, self._last_result = values, result
+        return result
+
+    def _fused_loss(self, step: "_Step", num_items_in_batch) -> StepResult:
+        """The masked mean NLL of the kept tokens through the chunked head (`head_loss.chunked_head_loss`)."""
+        values = step.values
         kept = values.mask[values.response]
-        if step.head_input is None:  # the unfused head: the valuation's own per-token NLL (graph kept)
-            return kept_mean_nll(step.nll_graph, kept, num_items_in_batch, step.logits)
         rows = kept.nonzero().squeeze(1)  # the kept rows (selection's own read of the device)
         denom = num_items_in_batch if num_items_in_batch is not None else kept.sum().clamp(min=1)
         head = self.layers[0]
         a = step.head_input.index_select(0, step.head_rows.index_select(0, rows))
-        self.last_kept_rows = (a.detach(), step.targets.index_select(0, rows))
+        targets = step.targets.index_select(0, rows)
         # FSDP2 may have resharded the head after the valuation backward: its unit is unsharded again for the
         # training backward, whose post-backward reduces the head's gradient and reshards it (DESIGN §16)
         with hold_unsharded(unwrap_model(self.model), head.module, reshard=False):
             weight = head.weight_matrix()
-        return chunked_head_loss(a, weight, getattr(head.module, "bias", None),
-                                 step.targets.index_select(0, rows), torch.as_tensor(denom, device=a.device),
-                                 self.head_transform, nll=step.nll.index_select(0, rows), chunk_rows=self.chunk_rows,
+        loss = chunked_head_loss(a, weight, getattr(head.module, "bias", None), targets,
+                                 torch.as_tensor(denom, device=a.device), self.head_transform,
+                                 nll=step.nll.index_select(0, rows), chunk_rows=self.chunk_rows,
                                  grad_rows=None if step.grad_rows is None else step.grad_rows.index_select(0, rows))
+        return StepResult(loss, values, kept_rows=(a.detach(), targets))
 
     @torch.no_grad()
     def kept_logit_chunks(self, chunk_rows: int = 1024):
@@ -345,27 +292,25 @@ class AlphaToken:
         response = response_mask(labels)
         B, T = labels.shape
         if self.validation_batches is not None and self.steps % cfg.refresh == 0:
-            self._refresh_validation()
+            self._refresh_validation(forward_model)
         self.steps += 1
 
         body = cfg.paths == "full" and len(self.layers) > 1
-        b, t = response.nonzero(as_tuple=True)  # the response rows (one read of the device, selection's own)
-        n = b.numel()
+        rows = response_rows(response)  # one read of the device, selection's own
+        b, t = rows.b, rows.t
+        n = rows.n
         if self._is_global():  # every rank takes the same branches and joins every collective, in order
             n = int(all_reduce_sum(n))
-        head_rows, body_rows = b * T + t - 1, b * T + t
+        head_rows, body_rows = rows.head, rows.tokens
         fuse = n > 0 and not full_logits and self.head_fusable is not False
         feed = None  # the rows the model's own head runs on: one row once the fused head is trusted
         if n > 0 and not full_logits:
             feed = head_rows[:1] if fuse and self.head_fusable else head_rows
         model = forward_model if forward_model is not None else self.model
-        self.capture.open(set(range(1, len(self.layers))) if body and n > 0 else set(), head_rows=feed,
-                          rows_expected=B * T)
-        try:
-            with torch.enable_grad():  # graph kept for the body backward, the masked loss, or a logit transform
-                logits = model(**model_inputs(model, batch)).logits
-        finally:
-            self.capture.close_recording()
+        session = self.capture.session(set(range(1, len(self.layers))) if body and n > 0 else set(), B * T,
+                                       head_rows=feed)
+        # the graph is kept for the body backward, the masked loss, or a logit transform
+        logits = session.forward(model, model_inputs(model, batch))
         held = contextlib.ExitStack()  # the head's weight unsharded while the valuation (and the loss) needs it
         try:
             if n == 0:
@@ -391,7 +336,7 @@ class AlphaToken:
                 if callable(token_weights):  # the weights read every token's NLL first: one pass for it
                     nll = K.head_nll(a_rows, weight, bias, targets, self.head_transform.scale,
                                      self.head_transform.softcap, self.chunk_rows)
-                like = nll if nll is not None else a_rows.new_zeros(a_rows.shape[0], dtype=_acc_dtype(a_rows))
+                like = nll if nll is not None else a_rows.new_zeros(a_rows.shape[0], dtype=accumulation_dtype(a_rows))
                 weights = None if token_weights is None else self._weights(token_weights, like, b, t, (B, T))
                 chunks = fused_chunks(a_rows, weight, bias, targets, weights, self.head_transform, self.chunk_rows)
                 reuse = keep_graph and token_weights is None  # the seed rows are then the loss's own ∂ℓ/∂a
@@ -402,7 +347,7 @@ class AlphaToken:
                 step.nll, step.head_input = nll, (head_input if keep_graph else None)
             else:
                 rows = logits.reshape(-1, logits.shape[-1]) if fed else logits[b, t - 1]
-                logp_graph, nll_graph = self._nll_with_graph(rows, targets)
+                logp_graph, nll_graph = nll_with_graph(rows, targets)
                 logp, nll = logp_graph.detach(), nll_graph.detach()
                 self._check_finite(nll, "the loss (per-token NLL of the response tokens)")
                 weights = self._weights(token_weights, nll, b, t, (B, T))
@@ -415,7 +360,7 @@ class AlphaToken:
             direct = PathValues(hv.adaptation, hv.stability, hv.square_norm)
             causal = PathValues.zeros_like(direct)
             if body:
-                causal = self._causal(hv.seed, head_rows, batch, body_rows, n, keep_graph)
+                causal = self._causal(session, hv.seed, head_rows, batch, body_rows, n, keep_graph)
             self._raise_if_nonfinite()
             step.values = self._combine(direct, causal, n, b, t, response, labels)
             return step
@@ -447,14 +392,6 @@ class AlphaToken:
         zero = torch.zeros(response.shape, dtype=torch.float32, device=response.device)
         return TokenValues(zero, zero.clone(), zero.clone(), zero.clone(), zero.clone(),
                            torch.zeros_like(response), response)
-
-    @staticmethod
-    def _nll_with_graph(logit_rows, targets) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs (n, V), NLL (n,)) of the targets from their logit rows (n, V), in the graph
-        (also when the caller is under torch.no_grad: the valuation backward needs it)."""
-        with torch.enable_grad():
-            logp = torch.log_softmax(_accurate(logit_rows), dim=-1)
-            return logp, -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
 
     def _weights(self, token_weights: TokenWeights, nll, b, t, shape) -> torch.Tensor:
         if token_weights is None:
@@ -544,7 +481,7 @@ class AlphaToken:
             return {}
         return {"reference": (weight, head.weight_matrix(w0))}
 
-    def _causal(self, seed_rows, head_rows, batch, body_rows, n: int, keep_graph: bool):
+    def _causal(self, session: CaptureSession, seed_rows, head_rows, batch, body_rows, n: int, keep_graph: bool):
         """One valuation backward; each body layer's values at rows t as its g arrives.
 
         The backward starts at the head's input, with its gradient g_head W_head (`seed_rows`, from the chunked
@@ -556,26 +493,12 @@ class AlphaToken:
         keep_rows = None if mask is None else (mask.reshape(-1, 1) > 0)  # U over non-pad rows: pads zeroed
         acc = PathValues.zeros(body_rows.numel(), body_rows.device, seed_rows.dtype)
 
-        @torch.no_grad()
-        def on_grad(index: int, grad: torch.Tensor) -> None:
-            layer = self.layers[index]
-            g_all = grad.reshape(-1, grad.shape[-1])
-            x = self.capture.inputs[index]
-            a_all = x.reshape(-1) if layer.kind == "embedding" else x.reshape(-1, x.shape[-1])
-            if a_all.shape[0] != g_all.shape[0] or g_all.shape[0] != batch["input_ids"].numel():
-                raise ValueError(
-                    f"unsupported tracked module {layer.name!r}: its rows ({a_all.shape[0]}) do not map to the "
-                    f"batch's (B, T) positions; exclude it with AlphaTokenConfig(tracked_layers=<regex>)"
-                )
-            a, g = a_all.index_select(0, body_rows), g_all.index_select(0, body_rows)
-            direction = self.directions.get(index)
-            if cfg.target == "batch":  # pad rows zeroed rather than gathered: no read of the mask's count
-                a_ref, g_ref = a_all, g_all
-                if keep_rows is not None:
-                    g_ref = torch.where(keep_rows, g_all, 0.0)
-                    a_ref = torch.where(keep_rows.squeeze(1), a_all, 0) if layer.kind == "embedding" else \
-                        torch.where(keep_rows, a_all, 0.0)
-                direction = self._batch_direction(layer, a_ref, g_ref, n)
+        def on_rows(rows: LayerRows) -> None:  # under no_grad (CaptureSession)
+            layer, a, g, a_all, g_all = rows.layer, rows.a, rows.g, rows.a_all, rows.g_all
+            direction = self.directions.get(rows.index)
+            if cfg.target == "batch":
+                a_ref, g_ref = pad_zeroed(layer, a_all, g_all, keep_rows)
+                direction = batch_direction(layer, a_ref, g_ref, n, self._is_global())
             fisher, delta = self._layer_fisher(layer), self._delta(layer)
             if layer.kind == "embedding":
                 adapt, stab = embedding_values(a, g, cfg.lr, direction, fisher, delta)
@@ -595,25 +518,12 @@ class AlphaToken:
         a_head = self.capture.inputs[0]
         grad_a = torch.zeros(a_head.shape, dtype=a_head.dtype, device=a_head.device)
         grad_a.view(-1, grad_a.shape[-1]).index_copy_(0, head_rows, seed_rows.to(a_head.dtype))
-        self.capture.backward(a_head, on_grad, retain_graph=keep_graph, grad_output=grad_a)
+        session.backward(a_head, on_rows, head_rows=head_rows, body_rows=body_rows, retain_graph=keep_graph,
+                         grad_output=grad_a)
         return acc
 
     def _is_global(self) -> bool:
         return self.cfg.global_selection and is_distributed()
-
-    def _batch_direction(self, layer: TrackedLayer, a_ref, g_ref, n: int) -> Direction:
-        """U = (1/n) Σ_s g_s a_sᵀ over this batch's rows — over all ranks' rows under global selection."""
-        if layer.kind == "embedding":
-            direction = embedding_direction(a_ref, g_ref, layer.shape[1], 1.0 / n)
-        elif self._is_global():  # always materialized: the ranks' sums add up
-            a_ref, g_ref = matched(a_ref, g_ref)
-            local = g_ref.T @ a_ref
-            direction = Direction(matrix=local if local.dtype == torch.float64 else local.float(), scale=1.0 / n)
-        else:
-            return Direction.from_rows(a_ref, g_ref, 1.0 / n)
-        if self._is_global():  # n is already the global count
-            direction.matrix = all_reduce_sum(direction.matrix)
-        return direction
 
     def _rms(self, x: torch.Tensor) -> torch.Tensor:
         square_sum, count = x.double().pow(2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)
@@ -655,51 +565,14 @@ class AlphaToken:
                            **{k: full[k] for k in rows})
 
     # ---------------------------------------------------------------- validation target
-    def _refresh_validation(self) -> None:
+    def _refresh_validation(self, forward_model: Optional[nn.Module] = None) -> None:
         """U = ∇ of the mean NLL of the next validation batch, per layer, kept as factors or materialized."""
         batch = next(self.validation_batches, None)  # a bare StopIteration would silently end a caller's map()
         if batch is None:
             raise ValueError("the validation iterable yielded no batch: pass a batch dict or a non-empty list of them")
-        batch = validate_batch(batch, self.device)
-        labels = batch["labels"]
-        response = response_mask(labels)
-        n = int(response.sum())
-        if n == 0:
-            raise ValueError("the validation batch has no response tokens (every label is -100)")
-        B, T = labels.shape
-        b, t = response.nonzero(as_tuple=True)
-        head_rows = b * T + t - 1
-        mask = batch.get("attention_mask")
-        body_rows = (mask.reshape(-1) > 0).nonzero().squeeze(1) if mask is not None else torch.arange(B * T, device=self.device)
-        self.capture.open(set(range(len(self.layers))))
-        try:
-            with torch.enable_grad():
-                logits = self.model(**model_inputs(self.model, batch)).logits
-        finally:
-            self.capture.close_recording()
-        directions: dict[int, Direction] = {}
-
-        @torch.no_grad()
-        def on_grad(index: int, grad: torch.Tensor) -> None:
-            layer = self.layers[index]
-            rows = head_rows if layer.is_head else body_rows
-            x = self.capture.inputs[index]
-            a = (x.reshape(-1) if layer.kind == "embedding" else x.reshape(-1, x.shape[-1])).index_select(0, rows)
-            g = grad.reshape(-1, grad.shape[-1]).index_select(0, rows)
-            self._check_finite(g, f"the validation output-gradient of layer {layer.name!r}")
-            if layer.kind == "embedding":
-                directions[index] = embedding_direction(a, g, layer.shape[1], 1.0 / n)
-            else:
-                directions[index] = Direction.from_rows(a.detach().clone(), g.detach().clone(), 1.0 / n)
-
-        try:
-            with torch.enable_grad():
-                loss = self._nll_with_graph(logits[b, t - 1], labels[b, t])[1].sum()
-            self._check_finite(loss, "the validation loss")
-            self.capture.backward(loss, on_grad, retain_graph=False)
-        finally:
-            self.capture.release()
-        self.directions = directions
+        model = forward_model if forward_model is not None else self.model  # as the step's own forward
+        self.directions = validation_directions(self.capture, model, validate_batch(batch, self.device),
+                                                self._check_finite)
 
     # ---------------------------------------------------------------- errors
     def _raise_if_nonfinite(self) -> None:

@@ -14,12 +14,13 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
+from .batch import model_inputs, nonpad_rows, response_mask, response_rows, unwrap_model, validate_batch
 from .distributed import all_reduce_sum, is_distributed
 from .hooks import Capture
 from .layers import TrackedLayer, discover_layers
-from .losses import response_mask
 from .progress import progress
 from .sharding import is_sharded
+from .tokens import accurate
 
 KINDS = ("diag", "kfac")
 FORMAT = "alphatoken-fisher-v1"
@@ -173,10 +174,6 @@ def tensor_digest(tensors: dict) -> str:
     return h.hexdigest()
 
 
-def _layer_rows(layer: TrackedLayer, head_rows: torch.Tensor, body_rows: torch.Tensor) -> torch.Tensor:
-    return head_rows if layer.is_head else body_rows
-
-
 def _acc_dtype(acc) -> torch.dtype:
     return acc.dtype if isinstance(acc, torch.Tensor) else acc[0].dtype
 
@@ -230,8 +227,6 @@ def estimate_fisher(
     show = kwargs.pop("progress", progress_bar)
     if kwargs:
         raise TypeError(f"estimate_fisher() got unexpected arguments {sorted(kwargs)}")
-    from .engine import _accurate, model_inputs, unwrap_model, validate_batch
-
     layers = discover_layers(unwrap_model(model), tracked_layers, track_embeddings)
     device = next(model.parameters()).device
     sharded = is_distributed() and any(is_sharded(layer.weight) for layer in layers)  # FSDP2 (DESIGN §16)
@@ -254,35 +249,18 @@ def estimate_fisher(
             n = int(resp.sum())
             if (all_reduce_sum(n) if sharded else n) == 0:  # FSDP2: every rank runs the same forwards (collectives)
                 continue
-            B, T = resp.shape
-            b, t = resp.nonzero(as_tuple=True)
-            head_rows = b * T + t - 1
-            mask = batch.get("attention_mask")
-            body_rows = (mask.reshape(-1) > 0).nonzero().squeeze(1) if mask is not None else torch.arange(B * T, device=device)
-            capture.open(set(range(len(layers))))
-            try:
-                with torch.enable_grad():
-                    logits = model(**model_inputs(model, batch)).logits
-            finally:
-                capture.close_recording()
-            rows = _accurate(logits[b, t - 1])
-            if labels == "model" and n > 0:  # (n = 0: a rank of a sharded model joining the others' forward)
-                with torch.no_grad():
-                    target = torch.multinomial(torch.softmax(rows, -1), 1, generator=generator).squeeze(1)
-            else:
-                target = batch["labels"][b, t]
-            loss = torch.nn.functional.cross_entropy(rows, target, reduction="sum")
-
-            def on_grad(i, grad):
-                layer = layers[i]
-                rows_i = _layer_rows(layer, head_rows, body_rows)
-                a = capture.inputs[i]
-                a = a.reshape(-1) if layer.kind == "embedding" else a.reshape(-1, a.shape[-1])
-                g = grad.reshape(-1, grad.shape[-1])
-                _accumulate(kind, acc[i], layer, a.index_select(0, rows_i), g.index_select(0, rows_i))
-
-            capture.backward(loss, on_grad, retain_graph=False)
-            capture.release()
+            rows = response_rows(resp)
+            with capture.session(set(range(len(layers))), resp.numel()) as session:
+                logits = session.forward(model, model_inputs(model, batch))
+                logit_rows = accurate(logits[rows.b, rows.t - 1])
+                if labels == "model" and n > 0:  # (n = 0: a rank of a sharded model joining the others' forward)
+                    with torch.no_grad():
+                        target = torch.multinomial(torch.softmax(logit_rows, -1), 1, generator=generator).squeeze(1)
+                else:
+                    target = batch["labels"][rows.b, rows.t]
+                loss = torch.nn.functional.cross_entropy(logit_rows, target, reduction="sum")
+                session.backward(loss, lambda r: _accumulate(kind, acc[r.index], r.layer, r.a, r.g),
+                                 head_rows=rows.head, body_rows=nonpad_rows(batch), retain_graph=False)
             n_tokens += n
     finally:
         capture.remove()

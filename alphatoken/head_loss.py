@@ -10,6 +10,7 @@ values alive at a time.
 """
 from __future__ import annotations
 
+import contextvars
 from typing import Optional
 
 import torch
@@ -26,12 +27,17 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             nll = K.head_nll(a.detach(), weight.detach(), None if bias is None else bias.detach(), targets,
                              scale, softcap, chunk_rows)
         ctx.save_for_backward(a, weight, bias, targets, denom, grad_rows)
+        ctx.context = contextvars.copy_context()  # the backward may run on an autograd worker thread
         ctx.meta = (scale, softcap, chunk_rows)
         total = nll.sum()
         return total / denom.to(total.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
+        return ctx.context.copy().run(_ChunkedHeadLoss._backward, ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         a, weight, bias, targets, denom, grad_rows = ctx.saved_tensors
         scale, softcap, chunk_rows = ctx.meta
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32

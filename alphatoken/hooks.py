@@ -17,6 +17,8 @@ recorded twice. Reentrant checkpointing runs its first forward without autograd,
 """
 from __future__ import annotations
 
+import contextvars
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -138,7 +140,10 @@ class Capture:
         indices = sorted(self.probes)
         if not indices:
             return
-        self.on_grad = on_grad
+        # autograd may call the hooks on a worker thread, whose context is empty: run them in a copy of this
+        # one (kernel overrides and launch counters are contextvars, alphatoken.kernels.gate)
+        context = contextvars.copy_context()
+        self.on_grad = lambda index, grad: context.copy().run(on_grad, index, grad)
         try:
             torch.autograd.grad(
                 output, [self.probes[i] for i in indices], grad_outputs=grad_output, retain_graph=retain_graph,
@@ -154,3 +159,80 @@ class Capture:
         self.recording = False
         self._detach()
         self.release()
+
+    def session(self, probe_layers: set[int], rows_expected: int, head_rows: Optional[torch.Tensor] = None
+                ) -> "CaptureSession":
+        """One pass of the capture protocol over a batch of `rows_expected` (B·T) positions (`CaptureSession`)."""
+        return CaptureSession(self, probe_layers, rows_expected, head_rows)
+
+
+@dataclass
+class LayerRows:
+    """What the valuation backward hands over for one tracked layer: its input rows `a` and output-gradient rows
+    `g` at the rows asked for, and the full flattened (B·T, ·) `a_all`, `g_all` (an embedding's `a` holds token
+    ids). Valid only inside the callback: `g_all` is dropped right after."""
+
+    index: int
+    layer: TrackedLayer
+    a: torch.Tensor
+    g: torch.Tensor
+    a_all: torch.Tensor
+    g_all: torch.Tensor
+
+
+class CaptureSession:
+    """Capture → forward → valuation backward → per-layer rows, for one batch: the one copy of the protocol that
+    the valuer, the validation target and the Fisher estimate share (DESIGN §5.1).
+
+        with capture.session(probe_layers, B * T) as session:
+            logits = session.forward(model, inputs)
+            session.backward(loss, on_rows, head_rows=rows.head, body_rows=rows.tokens, retain_graph=False)
+
+    `on_rows(LayerRows)` is called under `torch.no_grad()` as each probed layer's g arrives: at the head with
+    `head_rows`, at every other layer with `body_rows` (rows of the flattened batch). Leaving the block releases
+    the captured tensors.
+    """
+
+    def __init__(self, capture: Capture, probe_layers: set[int], rows_expected: int,
+                 head_rows: Optional[torch.Tensor] = None):
+        self.capture = capture
+        self.probe_layers = set(probe_layers)
+        self.rows_expected = rows_expected
+        self.head_rows = head_rows
+
+    def __enter__(self) -> "CaptureSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.capture.release()
+
+    def forward(self, model, inputs: dict):
+        """Run `model(**inputs)` with the hooks attached (under enable_grad: the valuation backward needs the
+        graph) and return its logits."""
+        self.capture.open(self.probe_layers, head_rows=self.head_rows, rows_expected=self.rows_expected)
+        try:
+            with torch.enable_grad():
+                return model(**inputs).logits
+        finally:
+            self.capture.close_recording()
+
+    def backward(self, output: torch.Tensor, on_rows: Callable[[LayerRows], None], head_rows: torch.Tensor,
+                 body_rows: torch.Tensor, retain_graph: bool, grad_output: Optional[torch.Tensor] = None) -> None:
+        """The valuation backward from `output` (a loss, or a tensor with its `grad_output`) towards the probes."""
+        capture = self.capture
+
+        @torch.no_grad()
+        def on_grad(index: int, grad: torch.Tensor) -> None:
+            layer = capture.layers[index]
+            x = capture.inputs[index]
+            a_all = x.reshape(-1) if layer.kind == "embedding" else x.reshape(-1, x.shape[-1])
+            g_all = grad.reshape(-1, grad.shape[-1])
+            if a_all.shape[0] != g_all.shape[0] or g_all.shape[0] != self.rows_expected:
+                raise ValueError(
+                    f"unsupported tracked module {layer.name!r}: its rows ({a_all.shape[0]}) do not map to the "
+                    f"batch's (B, T) positions; exclude it with AlphaTokenConfig(tracked_layers=<regex>)"
+                )
+            rows = head_rows if layer.is_head else body_rows
+            on_rows(LayerRows(index, layer, a_all.index_select(0, rows), g_all.index_select(0, rows), a_all, g_all))
+
+        capture.backward(output, on_grad, retain_graph=retain_graph, grad_output=grad_output)

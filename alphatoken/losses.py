@@ -6,25 +6,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-
-
-def response_mask(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: positions t >= 1 whose label is a response token."""
-    mask = labels != IGNORE_INDEX
-    mask[:, 0] = False
-    return mask
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) float32: log p(labels[b, t]) from logits[b, t - 1]; 0 outside the response."""
-    resp = response_mask(labels)
-    out = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-    if resp.any():
-        b, t = resp.nonzero(as_tuple=True)
-        logp = torch.log_softmax(logits[b, t - 1].float(), dim=-1)
-        out[b, t] = logp.gather(1, labels[b, t].unsqueeze(1)).squeeze(1)
-    return out
+from .batch import IGNORE_INDEX, response_mask  # noqa: F401 (re-exported: losses' long-standing names)
+from .tokens import token_logprobs  # noqa: F401
 
 
 def masked_causal_lm_loss(

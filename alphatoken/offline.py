@@ -50,7 +50,8 @@ from typing import Optional
 import torch
 
 from .config import AlphaTokenConfig
-from .losses import IGNORE_INDEX, response_mask
+from .batch import IGNORE_INDEX, model_inputs, response_mask
+from .tokens import token_logprobs
 
 COLUMNS = ("alphatoken_keep", "alphatoken_total", "alphatoken_adaptation", "alphatoken_stability")
 SIDES = ("chosen", "rejected")
@@ -144,9 +145,6 @@ def _pad(ids_b, labels_b, pad_token_id: int, device) -> dict:
 
 
 def _reference_logprobs(ref_model, batch: dict) -> torch.Tensor:
-    from .engine import model_inputs
-    from .losses import token_logprobs
-
     with torch.no_grad():
         logits = ref_model(**model_inputs(ref_model, batch)).logits
         return token_logprobs(logits, batch["labels"])

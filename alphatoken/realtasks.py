@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .values import IGNORE_INDEX
+from .batch import IGNORE_INDEX
 
 SYSTEM_PROMPT = "Answer briefly."
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from .batch import IGNORE_INDEX
+
 VIEWS = (("a", "adaptation", "Adaptation"), ("s", "stability", "Stability"), ("t", "total", "Total (selection score)"))
 POS_RGB = (22, 163, 74)  # green: a step on the token helps this objective
 NEG_RGB = (220, 38, 38)  # red: it hurts
@@ -120,7 +122,7 @@ def score_sequences(examples: Sequence[Mapping], token_values, tokenizer,
         resp = [bool(row["response"][offset + i]) for i in range(n)]
         labels = [int(x) for x in _as_list(ex["labels"])] if "labels" in ex else None
         flags = [bool(x) for x in _as_list(ex["flags"])] if ex.get("flags") is not None else None
-        region = [i for i in range(n) if resp[i] or (labels is not None and labels[i] != -100)]
+        region = [i for i in range(n) if resp[i] or (labels is not None and labels[i] != IGNORE_INDEX)]
         start = region[0] if region else n
         stop = region[-1] + 1 if region else n
         tokens = []

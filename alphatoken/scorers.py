@@ -28,43 +28,23 @@ from typing import Optional
 import torch
 
 from .config import AlphaTokenConfig
-from .losses import masked_causal_lm_loss, response_mask
+from .batch import model_inputs, response_mask
+from .losses import masked_causal_lm_loss
+from .tokens import token_entropies, token_losses
 from .values import TokenValues
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
-
-
-def _model_inputs(batch: dict) -> dict:
+def _model_inputs(model, batch: dict) -> dict:
+    """The forward arguments of `model` for `batch` (`alphatoken.batch.model_inputs`: left-padded batches get their
+    position_ids from the attention mask, as in AlphaToken), on the model's device."""
     if "input_ids" not in batch or "labels" not in batch:
         raise ValueError("a batch needs 'input_ids' and 'labels' (-100 outside the response); "
                          f"got keys {sorted(batch)}")
-    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+    device = _device(model)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs(model, batch).items()}
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) float32: ℓ_t = −log p(labels[:, t]) from logits[:, t−1]; 0 outside the response."""
-    resp = response_mask(labels)
-    out = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-    if resp.any():
-        b, t = resp.nonzero(as_tuple=True)
-        logp = torch.log_softmax(logits[b, t - 1].float(), dim=-1)
-        out[b, t] = -logp.gather(1, labels[b, t].to(logits.device).unsqueeze(1)).squeeze(1)
-    return out
-
-
-def token_entropies(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) float32: entropy of the predictive distribution at t−1 for response positions t; 0 elsewhere."""
-    resp = response_mask(labels)
-    out = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-    if resp.any():
-        b, t = resp.nonzero(as_tuple=True)
-        logp = torch.log_softmax(logits[b, t - 1].float(), dim=-1)
-        out[b, t] = -(logp.exp() * logp).sum(-1)
-    return out
 
 
 class Scorer:
@@ -102,12 +82,12 @@ class Scorer:
     def value(self, batch: dict) -> TokenValues:
         """Score the batch's response tokens and select (one forward, no gradients)."""
         with torch.no_grad():
-            logits = self.model(**_model_inputs(batch)).logits
+            logits = self.model(**_model_inputs(self.model, batch)).logits
         return self._values(logits, batch)
 
     def value_and_loss(self, batch: dict) -> torch.Tensor:
         """One forward: the values (in `last_values`) and the masked mean CE over kept tokens, to backpropagate."""
-        logits = self.model(**_model_inputs(batch)).logits
+        logits = self.model(**_model_inputs(self.model, batch)).logits
         tv = self._values(logits, batch)
         loss = masked_causal_lm_loss(logits, tv.apply(batch["labels"].to(logits.device)))
         if self.cfg.check_finite and not bool(torch.isfinite(loss)):
@@ -180,8 +160,7 @@ class ExcessLossScorer(Scorer):
     def score(self, logits, batch):
         labels = batch["labels"]
         with torch.no_grad():
-            ref_inputs = {k: v.to(_device(self.reference)) for k, v in _model_inputs(batch).items()}
-            ref_logits = self.reference(**ref_inputs).logits.to(logits.device)
+            ref_logits = self.reference(**_model_inputs(self.reference, batch)).logits.to(logits.device)
         return token_losses(logits, labels) - token_losses(ref_logits, labels)
 
     def close(self) -> None:

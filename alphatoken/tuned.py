@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .anchor import Anchor
+from .batch import IGNORE_INDEX, model_inputs, unwrap_model, validate_batch
 from .credits import Direction
 from .layers import TrackedLayer
 from .progress import progress as progress_bar
@@ -32,8 +33,6 @@ def tune_on_validation(model: nn.Module, batches, steps: int, lr: float, progres
     progress: show a bar (default: on a terminal). Only the parameters that require a gradient in `model` are trained (the same ones the user fine-tunes: all,
     the last blocks, or LoRA adapters); `model` itself is not touched. The copy is freed on return.
     """
-    from .engine import model_inputs, unwrap_model, validate_batch  # the engine imports this module
-
     if steps < 1:
         raise ValueError(f"tune_steps must be >= 1, got {steps}")
     batches = [batches] if isinstance(batches, dict) else list(batches)
@@ -53,7 +52,7 @@ def tune_on_validation(model: nn.Module, batches, steps: int, lr: float, progres
         logits = tuned(**model_inputs(tuned, batch)).logits
         labels = batch["labels"]
         loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                           ignore_index=-100)
+                                           ignore_index=IGNORE_INDEX)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the validation loss became {float(loss)} while tuning the target reference: "
                                      f"lower tune_lr (now {lr})")

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-IGNORE_INDEX = -100
+from .batch import IGNORE_INDEX
 
 
 @dataclass
@@ -54,3 +54,21 @@ class TokenValues:
 
     def detach_cpu(self) -> "TokenValues":
         return self._map(lambda x: x.detach().cpu())
+
+
+@dataclass
+class StepResult:
+    """What one training step of a valuer computed (`AlphaToken.step`): returned, not left on objects.
+
+    loss: the masked loss to backpropagate. values: the batch's TokenValues.
+    logits: the model's full logits, only when a custom loss_fn asked for them (else None).
+    kept_rows: (head-input rows, targets) of the kept tokens when the fused head computed the loss: what logging
+        needs to recompute their logits chunk by chunk (`AlphaToken.kept_logit_chunks`), else None.
+    output: what a custom loss_fn returned beyond the loss (DPO: its `DPOOutput`), else None.
+    """
+
+    loss: Any
+    values: TokenValues
+    logits: Optional[torch.Tensor] = None
+    kept_rows: Optional[tuple] = None
+    output: Any = None

@@ -52,10 +52,9 @@ if str(_HERE) not in sys.path:  # siblings import by name whether run as a scrip
 import torch  # noqa: E402
 
 import bench_common as C  # noqa: E402
+from bench_table import PROVIDER_ORDER, format_table  # noqa: E402,F401 (format_table: this script's API)
 
 OPS = ("bilinear", "fisher_norm", "bilinear_fisher_norm", "ghost_dot")
-PROVIDER_ORDER = ("triton", "triton_interp", "reference", "torch", "torch_compile", "materialized",
-                  "triton_dense", "cublas", "matmul")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -128,13 +127,11 @@ def compiled(op: str) -> Callable:
     return _COMPILED[op]
 
 
-PER_TOKEN_METHOD = {"method": "func"}  # "func": torch.func.vmap(grad); "outer": g_t a_tᵀ by broadcasting
-
-
-def per_token_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def per_token_grads(a: torch.Tensor, g: torch.Tensor, method: str = "func") -> torch.Tensor:
     """The per-token weight gradients g_t a_tᵀ, (N, d_out, d_in), by torch.func.vmap(grad) (or, in the
-    seconds-long smoke mode, by a broadcast outer product: the same tensor without importing torch._dynamo)."""
-    if PER_TOKEN_METHOD["method"] == "outer":
+    seconds-long smoke mode, method="outer", by a broadcast outer product: the same tensor without importing
+    torch._dynamo)."""
+    if method == "outer":
         return g[:, :, None] * a[:, None, :]
     from torch.func import grad, vmap
 
@@ -157,8 +154,8 @@ def _per_token_grads_weight(d_out, d_in, dtype, device):
     return _W_CACHE[key]
 
 
-def materialized(op: str, t: dict):
-    G = per_token_grads(t["a"], t["g"])
+def materialized(op: str, t: dict, per_token: str = "func"):
+    G = per_token_grads(t["a"], t["g"], per_token)
     flat = G.reshape(G.shape[0], -1)
     if op == "bilinear":
         return (flat @ t["M"].reshape(-1)).float()
@@ -222,7 +219,7 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 3e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-2  # fp32 may run as TF32
 
 
-def providers_for(op, t, device, compile_ok: bool, interp: bool) -> Dict[str, Callable]:
+def providers_for(op, t, device, compile_ok: bool, interp: bool, per_token: str = "func") -> Dict[str, Callable]:
     import alphatoken.kernels as K
 
     fn = getattr(K, op)
@@ -243,30 +240,16 @@ def providers_for(op, t, device, compile_ok: bool, interp: bool) -> Dict[str, Ca
     if compile_ok:
         cf = compiled(op)
         out["torch_compile"] = lambda: cf(*args)
-    out["materialized"] = lambda: materialized(op, t)
+    out["materialized"] = lambda: materialized(op, t, per_token)
     if op == "ghost_dot":
         out["triton_dense"] = lambda: K.bilinear(t["a"], t["g"], K.materialize_reference(t["a_ref"], t["g_ref"]))
     return out
 
 
-def bench_kernel_case(case, device, env, cfg) -> List[dict]:
-    op, dname, N, V, d = case["op"], case["dtype"], case["N"], case["V"], case["d"]
-    dtype = DTYPES[dname]
-    d_in = d_out = d
-    flops = flops_of(op, N, V, d_in, d_out)
-    base = dict(bench="kernel", op=op, dtype=dname, N=N, V=V if V else "", d_in=d_in, d_out=d_out, flops=flops)
-    prec = torch.get_float32_matmul_precision()
-    t = make_inputs(op, dtype, N, V, d_in, d_out, device, seed=cfg["seed"] + N + d)
-    m, k, n = matmul_shape(op, N, V, d_in, d_out)
-    gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 1)
-    A = torch.randn(m, k, generator=gen, device=device).to(dtype)  # random, never zeros (DESIGN §14)
-    B = torch.randn(k, n, generator=gen, device=device).to(dtype)
-    mm_name = "cublas" if device.type == "cuda" else "matmul"
-    mm = lambda: A @ B  # noqa: E731
-
-    fns = providers_for(op, t, device, cfg["compile"], cfg["interp"])
+def _skips(op, fns, N, d_in, d_out, t, flops, device, cfg) -> Dict[str, str]:
+    """{provider: why it is skipped}: the per-token route where it cannot fit (the row says so), the interpreter
+    where too slow, the dense ghost route on the CPU."""
     skips: Dict[str, str] = {}
-    # the per-token route: skip where it cannot fit (the row says so)
     need = materialized_bytes(op, N, d_in, d_out, t["a"].element_size())
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -279,11 +262,12 @@ def bench_kernel_case(case, device, env, cfg) -> List[dict]:
         skips["triton_interp"] = "skipped: too slow for Triton's interpreter at this size"
     if op == "ghost_dot" and "triton_dense" in fns and device.type != "cuda":
         skips["triton_dense"] = "skipped on CPU (same as reference bilinear)"
-    for name in skips:
-        fns.pop(name, None)
+    return skips
 
-    # correctness once per provider (fresh inputs per case), then time
-    truth = _truth(op, t)
+
+def _check_providers(fns, truth, dtype, device, cfg, skips: Dict[str, str]):
+    """(the providers that ran, their notes, their status): one warm call each, checked against the truth; a
+    provider that fails or runs out of time or memory is added to `skips`."""
     notes: Dict[str, str] = {}
     status: Dict[str, str] = {}
     live: Dict[str, Callable] = {}
@@ -308,7 +292,12 @@ def bench_kernel_case(case, device, env, cfg) -> List[dict]:
         if device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
+    return live, notes, status
 
+
+def _time_providers(live, mm, mm_name: str, device, cfg, skips: Dict[str, str]):
+    """(timings, peak memory, the matmul's (median, q20, q80), its note): on CUDA each provider timed alone with
+    the matmul before and after; on the CPU all interleaved with the matmul."""
     timings: Dict[str, tuple] = {}
     peaks: Dict[str, Optional[float]] = {}
     if device.type == "cuda":
@@ -325,16 +314,38 @@ def bench_kernel_case(case, device, env, cfg) -> List[dict]:
             torch.cuda.empty_cache()
         mm_b = C.time_cuda(mm, cfg["warmup_ms"], cfg["rep_ms"])
         mm_med = min(mm_a[0], mm_b[0])
-        mm_row = (mm_med, min(mm_a[1], mm_b[1]), max(mm_a[2], mm_b[2]))
-        mm_note = f"before/after {mm_a[0]:.4g}/{mm_b[0]:.4g} ms"
-    else:
-        all_fns = dict(live)
-        all_fns[mm_name] = mm
-        res = C.time_interleaved(all_fns, device, rounds=cfg["rounds"], warmup=0, min_round_s=cfg["min_round_s"])
-        mm_row = res.pop(mm_name)
-        mm_med = mm_row[0]
-        timings = res
-        mm_note = "interleaved with the providers"
+        return timings, peaks, (mm_med, min(mm_a[1], mm_b[1]), max(mm_a[2], mm_b[2])), \
+            f"before/after {mm_a[0]:.4g}/{mm_b[0]:.4g} ms"
+    all_fns = dict(live)
+    all_fns[mm_name] = mm
+    res = C.time_interleaved(all_fns, device, rounds=cfg["rounds"], warmup=0, min_round_s=cfg["min_round_s"])
+    mm_row = res.pop(mm_name)
+    return res, peaks, mm_row, "interleaved with the providers"
+
+
+def bench_kernel_case(case, device, env, cfg) -> List[dict]:
+    op, dname, N, V, d = case["op"], case["dtype"], case["N"], case["V"], case["d"]
+    dtype = DTYPES[dname]
+    d_in = d_out = d
+    flops = flops_of(op, N, V, d_in, d_out)
+    base = dict(bench="kernel", op=op, dtype=dname, N=N, V=V if V else "", d_in=d_in, d_out=d_out, flops=flops)
+    prec = torch.get_float32_matmul_precision()
+    t = make_inputs(op, dtype, N, V, d_in, d_out, device, seed=cfg["seed"] + N + d)
+    m, k, n = matmul_shape(op, N, V, d_in, d_out)
+    gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 1)
+    A = torch.randn(m, k, generator=gen, device=device).to(dtype)  # random, never zeros (DESIGN §14)
+    B = torch.randn(k, n, generator=gen, device=device).to(dtype)
+    mm_name = "cublas" if device.type == "cuda" else "matmul"
+    mm = lambda: A @ B  # noqa: E731
+
+    fns = providers_for(op, t, device, cfg["compile"], cfg["interp"], cfg["per_token"])
+    skips = _skips(op, fns, N, d_in, d_out, t, flops, device, cfg)
+    for name in skips:
+        fns.pop(name, None)
+    # correctness once per provider (fresh inputs per case), then time
+    live, notes, status = _check_providers(fns, _truth(op, t), dtype, device, cfg, skips)
+    timings, peaks, mm_row, mm_note = _time_providers(live, mm, mm_name, device, cfg, skips)
+    mm_med = mm_row[0]
     torch_ms = timings.get("torch", (None,))[0]
     mat_ms = timings.get("materialized", (None,))[0]
 
@@ -352,7 +363,7 @@ def bench_kernel_case(case, device, env, cfg) -> List[dict]:
                 speedup_vs_materialized=(mat_ms / med) if mat_ms else None,
                 peak_mib=peaks.get(name), status=status.get(name, "ok"),
                 note=notes.get(name, "") + (f"; fp32 matmul precision={prec}" if dname == "fp32" else "")
-                + (f"; per-token grads by {'torch.func vmap(grad)' if PER_TOKEN_METHOD['method'] == 'func' else 'outer products'}"
+                + (f"; per-token grads by {'torch.func vmap(grad)' if cfg['per_token'] == 'func' else 'outer products'}"
                    if name == "materialized" else "")))
         elif name in skips:
             rows.append(C.make_row(env, **base, provider=name,
@@ -388,13 +399,13 @@ def run(quick: bool = False, cpu: bool = False, *, step: bool = True, kernels: b
     if compile is None:
         compile = not (cpu and quick)
     torch.set_float32_matmul_precision(fp32_matmul)
-    PER_TOKEN_METHOD["method"] = "outer" if (cpu and quick) else "func"
     mode = ("cpu" if cpu else "gpu") + ("-quick" if quick else "")
     env = C.environment(device, mode)
     t0 = time.monotonic()
     if budget_s is None:
         budget_s = (60 if quick else 300) if cpu else (150 if quick else 270)
     cfg = dict(seed=seed, compile=compile, interp=interp, deadline=t0 + budget_s,
+               per_token="outer" if (cpu and quick) else "func",  # "func": torch.func.vmap(grad)
                warmup_ms=10 if quick else 15, rep_ms=40 if quick else 60,
                rounds=3 if (quick and cpu) else (5 if quick else 9), min_round_s=0.001 if quick else 0.02,
                cpu_mem_budget=2**28 if quick else 2**30,
@@ -444,85 +455,6 @@ def run(quick: bool = False, cpu: bool = False, *, step: bool = True, kernels: b
 
 
 # ------------------------------------------------------------------------------------------------ table
-def _f(v, fmt="{:.3g}", empty="-"):
-    v = C.fnum(v) if not isinstance(v, (int, float)) or isinstance(v, bool) else v
-    return empty if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
-
-
-def format_table(rows: List[dict]) -> str:
-    """One printed table: a line per kernel case (times per provider, and the AlphaToken kernel's rate,
-    % of the matmul of the same FLOPs, speed-ups and peak memory), then a line per step configuration."""
-    rows = [dict(r) for r in rows]
-    lines: List[str] = []
-    krows = [r for r in rows if r["bench"] in ("kernel", "matmul")]
-    if krows:
-        provs = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in krows)]
-        main = next((p for p in ("triton", "reference", "triton_interp") if p in provs), None)
-        short = {"triton": "triton", "triton_interp": "interp", "reference": "ref", "torch": "torch",
-                 "torch_compile": "compile", "materialized": "mat", "triton_dense": "dense",
-                 "cublas": "cublas", "matmul": "matmul"}
-        head = (f"{'op':<20} {'dt':<4} {'N':>6} {'V':>6} {'d':>5} | "
-                + " ".join(f"{short[p] + ' ms':>10}" for p in provs)
-                + f" | {main or '-'}: {'TFLOP/s':>7} {'%mm':>5} {'x torch':>7} {'x mat':>7} {'peakMiB':>8}")
-        lines += [head, "-" * len(head)]
-        cases: Dict[tuple, Dict[str, dict]] = {}
-        for r in krows:
-            key = (r["op"], r["dtype"], str(r["N"]), str(r["V"]), str(r["d_in"]))
-            cases.setdefault(key, {})[r["provider"]] = r
-        for (op, dt, N, V, d), by in cases.items():
-            cells = []
-            for p in provs:
-                r = by.get(p)
-                if r is None:
-                    cells.append(f"{'':>10}")
-                elif r["status"] == "skipped":
-                    cells.append(f"{'OOM' if 'OOM' in r['note'] or 'memory' in r['note'] else 'skip':>10}")
-                elif r["status"] == "error" and C.fnum(r["median_ms"]) is None:
-                    cells.append(f"{'ERR':>10}")
-                else:
-                    cells.append(f"{_f(r['median_ms'], '{:.4g}') + ('!' if r['status'] == 'error' else ''):>10}")
-            m = by.get(main, {}) if main else {}
-            lines.append(f"{op:<20} {dt:<4} {N:>6} {V or '':>6} {d:>5} | " + " ".join(cells)
-                         + f" | {'':>{len(main or '-') + 1}} {_f(m.get('tflops'), '{:.3g}'):>7} "
-                           f"{_f(m.get('pct_of_matmul'), '{:.0f}'):>5} {_f(m.get('speedup_vs_torch'), '{:.2f}'):>7} "
-                           f"{_f(m.get('speedup_vs_materialized'), '{:.0f}'):>7} {_f(m.get('peak_mib'), '{:.1f}'):>8}")
-        lines.append("(mat = per-token gradients via torch.func; OOM = skipped, would not fit; "
-                     "! = result outside tolerance; %mm = % of the matmul rate for the same FLOPs)")
-    srows = [r for r in rows if r["bench"] == "step"]
-    if srows:
-        if lines:
-            lines.append("")
-        head = f"{'step config':<34} {'median ms':>10} {'q20':>9} {'q80':>9} {'x plain':>8} {'target':>7}  note"
-        lines += [head, "-" * len(head)]
-        for r in srows:
-            lines.append(f"{r['op']:<34} {_f(r['median_ms'], '{:.4g}'):>10} {_f(r['q20_ms'], '{:.4g}'):>9} "
-                         f"{_f(r['q80_ms'], '{:.4g}'):>9} {_f(r['ratio_vs_plain'], '{:.3f}'):>8} "
-                         f"{_target_of(r):>7}  {r['status'] if r['status'] != 'ok' else ''} "
-                         f"{str(r['note']).split('; ')[0][:60]}".rstrip())
-    if rows:
-        r0 = rows[0]
-        lines.append(f"device: {r0['device']} | date {r0['date']} | torch {r0['torch']} | triton {r0['triton']} | "
-                     f"transformers {r0['transformers']} | alphatoken {r0['alphatoken']} ({r0['git_rev']}) | "
-                     f"mode {r0['mode']} | threads {r0['threads']}")
-    return "\n".join(lines)
-
-
-def _target_of(r) -> str:
-    """The DESIGN §8.2 target for this step row (CPU: ≤1.25 direct, ≤1.9 full; GPU: ≤1.10 direct, ≤1.45 full kfac)."""
-    label = str(r["op"])
-    cpu = str(r["mode"]).startswith("cpu")
-    if label.startswith("plain"):
-        return ""
-    if "direct" in label:
-        return "<=1.25" if cpu else "<=1.10"
-    if "full" in label:
-        if cpu:
-            return "<=1.9"
-        return "<=1.45" if "kfac" in label else ""
-    return ""
-
-
-# ------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

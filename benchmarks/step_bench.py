@@ -129,59 +129,10 @@ def step_configs(spec: dict, quick: bool, device: torch.device) -> List[dict]:
             for p, f, t in combos]
 
 
-def run(device: Optional[torch.device] = None, quick: bool = False, env: Optional[dict] = None,
-        optimizer: Optional[str] = None, budget_s: float = 240.0,
-        spec_overrides: Optional[dict] = None, rounds: Optional[int] = None, log=None) -> List[dict]:
-    """Measure the plain step and every AlphaToken configuration side by side; return the rows."""
-    log = log or (lambda *a: print(*a, file=sys.stderr, flush=True))
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    mode = ("cpu" if device.type == "cpu" else "gpu") + ("-quick" if quick else "")
-    env = env or C.environment(device, mode)
-    spec = model_spec(device, quick)
-    spec.update(spec_overrides or {})
-    if rounds is not None:
-        spec["rounds"] = rounds
-    import alphatoken as at
-
-    provider = "alphatoken"
-    t_start = time.monotonic()
-    model = build_model(spec, device)
-    batch = make_batch(spec, device, seed=0)
-    n_resp = int((batch["labels"][:, 1:] != IGNORE).sum())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5) if optimizer == "adamw" else None
-
-    # θ₀: the reference every valuer anchors to; then a small random step so that Δ = θ − θ₀ ≠ 0
-    reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(2)
-        for p in model.parameters():
-            p.add_(1e-3 * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
-
-    configs = step_configs(spec, quick, device)
-    fishers: Dict[str, object] = {"none": None}
-    fisher_ms: Dict[str, float] = {}
-    for kind in sorted({c["fisher"] for c in configs} - {"none"}):
-        t0 = time.perf_counter()
-        fishers[kind] = at.estimate_fisher(model, [batch], kind=kind)
-        C.sync(device)
-        fisher_ms[kind] = (time.perf_counter() - t0) * 1e3
-        model.zero_grad(set_to_none=True)
-
-    def make_valuer(c):
-        cfg = at.AlphaTokenConfig(paths=c["paths"], tracked_layers=c["tracked"], keep_ratio=0.6)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # fisher=None's stability warning
-            return at.AlphaToken(model, cfg, fisher=fishers[c["fisher"]], reference=reference)
-
-    def finish(loss):
-        loss.backward()
-        if opt is not None:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-
-    def plain_step():
-        finish(model(**batch).loss)
-
+def _measure(model, batch, configs, spec, make_valuer, finish, plain_step, device, deadline, t_start, log):
+    """Interleaved rounds: in each, every configuration (in a rotated order) as `inner` adjacent pairs of a plain
+    step and its step. Returns (plain samples, {config: step samples}, {config: block ratios}, {config: error},
+    {config: hook note}, rounds done)."""
     inner = spec["inner"]
     plain_samples: List[float] = []
     samples: Dict[str, List[float]] = {c["label"]: [] for c in configs}
@@ -190,11 +141,7 @@ def run(device: Optional[torch.device] = None, quick: bool = False, env: Optiona
     hook_notes: Dict[str, str] = {}
     by_label = {c["label"]: c for c in configs}
     names = [c["label"] for c in configs]
-    deadline = t_start + budget_s
     hooks0 = count_hooks(model)
-    log(f"[step_bench] {spec['name']} ({n_params(model) / 1e6:.1f}M params, {spec['dtype']}), batch "
-        f"{spec['B']}x{spec['T']} ({n_resp} response tokens), {provider}, {len(configs)} configs, "
-        f"{spec['rounds']} rounds x {inner} pairs")
 
     def timed(step) -> float:
         C.sync(device)
@@ -241,12 +188,40 @@ def run(device: Optional[torch.device] = None, quick: bool = False, env: Optiona
         done_rounds = r + 1
         log(f"[step_bench] round {r + 1}: plain~{sorted(plain_samples)[len(plain_samples) // 2]:.1f} ms; " + ", ".join(
             f"{n} x{block_ratios[n][-1]:.2f}" for n in names if block_ratios[n]) + f" [{time.monotonic() - t_start:.0f}s]")
+    return plain_samples, samples, block_ratios, errors, hook_notes, done_rounds
 
+
+def _reference_then_step(model) -> dict:
+    """θ₀, the reference every valuer anchors to; then a small random step so that Δ = θ − θ₀ ≠ 0."""
+    reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(2)
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
+    return reference
+
+
+def _fishers(model, batch, configs, device):
+    """({kind: Fisher} for the kinds the configurations use, with "none": None; {kind: estimate ms})."""
+    import alphatoken as at
+
+    fishers: Dict[str, object] = {"none": None}
+    fisher_ms: Dict[str, float] = {}
+    for kind in sorted({c["fisher"] for c in configs} - {"none"}):
+        t0 = time.perf_counter()
+        fishers[kind] = at.estimate_fisher(model, [batch], kind=kind)
+        C.sync(device)
+        fisher_ms[kind] = (time.perf_counter() - t0) * 1e3
+        model.zero_grad(set_to_none=True)
+    return fishers, fisher_ms
+
+
+def _rows(env, spec, configs, provider, n_resp, desc, plain_samples, samples, block_ratios, errors, hook_notes,
+          fisher_ms) -> List[dict]:
+    """The stored rows: the plain step's, then one per configuration (its step time and ratio to plain)."""
     plain = C.summarize(plain_samples) if plain_samples else None
     base = dict(bench="step", dtype=str(spec["dtype"]).replace("torch.", ""), N=spec["B"] * spec["T"],
                 d_in=spec["hidden"], d_out=spec["vocab"])
-    desc = (f"{spec['name']} {n_params(model) / 1e6:.1f}M params, batch {spec['B']}x{spec['T']}, "
-            f"{n_resp} resp tokens, {'adamw' if opt else 'no optimizer step'}, {done_rounds} rounds x {inner} pairs")
     rows = []
     if plain:
         rows.append(C.make_row(env, **base, op="plain SFT (fwd+bwd)", provider="plain", median_ms=plain[0],
@@ -270,6 +245,59 @@ def run(device: Optional[torch.device] = None, quick: bool = False, env: Optiona
                                note=f"§8 floor x{cost_model_ratio(spec, n_resp, c['paths'], c['fisher'], c['tracked']):.2f}; "
                                     f"block ratios q20..q80 {rq20:.2f}..{rq80:.2f} (ratio of medians "
                                     f"{med / plain[0]:.2f}){extra}; {desc}"))
+    return rows
+
+
+def run(device: Optional[torch.device] = None, quick: bool = False, env: Optional[dict] = None,
+        optimizer: Optional[str] = None, budget_s: float = 240.0,
+        spec_overrides: Optional[dict] = None, rounds: Optional[int] = None, log=None) -> List[dict]:
+    """Measure the plain step and every AlphaToken configuration side by side; return the rows."""
+    log = log or (lambda *a: print(*a, file=sys.stderr, flush=True))
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mode = ("cpu" if device.type == "cpu" else "gpu") + ("-quick" if quick else "")
+    env = env or C.environment(device, mode)
+    spec = model_spec(device, quick)
+    spec.update(spec_overrides or {})
+    if rounds is not None:
+        spec["rounds"] = rounds
+    import alphatoken as at
+
+    provider = "alphatoken"
+    t_start = time.monotonic()
+    model = build_model(spec, device)
+    batch = make_batch(spec, device, seed=0)
+    n_resp = int((batch["labels"][:, 1:] != IGNORE).sum())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5) if optimizer == "adamw" else None
+
+    reference = _reference_then_step(model)
+    configs = step_configs(spec, quick, device)
+    fishers, fisher_ms = _fishers(model, batch, configs, device)
+
+    def make_valuer(c):
+        cfg = at.AlphaTokenConfig(paths=c["paths"], tracked_layers=c["tracked"], keep_ratio=0.6)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fisher=None's stability warning
+            return at.AlphaToken(model, cfg, fisher=fishers[c["fisher"]], reference=reference)
+
+    def finish(loss):
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+
+    def plain_step():
+        finish(model(**batch).loss)
+
+    inner = spec["inner"]
+    log(f"[step_bench] {spec['name']} ({n_params(model) / 1e6:.1f}M params, {spec['dtype']}), batch "
+        f"{spec['B']}x{spec['T']} ({n_resp} response tokens), {provider}, {len(configs)} configs, "
+        f"{spec['rounds']} rounds x {inner} pairs")
+    plain_samples, samples, block_ratios, errors, hook_notes, done_rounds = _measure(
+        model, batch, configs, spec, make_valuer, finish, plain_step, device, t_start + budget_s, t_start, log)
+    desc = (f"{spec['name']} {n_params(model) / 1e6:.1f}M params, batch {spec['B']}x{spec['T']}, "
+            f"{n_resp} resp tokens, {'adamw' if opt else 'no optimizer step'}, {done_rounds} rounds x {inner} pairs")
+    rows = _rows(env, spec, configs, provider, n_resp, desc, plain_samples, samples, block_ratios, errors,
+                 hook_notes, fisher_ms)
     if device.type == "cuda":  # the model goes with this frame
         gc.collect()
         torch.cuda.empty_cache()
@@ -297,9 +325,9 @@ def main(argv=None) -> int:
                spec_overrides={"vocab": args.vocab} if args.vocab else None, rounds=args.rounds)
     csv_path = args.csv or str(C.RESULTS_DIR / f"step_{mode}_{time.strftime('%Y-%m-%d')}.csv")
     C.write_csv(rows, Path(csv_path))
-    import gpu_bench
+    from bench_table import format_table
 
-    print(gpu_bench.format_table(rows))
+    print(format_table(rows))
     print(f"rows written to {csv_path}")
     return 0 if all(r["status"] != "error" for r in rows) else 1
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .gate import backend_for
-from .launch import _COUNTS
+from .launch import count_launch
 from .reference import head_rows_reference
 
 try:
@@ -123,7 +123,7 @@ def head_rows(z: torch.Tensor, targets: torch.Tensor, weights: Optional[torch.Te
         float(scale), float(softcap or 1.0),
         SOFTCAP=softcap is not None, WRITE_GRAD=with_grad, BLOCK_V=block,
     )
-    _COUNTS["head_rows"] += 1
+    count_launch("head_rows")
     return nll, (z if with_grad else None)
 
 

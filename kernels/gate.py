@@ -8,11 +8,18 @@
 
 `ALPHATOKEN_KERNELS=reference` (or `use_backend("reference")`) forces the reference everywhere, e.g. to
 compare, or to keep long CPU tests off the interpreter. Call sites never test devices themselves.
+
+The forced backend lives in a `contextvars.ContextVar`, so two threads (or two asyncio tasks) do not see each
+other's `use_backend`. Autograd may run backward hooks and `Function.backward` on a worker thread (one per CUDA
+device), which starts from an empty context: the capture session (`alphatoken.hooks`) and the chunked head loss
+(`alphatoken.head_loss`) therefore run their kernel calls in a copy of the context the step was started in.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
+from typing import Optional
 
 import torch
 
@@ -24,7 +31,7 @@ except Exception:  # pragma: no cover - depends on the install
     TRITON_AVAILABLE = False
 
 BACKENDS = ("auto", "triton", "reference")
-_forced: list[str] = []
+_FORCED: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("alphatoken_kernel_backend", default=None)
 
 
 def interpreter_enabled() -> bool:
@@ -32,8 +39,9 @@ def interpreter_enabled() -> bool:
 
 
 def requested_backend() -> str:
-    if _forced:
-        return _forced[-1]
+    forced = _FORCED.get()
+    if forced is not None:
+        return forced
     choice = os.environ.get("ALPHATOKEN_KERNELS", "auto").lower()
     if choice not in BACKENDS:
         raise ValueError(f"ALPHATOKEN_KERNELS must be one of {BACKENDS}, got {choice!r}")
@@ -75,8 +83,8 @@ def use_backend(name: str):
     """Force a backend ('auto', 'triton', 'reference') inside a `with` block."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    _forced.append(name)
+    token = _FORCED.set(name)
     try:
         yield
     finally:
-        _forced.pop()
+        _FORCED.reset(token)

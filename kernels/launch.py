@@ -22,11 +22,18 @@ Launch counter
     the gate sends to the PyTorch reference does not count. Tests use it to prove the Triton path ran.
     An empty batch (N = 0) is launched too, on an empty grid (Triton's driver starts no program), so every
     call the gate sends to Triton counts once; it uses the fixed config (nothing to tune on zero rows).
+
+State
+    The launch counter and the `kernel_config` overrides live in `contextvars` (see `gate.py` for the
+    autograd worker-thread caveat): `reset_launch_counts()` starts a fresh counter in the current context, and
+    a context copied from it (a thread started with `copy_context().run`, the capture session's callbacks)
+    counts into the same one. The autotuned kernel wrappers (`_TUNED`) are a process-wide cache.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import functools
 import os
 from typing import Callable
@@ -38,8 +45,9 @@ try:
 except Exception:  # pragma: no cover - Triton is optional; the gate then always answers 'reference'
     triton = None
 
-_COUNTS: collections.Counter = collections.Counter()
-_OVERRIDES: dict[str, dict] = {}
+_DEFAULT_COUNTS: collections.Counter = collections.Counter()  # until a context calls reset_launch_counts()
+_COUNTS: contextvars.ContextVar[collections.Counter] = contextvars.ContextVar("alphatoken_launch_counts")
+_OVERRIDES: contextvars.ContextVar[dict] = contextvars.ContextVar("alphatoken_kernel_config", default={})
 _TUNED: dict[str, object] = {}
 
 # Rows per program assumed when sizing the split; the true BLOCK_N is the autotuner's choice.
@@ -48,11 +56,16 @@ _SPLIT_ROWS = 64
 
 def launch_counts() -> dict[str, int]:
     """Triton kernel launches per op name since the last `reset_launch_counts()`."""
-    return dict(_COUNTS)
+    return dict(_COUNTS.get(_DEFAULT_COUNTS))
 
 
 def reset_launch_counts() -> None:
-    _COUNTS.clear()
+    _COUNTS.set(collections.Counter())
+
+
+def count_launch(op: str) -> None:
+    """One more Triton launch of `op` in the current context's counter."""
+    _COUNTS.get(_DEFAULT_COUNTS)[op] += 1
 
 
 @contextlib.contextmanager
@@ -62,15 +75,11 @@ def kernel_config(op: str, **meta):
     `meta` holds the op's BLOCK_* sizes (all of them), optionally `num_warps`, `num_stages`, and `split`
     (the number of reduction slices; default: the launcher's choice).
     """
-    previous = _OVERRIDES.get(op)
-    _OVERRIDES[op] = dict(meta)
+    token = _OVERRIDES.set({**_OVERRIDES.get(), op: dict(meta)})
     try:
         yield
     finally:
-        if previous is None:
-            _OVERRIDES.pop(op, None)
-        else:
-            _OVERRIDES[op] = previous
+        _OVERRIDES.reset(token)
 
 
 def autotune_enabled() -> bool:
@@ -92,7 +101,7 @@ def _sm_count(index: int) -> int:
 
 def choose_split(op: str, device: torch.device, n_rows: int, red_len: int, unit: int) -> tuple[int, int]:
     """(split, slice_len): how many reduction slices, and the length of each (a multiple of `unit`)."""
-    forced = _OVERRIDES.get(op, {}).get("split")
+    forced = _OVERRIDES.get().get(op, {}).get("split")
     if forced is not None:
         split = max(1, int(forced))
     elif device.type == "cuda":
@@ -108,7 +117,7 @@ def choose_split(op: str, device: torch.device, n_rows: int, red_len: int, unit:
 
 def reduction_unit(op: str, configs, default: dict, block_name: str) -> int:
     """The slice granularity: the fixed config's block, or the largest block among the autotune configs."""
-    meta = _OVERRIDES.get(op)
+    meta = _OVERRIDES.get().get(op)
     if meta is not None:
         return meta[block_name]
     if _use_fixed(op, "cuda"):
@@ -117,13 +126,13 @@ def reduction_unit(op: str, configs, default: dict, block_name: str) -> int:
 
 
 def _use_fixed(op: str, device_type: str) -> bool:
-    return op in _OVERRIDES or device_type != "cuda" or not autotune_enabled()
+    return op in _OVERRIDES.get() or device_type != "cuda" or not autotune_enabled()
 
 
 def run(op: str, kernel, configs, default: dict, grid: Callable[[dict], tuple], device: torch.device, **args):
     """Launch `kernel` with a fixed config (interpreter / override / autotune off) or autotuned on CUDA."""
     if _use_fixed(op, device.type) or args.get("N") == 0:  # zero rows: nothing to tune, keep the cache clean
-        meta = dict(_OVERRIDES.get(op, default))
+        meta = dict(_OVERRIDES.get().get(op, default))
         meta.pop("split", None)
         kernel[grid(meta)](**args, **meta)
     else:
@@ -131,7 +140,7 @@ def run(op: str, kernel, configs, default: dict, grid: Callable[[dict], tuple], 
         if tuned is None:
             tuned = _TUNED[op] = triton.autotune(configs=configs, key=["n_bucket", "D_IN", "D_OUT"])(kernel)
         tuned[grid](**args)
-    _COUNTS[op] += 1
+    count_launch(op)
 
 
 def new_output(shape, device, out: torch.Tensor | None = None, name: str = "out",

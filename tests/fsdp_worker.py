@@ -206,11 +206,11 @@ def run_case(tie: bool, kind: str, layout: str, rank: int, world: int, out_dir: 
     opt1, opts = _sgd(single), _sgd(sharded)
 
     def step(valuer, opt, batch, n_global, scale):
-        loss = valuer.value_and_loss(batch, num_items_in_batch=n_global) * scale
-        loss.backward()
+        result = valuer.step(batch, num_items_in_batch=n_global)
+        (result.loss * scale).backward()
         opt.step()
         opt.zero_grad()
-        return valuer.last_values
+        return result.values
 
     for i in range(3):
         full_batch = _ragged_batch(100 + 10 * i, per)

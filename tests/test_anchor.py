@@ -1,4 +1,4 @@
-"""The drift term's Δ = W − W⁰ is decided by value (issue 12, item 1): weights moved without touching their
+"""The drift term's Δ = W − W⁰ is decided by value: weights moved without touching their
 version counter or storage pointer (a write through `.data`, an EMA update, `load_state_dict`) must give
 the stability of a valuer given θ₀ explicitly, and the float64 brute force."""
 from __future__ import annotations

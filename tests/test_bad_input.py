@@ -1,4 +1,4 @@
-"""Library-level bad input (issue 12, item 6: B7, B8, B15, B16, B20 and the NaN-weight message): every
+"""Library-level bad input: every
 AlphaTokenConfig field checked for type and range with a message that names the field; a Fisher with
 negative entries refused; an empty validation set, a zero num_items_in_batch and a NaN weight named."""
 from __future__ import annotations

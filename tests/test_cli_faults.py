@@ -1,4 +1,4 @@
-"""Issue 12 item 6: the CLI's bad-input and fault findings (B1-B5, B9-B14, B17-B19, B21), one test each.
+"""The CLI's bad-input and fault findings (B1-B5, B9-B14, B17-B19, B21), one test each.
 
 Each test fails on commit 4e12289 and passes here. Tiny inputs: a 2-block random Llama, 4 examples, 1-2 steps.
 """

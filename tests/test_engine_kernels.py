@@ -1,4 +1,4 @@
-"""The engine through the kernels it ships (issue 12, item 2): float32 models whose every kernel call runs
+"""The engine through the kernels it ships: float32 models whose every kernel call runs
 the Triton kernels (in Triton's interpreter on CPU, compiled on CUDA), against the float64 brute force of
 tests/brute.py on a float64 copy of the same weights.
 

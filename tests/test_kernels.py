@@ -546,3 +546,32 @@ def test_gpu_compiled_all_kernels(gen, shape, dtype):
     assert torch.equal(ghost, K.ghost_dot(a, g, a_ref, g_ref))            # deterministic
     assert torch.equal(forms, K.bilinear_fisher_norm(a, g, M, F)[0])
     assert K.launch_counts()["bilinear"] >= 4 and K.launch_counts()["ghost_dot"] >= 2
+
+
+def test_backend_override_and_launch_counter_are_per_context():
+    """use_backend / kernel_config / the launch counter live in contextvars: a thread started with its own empty
+    context sees none of this thread's settings, and one started in a copy of this context sees all of them."""
+    import contextvars
+    import threading
+
+    from alphatoken.kernels import gate, launch
+
+    seen = {}
+
+    def look(key):
+        seen[key] = (gate.requested_backend(), dict(launch._OVERRIDES.get()), id(launch._COUNTS.get(None)))
+
+    launch.reset_launch_counts()
+    mine = id(launch._COUNTS.get())
+    with gate.use_backend("reference"), launch.kernel_config("bilinear", BLOCK_N=16):
+        bare = threading.Thread(target=look, args=("bare",))
+        bare.start(), bare.join()
+        context = contextvars.copy_context()
+        copied = threading.Thread(target=context.run, args=(look, "copied"))
+        copied.start(), copied.join()
+        assert gate.requested_backend() == "reference"
+    assert gate.requested_backend() != "reference" or __import__("os").environ.get("ALPHATOKEN_KERNELS") == "reference"
+    assert seen["copied"] == ("reference", {"bilinear": {"BLOCK_N": 16}}, mine)
+    assert seen["bare"][0] != "reference" or __import__("os").environ.get("ALPHATOKEN_KERNELS") == "reference"
+    assert seen["bare"][1] == {} and seen["bare"][2] != mine
+    assert launch._OVERRIDES.get() == {}

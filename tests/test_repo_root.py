@@ -1,4 +1,4 @@
-"""Running from the repository root (issue 12, item 4): the top-level `kernels/` folder must not break
+"""Running from the repository root: the top-level `kernels/` folder must not break
 transformers, which probes for the Hugging Face `kernels` package under that bare name."""
 from __future__ import annotations
 

@@ -144,3 +144,33 @@ def test_helpers_zero_outside_response():
     labels = torch.tensor([[-100, 1, 2, -100, -100], [-100, -100, 3, 4, 5]])
     assert token_losses(logits, labels)[labels == -100].abs().sum() == 0
     assert token_entropies(logits, labels)[labels == -100].abs().sum() == 0
+
+
+def _left_padded(batch):
+    """The same sequences with their padding moved to the left (labels and mask moved with them)."""
+    out = {k: torch.empty_like(v) for k, v in batch.items()}
+    for b in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][b].sum())
+        for key, pad in (("input_ids", 0), ("attention_mask", 0), ("labels", -100)):
+            row = batch[key][b]
+            out[key][b] = torch.cat([row.new_full((row.numel() - n,), pad), row[:n]])
+    return out
+
+
+@pytest.mark.parametrize("name", ["loss_low", "entropy", "excess_loss"])
+def test_left_and_right_padding_get_the_same_values(name):
+    """Left-padded sequences get their position_ids from the attention mask (alphatoken.batch.model_inputs), so a
+    scorer values them as the right-padded ones (the unpadded sequences)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(9)  # learned absolute positions: a shifted position changes the logits (RoPE would not)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=23, n_embd=16, n_layer=1, n_head=2, n_positions=32)).eval()
+    right = random_batch(10)
+    left = _left_padded(right)
+    scorer = make_scorer(name, model, AlphaTokenConfig(keep_ratio=0.5))
+    tv_right, tv_left = scorer.value(right), scorer.value(left)
+    for b in range(right["input_ids"].shape[0]):
+        n = int(right["attention_mask"][b].sum())
+        T = right["input_ids"].shape[1]
+        torch.testing.assert_close(tv_left.total[b, T - n:], tv_right.total[b, :n], rtol=1e-5, atol=1e-5)
+        assert torch.equal(tv_left.response[b, T - n:], tv_right.response[b, :n])

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..batch import IGNORE_INDEX
 from ..errors import UserError
 from .shared import say
 
@@ -60,7 +61,7 @@ def _demo_examples(example: dict, tokenizer) -> tuple[list[dict], Any]:
     for b in range(ids.shape[0]):
         n = int(mask[b].sum()) if mask is not None else ids.shape[1]
         lab = labels[b, :n].tolist()
-        start = next((i for i, x in enumerate(lab) if x != -100), n)
+        start = next((i for i, x in enumerate(lab) if x != IGNORE_INDEX), n)
         row = {"index": b, "input_ids": ids[b, :n].tolist(), "labels": lab,
                "prompt": tokenizer.decode(ids[b, :start].tolist(), skip_special_tokens=True)}
         if noise is not None:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..batch import IGNORE_INDEX
 from ..errors import UserError
 from .shared import (RunError, config_overrides, estimate_fisher, max_length_for, new_valuer, progress_setting,
                      reference_logprobs, resolve_device, response_rows, say, valuation_config)
@@ -33,7 +34,7 @@ def _score_rows(valuer, examples: list[dict], kind: str, pad_id: int, batch_size
             lengths = [len(ex["input_ids"]) for ex in group]
         else:
             from ..dpo import dpo_token_weights
-            from ..losses import response_mask
+            from ..batch import response_mask
 
             batch = collate_dpo(group, pad_id, device=device)
             ref = reference_logprobs(valuer.model, batch)
@@ -149,36 +150,15 @@ def _finite_positive(value, name: str) -> None:
 
 
 def cmd_score(args) -> int:
-    import shutil
-
     import torch
 
     import alphatoken as at
-    from ..data import (detect_kind, ensure_output_dir, load_model, pad_id_of, read_jsonl, swap_into_place,
-                        temp_dir_beside, tokenize_records, write_json, write_jsonl, atomic_output)
+    from ..data import load_model, pad_id_of, tokenize_records
     from ..report import render_report  # looked up per call: tests replace alphatoken.report.render_report
-    from ..select import protected_tokens, select_local
     from .shared import check_tracked_layers, clean_stale
 
     t0 = time.perf_counter()
-    # ---- everything checked before any work: no model load, no Fisher, no file written on bad input
-    records = read_jsonl(args.data)
-    kind = detect_kind(records)
-    out = Path(args.out)
-    check_paths(args.data, args.model, args.validation, out)
-    ensure_output_dir(out)
-    if args.validation is not None:
-        detect_kind(read_jsonl(args.validation))
-    cfg = valuation_config(check_validation_target(config_overrides(args), args.validation), where="flags")
-    for name, value, low in (("--batch-size", args.batch_size, 1), ("--report-limit", args.report_limit, 0),
-                             ("--fisher-batches", args.fisher_batches, 1)):
-        if value < low:
-            raise UserError(f"{name} must be >= {low}, got {value}")
-    if args.validation_batch_size is not None and args.validation_batch_size < 1:
-        raise UserError(f"--validation-batch-size must be >= 1, got {args.validation_batch_size}")
-    if args.max_length is not None and args.max_length < 2:
-        raise UserError(f"--max-length must be >= 2, got {args.max_length}")
-    _finite_positive(args.beta, "--beta")
+    records, kind, out, cfg = _checked_score_args(args)
     device = resolve_device(args.device)
     show = progress_setting(args.quiet)
     clean_stale(out.parent if str(out.parent) else Path("."), names=[out.name])
@@ -216,26 +196,8 @@ def cmd_score(args) -> int:
     stacked = _stack(rows)
     report_rows = response_rows(examples, kind)
     if args.select_within == "dataset":  # one cut over the whole file's values (always_keep_token_ids kept)
-        labels = torch.full(stacked.total.shape, -100, dtype=torch.long)
-        for i, r in enumerate(report_rows):
-            labels[i, : len(r["labels"])] = torch.tensor(r["labels"], dtype=torch.long)
-        stacked.mask = select_local(stacked.total, stacked.response, cfg,
-                                    protected=protected_tokens(labels, stacked.response, cfg))
-        for i, r in enumerate(rows):
-            r["mask"] = stacked.mask[i, : r["mask"].numel()].clone()
-
-    records_out = []
-    for i, ex in enumerate(examples):
-        rec = {"index": ex["index"], "line": ex["line"], "prompt": ex["prompt"]}
-        if kind == "sft":
-            rec["response"] = ex["response"]
-            rec.update(_value_record("", ex["input_ids"], ex["labels"], rows[i], tokenizer))
-        else:
-            rec["chosen"], rec["rejected"] = ex["chosen"], ex["rejected"]
-            for j, part in enumerate(("chosen", "rejected")):
-                rec.update(_value_record(f"{part}_", ex[f"{part}_input_ids"], ex[f"{part}_labels"],
-                                         rows[2 * i + j], tokenizer))
-        records_out.append(rec)
+        _select_over_file(stacked, rows, report_rows, cfg)
+    records_out = _value_records(examples, kind, rows, tokenizer)
 
     n_valued = int(stacked.response.sum())
     n_kept = int((stacked.mask & stacked.response).sum())
@@ -263,8 +225,77 @@ def cmd_score(args) -> int:
                  f"{args.select_within}", "keep ratio (target)": cfg.keep_ratio},
         config=cfg.to_dict(), max_sequences=args.report_limit, always_keep_token_ids=cfg.always_keep_token_ids,
     )
-    # everything is computed; the outputs are written into a temporary folder beside OUT, which then replaces
-    # OUT in one step: OUT holds either the previous complete set or the new one, never a mix
+    _write_outputs(out, records_out, html_text, summary, fisher if args.save_fisher else None)
+    say(f"kept {n_kept} of {n_valued} response tokens ({n_kept / max(1, n_valued):.1%}); "
+        f"wrote {out / 'values.jsonl'}, {out / 'report.html'}, {out / 'summary.json'}")
+    return 0
+
+
+def _checked_score_args(args):
+    """(records, kind, out, cfg): everything checked before any work, so no model is loaded, no Fisher estimated
+    and no file written on bad input."""
+    from ..data import detect_kind, ensure_output_dir, read_jsonl
+
+    records = read_jsonl(args.data)
+    kind = detect_kind(records)
+    out = Path(args.out)
+    check_paths(args.data, args.model, args.validation, out)
+    ensure_output_dir(out)
+    if args.validation is not None:
+        detect_kind(read_jsonl(args.validation))
+    cfg = valuation_config(check_validation_target(config_overrides(args), args.validation), where="flags")
+    for name, value, low in (("--batch-size", args.batch_size, 1), ("--report-limit", args.report_limit, 0),
+                             ("--fisher-batches", args.fisher_batches, 1)):
+        if value < low:
+            raise UserError(f"{name} must be >= {low}, got {value}")
+    if args.validation_batch_size is not None and args.validation_batch_size < 1:
+        raise UserError(f"--validation-batch-size must be >= 1, got {args.validation_batch_size}")
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max-length must be >= 2, got {args.max_length}")
+    _finite_positive(args.beta, "--beta")
+    return records, kind, out, cfg
+
+
+def _select_over_file(stacked, rows, report_rows, cfg) -> None:
+    """One cut over the values of the whole file (always_keep_token_ids kept): `stacked.mask` and each row's
+    mask are replaced."""
+    import torch
+
+    from ..select import protected_tokens, select_local
+
+    labels = torch.full(stacked.total.shape, IGNORE_INDEX, dtype=torch.long)
+    for i, r in enumerate(report_rows):
+        labels[i, : len(r["labels"])] = torch.tensor(r["labels"], dtype=torch.long)
+    stacked.mask = select_local(stacked.total, stacked.response, cfg,
+                                protected=protected_tokens(labels, stacked.response, cfg))
+    for i, r in enumerate(rows):
+        r["mask"] = stacked.mask[i, : r["mask"].numel()].clone()
+
+
+def _value_records(examples, kind: str, rows, tokenizer) -> list:
+    """values.jsonl's records: one per input line, the per-token fields of its response(s)."""
+    records_out = []
+    for i, ex in enumerate(examples):
+        rec = {"index": ex["index"], "line": ex["line"], "prompt": ex["prompt"]}
+        if kind == "sft":
+            rec["response"] = ex["response"]
+            rec.update(_value_record("", ex["input_ids"], ex["labels"], rows[i], tokenizer))
+        else:
+            rec["chosen"], rec["rejected"] = ex["chosen"], ex["rejected"]
+            for j, part in enumerate(("chosen", "rejected")):
+                rec.update(_value_record(f"{part}_", ex[f"{part}_input_ids"], ex[f"{part}_labels"],
+                                         rows[2 * i + j], tokenizer))
+        records_out.append(rec)
+    return records_out
+
+
+def _write_outputs(out: Path, records_out, html_text: str, summary: dict, fisher) -> None:
+    """Everything is computed; the outputs are written into a temporary folder beside OUT, which then replaces
+    OUT in one step: OUT holds either the previous complete set or the new one, never a mix."""
+    import shutil
+
+    from ..data import atomic_output, swap_into_place, temp_dir_beside, write_json, write_jsonl
+
     try:
         tmp = temp_dir_beside(out)
     except OSError as err:
@@ -274,7 +305,7 @@ def cmd_score(args) -> int:
         with atomic_output(tmp / "report.html") as fh:
             fh.write(html_text)
         write_json(tmp / "summary.json", summary)
-        if args.save_fisher and fisher is not None:
+        if fisher is not None:
             fisher.save(str(tmp / "fisher.safetensors"))
         swap_into_place(tmp, out)
     except OSError as err:
@@ -282,9 +313,6 @@ def cmd_score(args) -> int:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    say(f"kept {n_kept} of {n_valued} response tokens ({n_kept / max(1, n_valued):.1%}); "
-        f"wrote {out / 'values.jsonl'}, {out / 'report.html'}, {out / 'summary.json'}")
-    return 0
 
 
 SELECT_WITHIN_NOTE = (

@@ -89,7 +89,7 @@ def valuation_config(values: dict, where: str = "AlphaToken setting"):
 def check_tracked_layers(model, cfg) -> None:
     """UserError, before any work on the model, unless the valuer can track what `cfg` asks for: a
     tracked_layers regex must match at least one layer besides the head (else only the head would be valued)."""
-    from ..engine import unwrap_model
+    from ..batch import unwrap_model
     from ..layers import discover_layers
 
     try:
@@ -283,8 +283,8 @@ def reference_logprobs(model, batch: dict):
     """Per-token log-probabilities of `batch`'s labels under `model`, without gradients (DPO's reference)."""
     import torch
 
-    from ..engine import model_inputs
-    from ..losses import token_logprobs
+    from ..batch import model_inputs
+    from ..tokens import token_logprobs
 
     with torch.no_grad():
         logits = model(**model_inputs(model, batch)).logits

@@ -369,42 +369,20 @@ def _complete(out: Path, step: int) -> bool:
 
 
 def cmd_train(args) -> int:
-    import copy
-
     import torch
 
-    from ..data import (collate, collate_dpo, detect_kind, ensure_output_dir, load_model, pad_id_of, read_jsonl,
-                        tokenize_records)
-    from ..progress import progress, progress_enabled
+    from ..data import ensure_output_dir, load_model, pad_id_of, tokenize_records
     from .score import validation_batches
-    from .shared import check_tracked_layers, load_fisher
+    from .shared import check_tracked_layers
 
     # ---- everything checked before any work: no model load, no Fisher, no file written on bad input
     yaml_out = _load_yaml(args.config).get("out") if args.config else None
     out = Path(args.out or yaml_out or TRAIN_DEFAULTS["out"])
-    found = _checkpoints(out)
-    start_step, history, saved, ckpt = 0, [], None, None
-    if args.resume:
-        if not found:
-            raise UserError(f"--resume: no checkpoint under {out / 'checkpoints'}; start without --resume")
-        start_step, ckpt = found[-1]
-        saved = _read_checkpoint_state(ckpt)
-        history = saved["history"]
-    elif found:
-        raise UserError(f"{out}: already has checkpoints (last: step {found[-1][0]}); pass --resume to continue "
-                        "or choose another --out")
+    start_step, history, saved, ckpt = _resume_point(args, out)
     s = _train_settings(args, base=saved["settings"] if saved else None)
     s["out"] = str(out)
     _check_train_paths(s, out)
-    records = read_jsonl(s["data"])
-    kind = detect_kind(records)
-    mode = s["mode"] or kind
-    if mode != kind:
-        need = "prompt/chosen/rejected" if mode == "dpo" else "prompt/response"
-        raise UserError(f"{s['data']}: mode {mode} needs {need} records, but the file has {kind} records")
-    s["mode"] = mode
-    if s["validation"] is not None:
-        detect_kind(read_jsonl(s["validation"]))
+    records, kind, mode = _train_records(s)
     ensure_output_dir(out)
     device = resolve_device(s["device"])
     inputs = _input_hashes(s)
@@ -428,11 +406,7 @@ def cmd_train(args) -> int:
     model.train()
     check_tracked_layers(model, cfg)
     if s["keep_eos"]:
-        eos = getattr(tokenizer, "eos_token_id", None)
-        if eos is None:
-            raise UserError(f"keep_eos: the tokenizer of {s['model']} has no eos token; set "
-                            "alphatoken: {always_keep_token_ids: [...]} instead")
-        cfg = cfg.replace(always_keep_token_ids=tuple(dict.fromkeys(cfg.always_keep_token_ids + (int(eos),))))
+        cfg = _keeping_eos(cfg, tokenizer, s["model"])
     if finishing:
         from safetensors.torch import load_model as load_weights
 
@@ -449,37 +423,13 @@ def cmd_train(args) -> int:
         validation = validation_batches(s["validation"], tokenizer, pad_id, max_length=max_length,
                                         batch_size=s["validation_batch_size"], device=device)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}  # θ₀
-    ref_model = None
-    if mode == "dpo":
-        ref_model = copy.deepcopy(model).eval()
-        for p in ref_model.parameters():
-            p.requires_grad_(False)
+    ref_model = _frozen_copy(model) if mode == "dpo" else None
 
-    fisher = None
     fisher_path = out / "fisher.safetensors"
-    if s["fisher"] != "none":
-        if args.resume and fisher_path.is_file():
-            fisher = load_fisher(fisher_path, device, kind=s["fisher"])
-        else:
-            fisher = estimate_fisher(model, examples, mode, fisher=s["fisher"], batch_size=s["batch_size"],
-                                     n_batches=s["fisher_batches"], pad_id=pad_id, device=device, show=show, cfg=cfg)
-            save_fisher(fisher, fisher_path)
-
+    fisher = _run_fisher(args, s, fisher_path, model, examples, mode, pad_id, device, show, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s["lr"], weight_decay=s["weight_decay"])
-    if start_step:
-        from safetensors.torch import load_model as load_weights
-
-        try:
-            load_weights(model, str(ckpt / "model.safetensors"), strict=True, device=str(device))
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-            _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
-        except Exception as err:
-            raise UserError(f"{ckpt}: damaged checkpoint ({type(err).__name__}: {err}); delete it to resume from "
-                            "the checkpoint before it") from None
-        say(f"resuming from {ckpt} (step {start_step})")
-    else:
-        torch.manual_seed(s["seed"])
+    _restore_or_seed(start_step, ckpt, model, optimizer, device, s["seed"])
 
     say(f"training ({mode.upper()} with AlphaToken, keep {cfg.keep_ratio:.0%}) on {len(examples)} "
         f"{'examples' if mode == 'sft' else 'pairs'} from {s['data']}: steps {start_step}→{s['steps']}, "
@@ -489,6 +439,107 @@ def cmd_train(args) -> int:
     except ValueError as err:
         where = f"{fisher_path}: " if fisher is not None and args.resume else ""
         raise UserError(f"{where}{err}") from None
+    _train_loop(valuer, model, optimizer, params, examples, ref_model, s, mode, pad_id, device, out, history,
+                inputs, start_step, show)
+    tokens, seen = _write_final(out, model, tokenizer, s, history)
+    say(f"done: {s['steps']} steps, trained on {tokens} of {seen} response tokens ({tokens / max(1, seen):.0%}); "
+        f"final model {out / 'final'}, checkpoints {out / 'checkpoints'}")
+    return 0
+
+
+def _resume_point(args, out: Path):
+    """(start step, history, saved state, checkpoint folder) of the run in `out`: from its last checkpoint with
+    --resume; a fresh start otherwise, refused when `out` already holds checkpoints."""
+    found = _checkpoints(out)
+    if args.resume:
+        if not found:
+            raise UserError(f"--resume: no checkpoint under {out / 'checkpoints'}; start without --resume")
+        start_step, ckpt = found[-1]
+        saved = _read_checkpoint_state(ckpt)
+        return start_step, saved["history"], saved, ckpt
+    if found:
+        raise UserError(f"{out}: already has checkpoints (last: step {found[-1][0]}); pass --resume to continue "
+                        "or choose another --out")
+    return 0, [], None, None
+
+
+def _train_records(s: dict):
+    """(records, kind, mode) of the training file, checked against the settings' mode (set in `s` when unset)."""
+    from ..data import detect_kind, read_jsonl
+
+    records = read_jsonl(s["data"])
+    kind = detect_kind(records)
+    mode = s["mode"] or kind
+    if mode != kind:
+        need = "prompt/chosen/rejected" if mode == "dpo" else "prompt/response"
+        raise UserError(f"{s['data']}: mode {mode} needs {need} records, but the file has {kind} records")
+    s["mode"] = mode
+    if s["validation"] is not None:
+        detect_kind(read_jsonl(s["validation"]))
+    return records, kind, mode
+
+
+def _run_fisher(args, s: dict, fisher_path: Path, model, examples, mode, pad_id, device, show, cfg):
+    """The run's Fisher: None with fisher none; read back on --resume when saved; else estimated and saved."""
+    from .shared import load_fisher
+
+    if s["fisher"] == "none":
+        return None
+    if args.resume and fisher_path.is_file():
+        return load_fisher(fisher_path, device, kind=s["fisher"])
+    fisher = estimate_fisher(model, examples, mode, fisher=s["fisher"], batch_size=s["batch_size"],
+                             n_batches=s["fisher_batches"], pad_id=pad_id, device=device, show=show, cfg=cfg)
+    save_fisher(fisher, fisher_path)
+    return fisher
+
+
+def _restore_or_seed(start_step: int, ckpt, model, optimizer, device, seed: int) -> None:
+    """Resuming: the model, optimizer and RNG state of the checkpoint; a fresh start: the seed."""
+    import torch
+
+    if not start_step:
+        torch.manual_seed(seed)
+        return
+    from safetensors.torch import load_model as load_weights
+
+    try:
+        load_weights(model, str(ckpt / "model.safetensors"), strict=True, device=str(device))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
+    except Exception as err:
+        raise UserError(f"{ckpt}: damaged checkpoint ({type(err).__name__}: {err}); delete it to resume from "
+                        "the checkpoint before it") from None
+    say(f"resuming from {ckpt} (step {start_step})")
+
+
+def _step_loss(valuer, group, mode: str, pad_id, device, ref_model, beta):
+    """The masked loss of one training batch: SFT's, or DPO's against the reference model's log-probs."""
+    from ..data import collate, collate_dpo
+
+    if mode == "sft":
+        return valuer.value_and_loss(collate(group, pad_id, device=device))
+    from ..dpo import dpo_value_and_loss
+
+    batch = collate_dpo(group, pad_id, device=device)
+    ref_logps = reference_logprobs(ref_model, batch)
+    return dpo_value_and_loss(valuer, batch, ref_logps, beta, indices=[ex["line"] for ex in group])
+
+
+def _say_progress(step: int, s: dict, history: list, t0: float) -> None:
+    recent = history[-s["log_every"]:]
+    say(f"step {step + 1}/{s['steps']}  loss {sum(h['loss'] for h in recent) / len(recent):.4f}  "
+        f"kept {sum(h['kept'] for h in recent) / max(1, sum(h['response_tokens'] for h in recent)):.0%}"
+        f"  {time.perf_counter() - t0:.1f}s")
+
+
+def _train_loop(valuer, model, optimizer, params, examples, ref_model, s: dict, mode: str, pad_id, device, out: Path,
+                history: list, inputs: dict, start_step: int, show) -> None:
+    """Steps start_step..s["steps"]: value and mask each batch, step the optimizer, log, checkpoint; the valuer is
+    closed at the end."""
+    import torch
+
+    from ..progress import progress, progress_enabled
+
     bars = progress_enabled(show)
     bar = progress(None, "train", total=s["steps"], enabled=show)
     bar.update(start_step)
@@ -496,16 +547,7 @@ def cmd_train(args) -> int:
     try:
         for step in range(start_step, s["steps"]):
             group = [examples[i] for i in _batch_indices(step, len(examples), s["batch_size"], s["seed"])]
-            if mode == "sft":
-                batch = collate(group, pad_id, device=device)
-                loss = valuer.value_and_loss(batch)
-            else:
-                from ..dpo import dpo_value_and_loss
-
-                batch = collate_dpo(group, pad_id, device=device)
-                ref_logps = reference_logprobs(ref_model, batch)
-                loss = dpo_value_and_loss(valuer, batch, ref_logps, s["beta"],
-                                          indices=[ex["line"] for ex in group])
+            loss = _step_loss(valuer, group, mode, pad_id, device, ref_model, s["beta"])
             loss.backward()
             if s["grad_clip"] is not None:
                 torch.nn.utils.clip_grad_norm_(params, float(s["grad_clip"]))
@@ -517,16 +559,28 @@ def cmd_train(args) -> int:
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", kept=f"{kept / max(1, seen):.0%}")
             if not bars and ((step + 1) % s["log_every"] == 0 or step + 1 == s["steps"]):
-                recent = history[-s["log_every"]:]
-                say(f"step {step + 1}/{s['steps']}  loss {sum(h['loss'] for h in recent) / len(recent):.4f}  "
-                    f"kept {sum(h['kept'] for h in recent) / max(1, sum(h['response_tokens'] for h in recent)):.0%}"
-                    f"  {time.perf_counter() - t0:.1f}s")
+                _say_progress(step, s, history, t0)
             if (step + 1) % s["save_every"] == 0 or step + 1 == s["steps"]:
                 _save_checkpoint(out, step + 1, model, optimizer, s, history, s["keep_checkpoints"], inputs)
     finally:
         bar.close()
         valuer.close()
-    tokens, seen = _write_final(out, model, tokenizer, s, history)
-    say(f"done: {s['steps']} steps, trained on {tokens} of {seen} response tokens ({tokens / max(1, seen):.0%}); "
-        f"final model {out / 'final'}, checkpoints {out / 'checkpoints'}")
-    return 0
+
+
+def _keeping_eos(cfg, tokenizer, model_name):
+    """`cfg` with the tokenizer's eos token among always_keep_token_ids (keep_eos)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise UserError(f"keep_eos: the tokenizer of {model_name} has no eos token; set "
+                        "alphatoken: {always_keep_token_ids: [...]} instead")
+    return cfg.replace(always_keep_token_ids=tuple(dict.fromkeys(cfg.always_keep_token_ids + (int(eos),))))
+
+
+def _frozen_copy(model):
+    """DPO's reference model: a copy of the policy at θ₀, in eval mode, with no gradients."""
+    import copy
+
+    ref_model = copy.deepcopy(model).eval()
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+    return ref_model

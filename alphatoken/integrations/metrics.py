@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from ..distributed import all_reduce_sum
-from ..losses import response_mask
+from ..batch import response_mask
+from ..tokens import entropy, log_probs
 
 
 def _kept_rows(logits: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor):
@@ -32,12 +33,7 @@ def token_sums(logits: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor) -
     if not bool(keep.any()):
         return torch.zeros(4, dtype=torch.float64)
     with torch.no_grad():
-        z, y = _kept_rows(logits, keep, labels.to(logits.device))
-        logp = torch.log_softmax(z, dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)
-        hits = (z.argmax(-1) == y).double()
-        return torch.stack([entropy.double().sum(), hits.sum(), z.double().mean(-1).sum(),
-                            torch.tensor(float(y.numel()), dtype=torch.float64, device=z.device)]).cpu()
+        return row_sums([_kept_rows(logits, keep, labels.to(logits.device))])
 
 
 def row_sums(chunks) -> torch.Tensor:
@@ -45,8 +41,7 @@ def row_sums(chunks) -> torch.Tensor:
     `AlphaToken.kept_logit_chunks`)."""
     total = torch.zeros(4, dtype=torch.float64)
     for z, y in chunks:
-        logp = torch.log_softmax(z, dim=-1)
-        total += torch.stack([-(logp.exp() * logp).sum(-1).double().sum(), (z.argmax(-1) == y).double().sum(),
+        total += torch.stack([entropy(log_probs(z)).double().sum(), (z.argmax(-1) == y).double().sum(),
                               z.double().mean(-1).sum(), torch.tensor(float(y.numel()), dtype=torch.float64,
                                                                       device=z.device)]).cpu()
     return total

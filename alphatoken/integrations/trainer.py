@@ -41,7 +41,7 @@ import torch
 
 from ..config import AlphaTokenConfig
 from ..distributed import all_reduce_sum, is_distributed
-from ..losses import IGNORE_INDEX, response_mask
+from ..batch import IGNORE_INDEX, response_mask, unwrap_model
 
 MODES = ("online", "ahead")
 # batch keys that are bookkeeping, not model inputs
@@ -74,17 +74,31 @@ def _model_inputs(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
 
 
-def _unwrap(model):
-    inner = model
-    while hasattr(inner, "module") and isinstance(getattr(inner, "module"), torch.nn.Module):
-        inner = inner.module
-    return inner
+def build_valuer(spec, model, kwargs: dict):
+    """The valuer a trainer uses, built at its first training step: `spec` itself when it is a ready valuer
+    (anything with value / value_and_loss / last_values), else `AlphaToken(<model unwrapped>, spec, **kwargs)`."""
+    if not isinstance(spec, AlphaTokenConfig):
+        return spec
+    from ..engine import AlphaToken
+
+    return AlphaToken(unwrap_model(model), spec, **kwargs)
+
+
+def masked_loss(valuer, model, inputs: dict, num_items_in_batch=None):
+    """`valuer.value_and_loss(inputs)` with its forward through `model` (the trainer's DDP/FSDP wrapper of the
+    valued model), so the wrapper's gradient sync sees the training forward: passed as `forward_model=` to an
+    AlphaToken; a ready valuer without that argument (a scorer) runs inside `forward_through`."""
+    if hasattr(valuer, "step"):  # AlphaToken: the forward model is an argument, nothing is set on the valuer
+        return valuer.value_and_loss(inputs, num_items_in_batch=num_items_in_batch, forward_model=model)
+    with forward_through(valuer, model):
+        return valuer.value_and_loss(inputs, num_items_in_batch=num_items_in_batch)
 
 
 @contextlib.contextmanager
 def forward_through(valuer, model):
     """Run `valuer`'s forwards through `model` (a DDP/FSDP wrapper of `valuer.model`) inside the block,
-    so the wrapper's gradient sync sees the training forward. The engine looks through wrappers itself."""
+    so the wrapper's gradient sync sees the training forward. The engine looks through wrappers itself.
+    For valuers without a `forward_model=` argument; `masked_loss` passes it to an AlphaToken instead."""
     inner = getattr(valuer, "model", None)
     if inner is None or model is inner:
         yield valuer
@@ -189,14 +203,8 @@ class AlphaTokenMixin:
 
     def _at_get_valuer(self, model):
         if self._at_valuer is None:
-            spec = self._at_spec
-            if isinstance(spec, AlphaTokenConfig):
-                from ..engine import AlphaToken
-
-                self._at_valuer = AlphaToken(_unwrap(self.model if self.model is not None else model), spec,
-                                             **self._at_kwargs)
-            else:
-                self._at_valuer = spec  # a ready valuer (anything with value / value_and_loss / last_values)
+            self._at_valuer = build_valuer(self._at_spec, self.model if self.model is not None else model,
+                                           self._at_kwargs)
         return self._at_valuer
 
     @property
@@ -248,8 +256,7 @@ class AlphaTokenMixin:
         if window is None or window.seen >= window.n_batches:  # training_step without get_batch_samples
             window = self._at_window = _Window(1, all_reduce_sum(int(response_mask(inputs["labels"]).sum())))
         valuer = self._at_get_valuer(model)
-        with forward_through(valuer, model):
-            loss = valuer.value_and_loss(_model_inputs(inputs), num_items_in_batch=window.denominator)
+        loss = masked_loss(valuer, model, _model_inputs(inputs), window.denominator)
         tv = valuer.last_values
         stats = all_reduce_sum(_token_stats(tv).cpu())  # one small collective per micro-batch, like TRL's metrics
         self._at_stats += stats
@@ -274,8 +281,7 @@ class AlphaTokenMixin:
             masked = dict(inputs, labels=tv.apply(inputs["labels"].to(tv.mask.device)).to(inputs["labels"].device))
             return super().compute_loss(model, masked, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        with forward_through(valuer, model):
-            loss = valuer.value_and_loss(_model_inputs(inputs), num_items_in_batch=num_items_in_batch)
+        loss = masked_loss(valuer, model, _model_inputs(inputs), num_items_in_batch)
         return (loss, None) if return_outputs else loss
 
     def _at_log_trl_metrics(self, valuer, tv, inputs) -> None:

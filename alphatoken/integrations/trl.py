@@ -27,9 +27,10 @@ import torch
 
 from ..config import AlphaTokenConfig
 from ..distributed import all_reduce_sum
-from ..dpo import check_beta, check_pairs, completion_labels, dpo_value_and_loss, token_logprobs
-from ..losses import response_mask
-from .trainer import _token_stats, _unwrap, forward_through, with_alphatoken
+from ..batch import response_mask
+from ..dpo import check_beta, check_pairs, completion_labels, dpo_step
+from ..tokens import token_logprobs
+from .trainer import _token_stats, build_valuer, with_alphatoken
 
 try:
     import trl  # noqa: F401
@@ -105,12 +106,7 @@ class AlphaTokenDPOTrainer(DPOTrainer):
 
     def _at_get_valuer(self, model):
         if self._at_valuer is None:
-            if isinstance(self._at_spec, AlphaTokenConfig):
-                from ..engine import AlphaToken
-
-                self._at_valuer = AlphaToken(_unwrap(self.model), self._at_spec, **self._at_kwargs)
-            else:
-                self._at_valuer = self._at_spec
+            self._at_valuer = build_valuer(self._at_spec, self.model, self._at_kwargs)
         return self._at_valuer
 
     def reference_token_logps(self, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
@@ -145,23 +141,21 @@ class AlphaTokenDPOTrainer(DPOTrainer):
                  if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
         batch["labels"] = labels
         valuer = self._at_get_valuer(model)
-        with forward_through(valuer, model):
-            loss = dpo_value_and_loss(valuer, batch, ref, self.beta)
-        tv, out = valuer.last_values, valuer.last_dpo
+        result = dpo_step(valuer, batch, ref, self.beta, forward_model=model)
+        loss, tv, out = result.loss, result.values, result.output
         kept, n, adapt, stab, total = all_reduce_sum(_token_stats(tv).cpu()).tolist()
         if n:
             for key, value in (("keep_ratio", kept / n), ("adaptation", adapt / n), ("stability", stab / n),
                                ("total", total / n)):
                 self._metrics[mode][f"alphatoken/{key}"].append(value)
-        self._at_log_trl_metrics(mode, valuer, tv, labels, ref, out, inputs)
+        self._at_log_trl_metrics(mode, result.logits, tv, labels, ref, out, inputs)
         return (loss, None) if return_outputs else loss
 
-    def _at_log_trl_metrics(self, mode, valuer, tv, labels, ref, out, inputs) -> None:
+    def _at_log_trl_metrics(self, mode, logits, tv, labels, ref, out, inputs) -> None:
         """TRL's DPO metrics over the kept tokens (alphatoken.integrations.metrics), plus the all-token rewards."""
         from ..dpo import masked_dpo_loss
         from .metrics import dpo_metrics
 
-        logits = getattr(valuer, "last_logits", None)
         with torch.no_grad():
             policy = token_logprobs(logits, labels.to(logits.device)) if logits is not None else None
             everything = (masked_dpo_loss(policy, ref.to(policy.device), response_mask(labels).to(policy.device),

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from ..batch import IGNORE_INDEX
+
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 
 
@@ -77,7 +79,7 @@ def pretrain(model, tokenizer, steps: int = 3000, batch_size: int = 64, lr: floa
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch["labels"][:, 1:].reshape(-1),
-                ignore_index=-100, label_smoothing=label_smoothing)
+                ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
         else:
             loss = model(**batch).loss
         loss.backward()

@@ -1,0 +1,118 @@
+"""The target direction U of the adaptation term (DESIGN §3.1, §5.3, §8.2), one strategy per `cfg.target`:
+
+* "batch": U is the batch's own gradient, built per layer inside the valuation backward (`batch_direction`, from
+  the layer's rows with the padding rows zeroed, `pad_zeroed`);
+* "validation": U is the gradient of the mean NLL of a validation batch, refreshed every `cfg.refresh` steps
+  (`validation_cycle`, `validation_directions`, through the one capture session);
+* "tuned": U is the displacement of a copy tuned on the validation batches (`tuned_target`, `alphatoken.tuned`);
+* "none": no U, adaptation is 0; "auto" resolves to "validation" or "none" (`resolve_auto`).
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Iterable, Mapping, Sized
+from typing import Callable, Optional
+
+import torch
+
+from .batch import model_inputs, nonpad_rows, response_mask, response_rows
+from .credits import Direction, embedding_direction, matched
+from .distributed import all_reduce_sum
+from .hooks import Capture, LayerRows
+from .layers import TrackedLayer
+from .tokens import nll_with_graph
+from .tuned import TunedDirections, tuned_anchor
+
+
+def resolve_auto(cfg, validation, fisher, stacklevel: int = 3):
+    """target="auto": "validation" when a validation batch is given, else "none" (with a warning saying what that
+    means). Other targets are returned unchanged."""
+    if cfg.target != "auto":
+        return cfg
+    if validation is None:
+        warnings.warn(
+            "AlphaToken: no validation batch, so adaptation is 0 and tokens are ranked by stability alone "
+            + ("(and without a Fisher every value is 0, so selection keeps tokens by position). " if fisher is None
+               else "") + "For the recommended setting pass validation=<a few clean target-task examples>; "
+            "target='batch' needs no extra data but ranks noise above clean tokens in benchmarks/quality "
+            "(DESIGN §3.5)", stacklevel=stacklevel)
+    return cfg.replace(target="validation" if validation is not None else "none")
+
+
+# ---------------------------------------------------------------- batch
+def pad_zeroed(layer: TrackedLayer, a_all: torch.Tensor, g_all: torch.Tensor, keep_rows: Optional[torch.Tensor]):
+    """(a, g) over every row of the flattened batch with the padding rows zeroed rather than gathered (no read of
+    the mask's count). keep_rows: (B·T, 1) bool, or None without an attention mask."""
+    if keep_rows is None:
+        return a_all, g_all
+    g_ref = torch.where(keep_rows, g_all, 0.0)
+    a_ref = torch.where(keep_rows.squeeze(1), a_all, 0) if layer.kind == "embedding" else \
+        torch.where(keep_rows, a_all, 0.0)
+    return a_ref, g_ref
+
+
+def batch_direction(layer: TrackedLayer, a_ref, g_ref, n: int, is_global: bool) -> Direction:
+    """U = (1/n) Σ_s g_s a_sᵀ over this batch's rows — over all ranks' rows under global selection."""
+    if layer.kind == "embedding":
+        direction = embedding_direction(a_ref, g_ref, layer.shape[1], 1.0 / n)
+    elif is_global:  # always materialized: the ranks' sums add up
+        a_ref, g_ref = matched(a_ref, g_ref)
+        local = g_ref.T @ a_ref
+        direction = Direction(matrix=local if local.dtype == torch.float64 else local.float(), scale=1.0 / n)
+    else:
+        return Direction.from_rows(a_ref, g_ref, 1.0 / n)
+    if is_global:  # n is already the global count
+        direction.matrix = all_reduce_sum(direction.matrix)
+    return direction
+
+
+# ---------------------------------------------------------------- validation
+def validation_cycle(validation):
+    """The validation batches, cycled: a batch dict or a non-empty iterable of them."""
+    if validation is None:
+        raise ValueError('target="validation" needs validation=<batch or iterable of batches>')
+    batches = [validation] if isinstance(validation, Mapping) else validation
+    if not isinstance(batches, Iterable):
+        raise TypeError("validation must be a batch dict or an iterable of batch dicts")
+    if isinstance(batches, Sized) and len(batches) == 0:
+        raise ValueError("validation is empty: pass a batch dict or a non-empty list of batch dicts")
+    return itertools.cycle(batches)
+
+
+def validation_directions(capture: Capture, model, batch: dict,
+                          check_finite: Callable[[torch.Tensor, str], None]) -> dict[int, Direction]:
+    """U = ∇ of the mean NLL of `batch` (already validated), per layer, kept as factors or materialized: every
+    tracked layer probed, the head at its response-predicting rows, the body at every non-padding row."""
+    labels = batch["labels"]
+    response = response_mask(labels)
+    n = int(response.sum())
+    if n == 0:
+        raise ValueError("the validation batch has no response tokens (every label is -100)")
+    rows = response_rows(response)
+    directions: dict[int, Direction] = {}
+
+    def on_rows(r: LayerRows) -> None:  # under no_grad (CaptureSession)
+        check_finite(r.g, f"the validation output-gradient of layer {r.layer.name!r}")
+        if r.layer.kind == "embedding":
+            directions[r.index] = embedding_direction(r.a, r.g, r.layer.shape[1], 1.0 / n)
+        else:
+            directions[r.index] = Direction.from_rows(r.a.detach().clone(), r.g.detach().clone(), 1.0 / n)
+
+    with capture.session(set(range(len(capture.layers))), labels.numel()) as session:
+        logits = session.forward(model, model_inputs(model, batch))
+        with torch.enable_grad():
+            loss = nll_with_graph(logits[rows.b, rows.t - 1], labels[rows.b, rows.t])[1].sum()
+        check_finite(loss, "the validation loss")
+        session.backward(loss, on_rows, head_rows=rows.head, body_rows=nonpad_rows(batch), retain_graph=False)
+    return directions
+
+
+# ---------------------------------------------------------------- tuned
+def tuned_target(layers: list[TrackedLayer], model, tuned, validation, cfg):
+    """(the tuned weights as an Anchor, their per-layer displacement directions) for target="tuned"."""
+    if validation is not None and not isinstance(validation, (Mapping, Iterable)):
+        raise TypeError("validation must be a batch dict or an iterable of batch dicts")
+    weights = tuned_anchor(layers, model, tuned, validation, cfg.tune_steps, cfg.tune_lr, cfg.reference_device,
+                           cfg.reference_dtype)
+    return weights, TunedDirections(layers, weights)

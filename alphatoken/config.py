@@ -45,6 +45,9 @@ class AlphaTokenConfig:
     leave_one_out: with target="batch", take U without the token's own credit (U − C_t/n), which removes the
         self-influence term η|C_t|²/n that otherwise favours high-loss tokens.
     refresh: with target="validation", recompute the validation direction every `refresh` steps.
+    retention_weight: μ, with target="validation" and a retention batch (`AlphaToken(retention=...)`, e.g. the
+        base model's own answers from `alphatoken.retention.own_answers`): U = ∇L_val + μ·∇L_ret, so a token whose
+        step would undo what the model already says is valued down too (DESIGN §3.8).
     tune_steps / tune_lr: with target="tuned" (U = θ − θ_val, the displacement from a copy of the model tuned on
         the validation batches; DESIGN §3.6), the AdamW steps and learning rate of that tuning, done once when the
         valuer is built (unless it is given tuned=<the tuned model or state dict>).
@@ -74,6 +77,7 @@ class AlphaTokenConfig:
     precondition_damping: float = 0.1
     leave_one_out: bool = False
     refresh: int = 1
+    retention_weight: float = 1.0
     tune_steps: int = 32
     tune_lr: float = 1e-4
     tracked_layers: Union[str, int] = "all"
@@ -110,6 +114,8 @@ class AlphaTokenConfig:
         self.precondition_damping = _number("precondition_damping", self.precondition_damping, low=0.0,
                                             low_open=True, hint="δ > 0, relative to each Fisher factor's mean")
         self.refresh = _integer("refresh", self.refresh, low=1)
+        self.retention_weight = _number("retention_weight", self.retention_weight, low=0.0,
+                                        hint="μ >= 0 weighs the retention batch's gradient in U (0 ignores it)")
         self.tune_steps = _integer("tune_steps", self.tune_steps, low=1)
         self.tune_lr = _number("tune_lr", self.tune_lr, low=0.0, low_open=True,
                                hint="the AdamW learning rate of the tuned target's reference, e.g. 1e-4")

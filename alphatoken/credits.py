@@ -40,6 +40,28 @@ class Direction:
         return cls(matrix=matrix if matrix.dtype == torch.float64 else matrix.float(), scale=scale)
 
 
+def add_directions(first: Direction, second: Direction, weight: float) -> Direction:
+    """first + weight · second, exactly: the factors stacked (each side's scale moved into its g rows) when both
+    are kept as factors, else the sum of the two (scaled) matrices."""
+    if first.matrix is None and second.matrix is None:
+        a1, g1 = matched(first.a_ref, first.g_ref)
+        a2, g2 = matched(second.a_ref, second.g_ref)
+        dtype = torch.promote_types(a1.dtype, a2.dtype)
+        a = torch.cat([a1.to(dtype), a2.to(dtype)])
+        g = torch.cat([g1.to(dtype) * first.scale, g2.to(dtype) * (second.scale * weight)])
+        return Direction.from_rows(a, g, 1.0)
+
+    def dense(d: Direction) -> torch.Tensor:
+        if d.matrix is not None:
+            return d.matrix * d.scale
+        a, g = matched(d.a_ref, d.g_ref)
+        return (g.T @ a) * d.scale
+
+    m1, m2 = dense(first), dense(second)
+    dtype = torch.promote_types(m1.dtype, m2.dtype)
+    return Direction(matrix=m1.to(dtype) + weight * m2.to(dtype), scale=1.0)
+
+
 def matched(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernels take a and g in one dtype: mixed precision (autocast) goes to float32."""
     if a.dtype != g.dtype:

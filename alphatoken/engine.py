@@ -40,8 +40,8 @@ from .layers import TrackedLayer, discover_layers, unvalued_weights
 from .losses import kept_mean_nll, masked_causal_lm_loss
 from .select import protected_tokens, select_tokens
 from .sharding import check_head_for_training, check_sharding, full, hold_unsharded, store_like
-from .targets import (batch_direction, pad_zeroed, resolve_auto, tuned_target, validation_cycle,
-                      validation_directions)
+from .targets import (batch_direction, pad_zeroed, resolve_auto, retention_cycle, tuned_target, validation_cycle,
+                      validation_directions, with_retention)
 from .tokens import accumulation_dtype, nll_with_graph
 from .values import StepResult, TokenValues
 from alphatoken import kernels as K
@@ -77,6 +77,9 @@ class AlphaToken:
     reference: θ₀ for the drift term: None (snapshot now), a state dict, or a module.
     validation: a batch, or an iterable of batches cycled every `cfg.refresh` steps (target="validation"), or
         the batches a copy of the model is tuned on (target="tuned").
+    retention: with the validation target, a batch (or an iterable of batches, cycled with the validation ones)
+        of what the model must keep saying, e.g. `alphatoken.retention.own_answers(model, tokenizer)`: U becomes
+        ∇L_val + μ·∇L_ret (μ = cfg.retention_weight; DESIGN §3.8).
     tuned: with target="tuned", the model (or its state dict) already tuned on the validation batches; without
         it the valuer tunes a copy itself (`cfg.tune_steps` AdamW steps at `cfg.tune_lr`).
     """
@@ -89,6 +92,7 @@ class AlphaToken:
         reference=None,
         validation=None,
         tuned=None,
+        retention=None,
     ):
         self.model = model  # what runs forward (possibly a DDP / accelerate wrapper)
         self.cfg = cfg = cfg or AlphaTokenConfig()
@@ -136,6 +140,7 @@ class AlphaToken:
             raise ValueError(f'tuned= is the reference of target="tuned"; this config has target={cfg.target!r}')
         if cfg.target == "validation":
             self.validation_batches = validation_cycle(validation)
+        self.retention_batches = retention_cycle(retention, cfg)
         self.capture = Capture(self.layers)
         self.steps = 0
         self._last_values: Optional[TokenValues] = None
@@ -571,8 +576,13 @@ class AlphaToken:
         if batch is None:
             raise ValueError("the validation iterable yielded no batch: pass a batch dict or a non-empty list of them")
         model = forward_model if forward_model is not None else self.model  # as the step's own forward
-        self.directions = validation_directions(self.capture, model, validate_batch(batch, self.device),
-                                                self._check_finite)
+        directions = validation_directions(self.capture, model, validate_batch(batch, self.device),
+                                           self._check_finite)
+        if self.retention_batches is not None:
+            kept = validation_directions(self.capture, model, validate_batch(next(self.retention_batches), self.device),
+                                         self._check_finite, what="retention")
+            directions = with_retention(directions, kept, self.cfg.retention_weight)
+        self.directions = directions
 
     # ---------------------------------------------------------------- errors
     def _raise_if_nonfinite(self) -> None:

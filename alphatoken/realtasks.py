@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .batch import IGNORE_INDEX
+from .retention import GENERAL_PROMPTS as RETENTION_GENERAL_PROMPTS
 
 SYSTEM_PROMPT = "Answer briefly."
 
@@ -61,21 +62,8 @@ GENERAL_PROMPTS = (
 )
 
 # The retention set: general prompts disjoint from GENERAL_PROMPTS (which measure forgetting), for a Fisher or a
-# target that stands for what the model must keep; the base model's own answers make it (no external data).
-RETENTION_PROMPTS = (
-    "What is the tallest animal?", "Name a vegetable that is green.", "How many minutes are in an hour?",
-    "What do plants need to grow?", "Give an antonym for fast.", "What is the smallest prime number?",
-    "What does a compass show?", "Who painted the Mona Lisa?", "What is 12 plus 15?",
-    "Name a bird that cannot fly.", "What shape has three sides?", "What is ice made of?",
-    "How many months are in a year?", "What is the hottest planet in the solar system?", "What do cows drink?",
-    "Name a musical instrument with strings.", "What is the opposite of up?", "What organ pumps blood?",
-    "How many sides does a hexagon have?", "What color are bananas when they are ripe?",
-    "What is the main ingredient of bread?", "Which season comes after winter?", "What is 9 minus 4?",
-    "Name a tool used to cut paper.", "What does a doctor do?", "What is the largest planet?",
-    "Give a word that rhymes with cat.", "What do you call a baby dog?", "How many wheels does a bicycle have?",
-    "What is the first letter of the alphabet?", "What language has the most native speakers?",
-    "What is rain made of?",
-)
+# retention batch (alphatoken.retention) that stands for what the model must keep.
+RETENTION_PROMPTS = RETENTION_GENERAL_PROMPTS
 
 TASKS = ("capitals", "reverse")
 

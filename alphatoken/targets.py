@@ -3,7 +3,8 @@
 * "batch": U is the batch's own gradient, built per layer inside the valuation backward (`batch_direction`, from
   the layer's rows with the padding rows zeroed, `pad_zeroed`);
 * "validation": U is the gradient of the mean NLL of a validation batch, refreshed every `cfg.refresh` steps
-  (`validation_cycle`, `validation_directions`, through the one capture session);
+  (`validation_cycle`, `validation_directions`, through the one capture session); with a retention batch,
+  U = U_val + μ·U_ret (`retention_cycle`, `with_retention`, DESIGN §3.8);
 * "tuned": U is the displacement of a copy tuned on the validation batches (`tuned_target`, `alphatoken.tuned`);
 * "none": no U, adaptation is 0; "auto" resolves to "validation" or "none" (`resolve_auto`).
 """
@@ -17,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from .batch import model_inputs, nonpad_rows, response_mask, response_rows
-from .credits import Direction, embedding_direction, matched
+from .credits import Direction, add_directions, embedding_direction, matched
 from .distributed import all_reduce_sum
 from .hooks import Capture, LayerRows
 from .layers import TrackedLayer
@@ -68,32 +69,48 @@ def batch_direction(layer: TrackedLayer, a_ref, g_ref, n: int, is_global: bool) 
 
 
 # ---------------------------------------------------------------- validation
-def validation_cycle(validation):
-    """The validation batches, cycled: a batch dict or a non-empty iterable of them."""
+def validation_cycle(validation, name: str = "validation"):
+    """The validation (or retention) batches, cycled: a batch dict or a non-empty iterable of them."""
     if validation is None:
-        raise ValueError('target="validation" needs validation=<batch or iterable of batches>')
+        raise ValueError(f'target="validation" needs {name}=<batch or iterable of batches>')
     batches = [validation] if isinstance(validation, Mapping) else validation
     if not isinstance(batches, Iterable):
-        raise TypeError("validation must be a batch dict or an iterable of batch dicts")
+        raise TypeError(f"{name} must be a batch dict or an iterable of batch dicts")
     if isinstance(batches, Sized) and len(batches) == 0:
-        raise ValueError("validation is empty: pass a batch dict or a non-empty list of batch dicts")
+        raise ValueError(f"{name} is empty: pass a batch dict or a non-empty list of batch dicts")
     return itertools.cycle(batches)
 
 
+def retention_cycle(retention, cfg):
+    """The retention batches, cycled (DESIGN §3.8), or None without them; only the validation target takes them."""
+    if retention is None:
+        return None
+    if cfg.target != "validation":
+        raise ValueError(f'retention= adds to the validation target\'s U; this config has target={cfg.target!r} '
+                         '(pass validation=<clean target-task batch> too, with target="auto" or "validation")')
+    return validation_cycle(retention, "retention")
+
+
+def with_retention(directions: dict[int, Direction], retention: dict[int, Direction], weight: float):
+    """U = U_val + μ·U_ret per layer (DESIGN §3.8)."""
+    return {i: add_directions(d, retention[i], weight) for i, d in directions.items()}
+
+
 def validation_directions(capture: Capture, model, batch: dict,
-                          check_finite: Callable[[torch.Tensor, str], None]) -> dict[int, Direction]:
+                          check_finite: Callable[[torch.Tensor, str], None],
+                          what: str = "validation") -> dict[int, Direction]:
     """U = ∇ of the mean NLL of `batch` (already validated), per layer, kept as factors or materialized: every
     tracked layer probed, the head at its response-predicting rows, the body at every non-padding row."""
     labels = batch["labels"]
     response = response_mask(labels)
     n = int(response.sum())
     if n == 0:
-        raise ValueError("the validation batch has no response tokens (every label is -100)")
+        raise ValueError(f"the {what} batch has no response tokens (every label is -100)")
     rows = response_rows(response)
     directions: dict[int, Direction] = {}
 
     def on_rows(r: LayerRows) -> None:  # under no_grad (CaptureSession)
-        check_finite(r.g, f"the validation output-gradient of layer {r.layer.name!r}")
+        check_finite(r.g, f"the {what} output-gradient of layer {r.layer.name!r}")
         if r.layer.kind == "embedding":
             directions[r.index] = embedding_direction(r.a, r.g, r.layer.shape[1], 1.0 / n)
         else:
@@ -103,7 +120,7 @@ def validation_directions(capture: Capture, model, batch: dict,
         logits = session.forward(model, model_inputs(model, batch))
         with torch.enable_grad():
             loss = nll_with_graph(logits[rows.b, rows.t - 1], labels[rows.b, rows.t])[1].sum()
-        check_finite(loss, "the validation loss")
+        check_finite(loss, f"the {what} loss")
         session.backward(loss, on_rows, head_rows=rows.head, body_rows=nonpad_rows(batch), retain_graph=False)
     return directions
 

@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import alphatoken as at  # noqa: E402
 from alphatoken import realtasks as R  # noqa: E402
 from alphatoken.pretrained import load_pretrained  # noqa: E402
+from alphatoken.retention import own_answers  # noqa: E402
 from alphatoken.scorers import make_scorer  # noqa: E402
 from detect import _strip, git_revision, set_trainable_blocks, train_real  # noqa: E402
 
@@ -70,7 +71,8 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
                                         generator=torch.Generator().manual_seed(seed), progress=False)
             if method == "alphatoken":
                 cfg = cfg.replace(target="validation", **args.alphatoken_overrides)
-                return at.AlphaToken(model, cfg, fisher=fisher, validation=validation)
+                retention = None if args.own_answers is None else {k: v.to(device) for k, v in args.own_answers.items()}
+                return at.AlphaToken(model, cfg, fisher=fisher, validation=validation, retention=retention)
             if method == "alphatoken_retention":
                 task = at.AlphaToken(model, cfg.replace(target="validation", **args.alphatoken_overrides),
                                      fisher=fisher, validation=validation)
@@ -247,6 +249,9 @@ def main(argv=None):
                         help="what AlphaToken's Fisher is estimated on (see fisher_data)")
     parser.add_argument("--validation-retention", type=int, default=0,
                         help="add the base model's answers to this many retention prompts to AlphaToken's validation")
+    parser.add_argument("--retention", type=int, default=0,
+                        help="alphatoken: retention= the base model's own answers (alphatoken.retention.own_answers, "
+                             "--retention-tokens long) to this many retention prompts (0: none)")
     parser.add_argument("--retention-weight", type=float, default=1.0,
                         help="μ of alphatoken_retention: rank(task value) + μ·rank(retention adaptation)")
     parser.add_argument("--retention-tokens", type=int, default=8, help="how much of each of those answers")
@@ -267,6 +272,9 @@ def main(argv=None):
     answers = R.reference_answers(base, tokenizer)
     args.retention_answers = (R.reference_answers(base, tokenizer, R.RETENTION_PROMPTS)
                               if args.fisher_data == "retention" else [])
+    args.own_answers = None if not args.retention else own_answers(
+        base, tokenizer, R.RETENTION_PROMPTS[:args.retention], args.retention_tokens,
+        prefix=lambda prompt: R.chat_prefix(tokenizer, prompt))
     args.retention_short = (R.reference_answers(base, tokenizer, R.RETENTION_PROMPTS, args.retention_tokens)
                             if args.validation_retention or "alphatoken_retention" in args.methods else [])
     base_nll = R.answers_nll(base, tokenizer, answers)
@@ -290,6 +298,7 @@ def main(argv=None):
                 row.update(forgetting=row["general_nll"] - base_nll, base_exact_match=base_em,
                            base_general_nll=base_nll, git=rev,
                            config=" ".join([f"fisher={args.fisher_data}",
+                                            f"retention={args.retention}x{args.retention_tokens}",
                                             f"validation_retention={args.validation_retention}x{args.retention_tokens}",
                                             f"retention_weight={args.retention_weight}",
                                             *args.set]))

@@ -52,7 +52,7 @@ from alphatoken.scorers import make_scorer  # noqa: E402
 from detect import _strip, git_revision, set_trainable_blocks, train_real  # noqa: E402
 
 METHODS = ("full", "alphatoken", "rho1", "entropy", "random")
-EXTRA_METHODS = ("alphatoken_tuned", "alphatoken_retention")  # run on request (--methods)
+EXTRA_METHODS = ("alphatoken_tuned", "alphatoken_retention", "rho1_retention")  # run on request (--methods)
 
 
 def build(method: str, model, tokenizer, data, args, seed: int, device):
@@ -82,8 +82,9 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
             cfg = cfg.replace(target="tuned", **args.alphatoken_overrides)  # the same tuned copy as Rho-1's
             return at.AlphaToken(model, cfg, fisher=fisher, tuned=tuned_reference(model, tokenizer, data, args,
                                                                                   seed, device))
-    if method == "rho1":
-        reference = tuned_reference(model, tokenizer, data, args, seed, device)
+    if method in ("rho1", "rho1_retention"):  # rho1_retention: the reference also tuned on the retention answers
+        extra = list(args.retention_short[:args.retention or 16]) if method == "rho1_retention" else []
+        reference = tuned_reference(model, tokenizer, data, args, seed, device, extra)
         for p in reference.parameters():
             p.requires_grad_(False)
         return make_scorer("rho1", model, cfg, reference=reference.eval())
@@ -145,13 +146,14 @@ def fisher_data(data, tokenizer, args) -> list:
     return [_strip(R.tokenize_examples(data.train[i:i + 16], tokenizer)) for i in (0, 16)]
 
 
-def tuned_reference(model, tokenizer, data, args, seed: int, device):
-    """A copy of `model` fine-tuned on the clean validation examples, as Rho-1 intends its reference (the same
-    steps, batch size and learning rate as the run); AlphaToken's tuned target uses the same copy."""
+def tuned_reference(model, tokenizer, data, args, seed: int, device, extra=()):
+    """A copy of `model` fine-tuned on the clean validation examples (and `extra` ones), as Rho-1 intends its
+    reference (the same steps, batch size and learning rate as the run); AlphaToken's tuned target uses the same
+    copy."""
     reference = copy.deepcopy(model)
     set_trainable_blocks(reference, args.train_blocks)
-    train_real(reference, tokenizer, data.validation, "full", args.steps, args.batch_size, args.lr, seed + 1000,
-               device)
+    train_real(reference, tokenizer, list(data.validation) + list(extra), "full", args.steps, args.batch_size,
+               args.lr, seed + 1000, device)
     return reference
 
 
@@ -276,7 +278,7 @@ def main(argv=None):
         base, tokenizer, R.RETENTION_PROMPTS[:args.retention], args.retention_tokens,
         prefix=lambda prompt: R.chat_prefix(tokenizer, prompt))
     args.retention_short = (R.reference_answers(base, tokenizer, R.RETENTION_PROMPTS, args.retention_tokens)
-                            if args.validation_retention or "alphatoken_retention" in args.methods else [])
+                            if args.validation_retention or "_retention" in args.methods else [])
     base_nll = R.answers_nll(base, tokenizer, answers)
     base_em = R.exact_match(base, tokenizer, R.task_data(args.task, n_train=1, n_eval=args.n_eval).eval)
     rev = git_revision()

@@ -39,7 +39,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -88,6 +88,7 @@ class World:
     finetune: Callable                       # finetune(model, examples_kind: "noisy"|"clean"|"validation")
     tracked_layers: object = "all"
     fisher_batches: List[dict] = field(default_factory=list)
+    retention: Optional[dict] = None         # the base model's own answer openings (alphatoken.retention)
 
 
 def _strip(batch: dict) -> dict:
@@ -118,6 +119,7 @@ def real_world(task: str, seed: int, n_batches: int, batch_size: int, sft_steps:
                reference_blocks: int = None) -> World:
     from alphatoken import realtasks as R
     from alphatoken.pretrained import load_pretrained
+    from alphatoken.retention import own_answers
 
     model, tokenizer = load_pretrained("smollm2")
     data = R.task_data(task, n_train=max(256, n_batches * batch_size), n_validation=16, seed=seed)
@@ -132,7 +134,9 @@ def real_world(task: str, seed: int, n_batches: int, batch_size: int, sft_steps:
         finetune_real(m, tokenizer, examples, steps=sft_steps, seed=seed, train_blocks=blocks)
 
     fisher_batches = [_strip(b) for b in batches[:2]]
-    return World(f"real-{task}", model, tokenizer, batches, validation, tune, "all", fisher_batches)
+    retention = own_answers(model, tokenizer, R.RETENTION_PROMPTS[:16], 8,
+                            prefix=lambda prompt: R.chat_prefix(tokenizer, prompt))  # at θ₀, made once
+    return World(f"real-{task}", model, tokenizer, batches, validation, tune, "all", fisher_batches, retention)
 
 
 def finetune_real(model, tokenizer, examples, steps: int, seed: int, train_blocks: int, batch_size: int = 8,
@@ -215,6 +219,9 @@ def alphatoken_rules() -> Dict[str, dict]:
         "at_val_cos_rank_l0.3": dict(target="validation", cosine=True, rank=True, lam=0.3),
         "at_val_cos_rank_l0.5": dict(target="validation", cosine=True, rank=True, lam=0.5),  # the defaults
         "at_val_cos_rank_l0.5_direct": dict(target="validation", cosine=True, rank=True, lam=0.5, gamma=0.0),
+        # the defaults with a retention batch (DESIGN §3.8): U = ∇L_val + ∇L_ret (real worlds only)
+        "at_valret_cos_rank_l0.5": dict(target="validation_ret", cosine=True, rank=True, lam=0.5),
+        "at_valret_cos_adapt": dict(target="validation_ret", cosine=True, lam=0.0),
         "at_none_rank": dict(target="batch", adapt_weight=0.0, rank=True, lam=0.5),  # no validation: auto → none
         "at_val_cos_rank_l1": dict(target="validation", cosine=True, rank=True, lam=1.0),
         "at_val_rank_l0.5": dict(target="validation", rank=True, lam=0.5),
@@ -291,17 +298,21 @@ def score_world(world: World, stage: str, references: Dict[str, object], fisher,
     valuers = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, target, extra in (("validation", "validation", {}), ("batch", "batch", {}),
+        for name, target, extra in (("validation", "validation", {}), ("validation_ret", "validation", {}),
+                                    ("batch", "batch", {}),
                                     ("validation_pre", "validation", {"precondition": True}),
                                     ("disp_val", "tuned", {}), ("disp_clean", "tuned", {})):
             if name not in {t for rule in rules.values() for t in (rule["target"], rule.get("also"))}:
                 continue
+            if name == "validation_ret" and world.retention is None:
+                continue  # the toy worlds have no retention batch: their retention rules are skipped
             cfg = AlphaTokenConfig(target=target, tracked_layers=world.tracked_layers, keep_ratio=0.8,
                                    check_finite=True, **extra)
             # the tuned target (DESIGN §3.6) with the Rho-1 reference as its tuned copy: the same θ_ref for both
             tuned = {"tuned": references[name[5:]]} if target == "tuned" else {}
             valuers[name] = at.AlphaToken(model, cfg, fisher=fisher, reference=theta0_state,
                                           validation=_strip(world.validation) if target == "validation" else None,
+                                          retention=world.retention if name == "validation_ret" else None,
                                           **tuned)
     try:
         for batch in world.batches:
@@ -319,6 +330,8 @@ def score_world(world: World, stage: str, references: Dict[str, object], fisher,
                 add(f"rho1_{ref_name}", loss - token_losses(ref_logits, b["labels"]).double())
             tvs = {target: v.value(b) for target, v in valuers.items()}
             for name, rule in rules.items():
+                if rule["target"] not in tvs:
+                    continue
                 add(name, fused_rule(tvs, rule) if "also" in rule else apply_rule(tvs[rule["target"]], rule))
     finally:
         for v in valuers.values():

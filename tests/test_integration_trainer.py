@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import alphatoken as at
 from alphatoken.integrations import AlphaTokenTrainer
-from integration_helpers import collate, sft_examples, tiny_llama, tokenizer
+from integration_helpers import collate, pad_batch, sft_examples, tiny_llama, tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -52,10 +52,10 @@ def _recording(cls, rec):
     return Rec
 
 
-def _hand_grads(model0, cfg, batches):
+def _hand_grads(model0, cfg, batches, **valuer_kwargs):
     """Values at θ0 per micro-batch, then ∇ (Σ_kept ℓ / K) over the whole window, computed directly."""
     model = copy.deepcopy(model0)
-    with at.AlphaToken(model, cfg) as valuer:
+    with at.AlphaToken(model, cfg, **valuer_kwargs) as valuer:
         masked = [valuer.value(b).apply(b["labels"]) for b in batches]
     K = sum(int((m[:, 1:] != -100).sum()) for m in masked)
     total = 0.0
@@ -96,6 +96,26 @@ def test_trainer_kept_token_normalization_under_grad_accumulation(tmp_path, mode
     K = sum(int((m[:, 1:] != -100).sum()) for m in masked)
     assert log["alphatoken/keep_ratio"] == pytest.approx(K / n)
     assert "alphatoken/adaptation" in log and "alphatoken/stability" in log
+
+
+def test_trainer_passes_validation_and_retention_to_the_valuer(tmp_path):
+    from datasets import Dataset
+
+    model = tiny_llama(seed=3)
+    model0 = copy.deepcopy(model)
+    cfg = at.AlphaTokenConfig(keep_ratio=0.5)
+    extra = {"validation": pad_batch(sft_examples(3, seed=11)), "retention": pad_batch(sft_examples(4, seed=12))}
+    rec = _Recorder()
+    trainer = _recording(AlphaTokenTrainer, rec)(
+        model=model, args=_args(tmp_path), train_dataset=Dataset.from_list(sft_examples(8)), data_collator=collate,
+        alphatoken=cfg, callbacks=[rec.callback()], **extra)
+    trainer.train()
+    batches = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")} for b in rec.batches]
+    want, _, masked = _hand_grads(model0, cfg, batches, **extra)
+    for name in want:
+        torch.testing.assert_close(rec.grads[name], want[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    _, _, without = _hand_grads(model0, cfg, batches, validation=extra["validation"])
+    assert any((m != w).any() for m, w in zip(masked, without))  # the retention batch changed the kept tokens
 
 
 def _original_labels(batches, trainer):

@@ -144,8 +144,9 @@ class AlphaTokenMixin:
 
     Extra keyword arguments (all optional):
         alphatoken: an `AlphaTokenConfig` (default `AlphaTokenConfig()`), or a ready `AlphaToken` valuer.
-        fisher, reference, validation: passed to `AlphaToken(model, config, ...)` when the valuer is built (lazily,
-            at the first training step, on the unwrapped model, so θ₀ is the weights training starts from).
+        fisher, reference, validation, retention: passed to `AlphaToken(model, config, ...)` when the valuer is
+            built (lazily, at the first training step, on the unwrapped model, so θ₀ is the weights training starts
+            from).
         alphatoken_mode: "online" (default) or "ahead"; see the module docstring for what each does to the count.
     Evaluation is untouched: `evaluate()` reports the trainer's ordinary loss over every response token (the model
     is in eval mode). `compute_loss` called on a model in train mode outside Trainer's `training_step` (a custom
@@ -154,11 +155,12 @@ class AlphaTokenMixin:
     """
 
     def __init__(self, *args, alphatoken: Any = None, fisher=None, reference=None, validation=None,
-                 alphatoken_mode: str = "online", **kwargs):
+                 retention=None, alphatoken_mode: str = "online", **kwargs):
         if alphatoken_mode not in MODES:
             raise ValueError(f"alphatoken_mode must be one of {MODES}, got {alphatoken_mode!r}")
         self._at_spec = AlphaTokenConfig() if alphatoken is None else alphatoken
-        self._at_kwargs = {"fisher": fisher, "reference": reference, "validation": validation}
+        self._at_kwargs = {"fisher": fisher, "reference": reference, "validation": validation,
+                           "retention": retention}
         self._at_mode = alphatoken_mode
         self._at_valuer = None
         self._at_window: Optional[_Window] = None

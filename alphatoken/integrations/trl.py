@@ -73,12 +73,15 @@ class AlphaTokenDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer with AlphaToken's masked DPO loss (see the module docstring).
 
     Extra keyword arguments: `alphatoken` (an AlphaTokenConfig, default AlphaTokenConfig(), or a ready valuer),
-    `fisher`, `reference`, `validation` (passed to AlphaToken when it is built on the policy, at the first step).
+    `fisher`, `reference`, `validation`, `retention` (passed to AlphaToken when it is built on the policy, at the
+    first step).
     """
 
-    def __init__(self, *args, alphatoken=None, fisher=None, reference=None, validation=None, **kwargs):
+    def __init__(self, *args, alphatoken=None, fisher=None, reference=None, validation=None, retention=None,
+                 **kwargs):
         self._at_spec = AlphaTokenConfig() if alphatoken is None else alphatoken
-        self._at_kwargs = {"fisher": fisher, "reference": reference, "validation": validation}
+        self._at_kwargs = {"fisher": fisher, "reference": reference, "validation": validation,
+                           "retention": retention}
         self._at_valuer = None
         check_preference_dataset(kwargs.get("train_dataset", args[4] if len(args) > 4 else None))
         args_ = kwargs.get("args", args[2] if len(args) > 2 else None)

@@ -230,46 +230,20 @@ def estimate_fisher(
     layers = discover_layers(unwrap_model(model), tracked_layers, track_embeddings)
     device = next(model.parameters()).device
     sharded = is_distributed() and any(is_sharded(layer.weight) for layer in layers)  # FSDP2 (DESIGN §16)
-    acc: dict[int, object] = {}
-    for i, layer in enumerate(layers):
-        d_out, d_in = layer.shape
-        dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32  # float64: exact checks
-        if kind == "diag":
-            acc[i] = torch.zeros(d_out, d_in, dtype=dtype, device=device)
-        else:
-            acc[i] = (torch.zeros(d_out, dtype=dtype, device=device), torch.zeros(d_in, dtype=dtype, device=device))
+    acc = _zero_accumulators(layers, kind, device)
     capture = Capture(layers)
     n_tokens = 0
     try:
         for step, batch in enumerate(progress(batches, desc="Fisher", enabled=show)):
             if max_batches is not None and step >= max_batches:
                 break
-            batch = validate_batch(batch, device)
-            resp = response_mask(batch["labels"])
-            n = int(resp.sum())
-            if (all_reduce_sum(n) if sharded else n) == 0:  # FSDP2: every rank runs the same forwards (collectives)
-                continue
-            rows = response_rows(resp)
-            with capture.session(set(range(len(layers))), resp.numel()) as session:
-                logits = session.forward(model, model_inputs(model, batch))
-                logit_rows = accurate(logits[rows.b, rows.t - 1])
-                if labels == "model" and n > 0:  # (n = 0: a rank of a sharded model joining the others' forward)
-                    with torch.no_grad():
-                        target = torch.multinomial(torch.softmax(logit_rows, -1), 1, generator=generator).squeeze(1)
-                else:
-                    target = batch["labels"][rows.b, rows.t]
-                loss = torch.nn.functional.cross_entropy(logit_rows, target, reduction="sum")
-                session.backward(loss, lambda r: _accumulate(kind, acc[r.index], r.layer, r.a, r.g),
-                                 head_rows=rows.head, body_rows=nonpad_rows(batch), retain_graph=False)
-            n_tokens += n
+            n_tokens += _accumulate_batch(model, validate_batch(batch, device), capture, layers, acc, kind, labels,
+                                          generator, sharded)
     finally:
         capture.remove()
     if sharded:  # the Fisher of all ranks' batches, the same on every rank (the valuer then keeps its shard)
         n_tokens = int(all_reduce_sum(n_tokens))
-        for i in acc:
-            parts = acc[i] if isinstance(acc[i], tuple) else (acc[i],)
-            reduced = tuple(all_reduce_sum(t) for t in parts)
-            acc[i] = reduced if isinstance(acc[i], tuple) else reduced[0]
+        _sum_over_ranks(acc)
     if n_tokens == 0:
         raise ValueError("estimate_fisher: the batches hold no response tokens (every label is -100)")
     tensors = {}
@@ -279,3 +253,51 @@ def estimate_fisher(
         else:
             tensors[layer.name] = (acc[i][0] / n_tokens, acc[i][1] / n_tokens)
     return Fisher(kind, tensors, {"n_tokens": n_tokens, "labels": labels})
+
+
+def _zero_accumulators(layers, kind: str, device) -> dict:
+    """{layer index: zeros}: the (d_out, d_in) diagonal, or the (d_out,), (d_in,) K-FAC pair; float64 layers
+    accumulate in float64 (exact checks), the rest in float32."""
+    acc: dict[int, object] = {}
+    for i, layer in enumerate(layers):
+        d_out, d_in = layer.shape
+        dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32  # float64: exact checks
+        if kind == "diag":
+            acc[i] = torch.zeros(d_out, d_in, dtype=dtype, device=device)
+        else:
+            acc[i] = (torch.zeros(d_out, dtype=dtype, device=device), torch.zeros(d_in, dtype=dtype, device=device))
+    return acc
+
+
+def _accumulate_batch(model, batch: dict, capture, layers, acc: dict, kind: str, labels: str, generator,
+                      sharded: bool) -> int:
+    """Add one batch's per-token squared gradients into `acc`; the number of response tokens it held.
+
+    labels "model" samples each target from the model's distribution, "data" takes the batch's labels. A batch
+    without response tokens (on every rank, when sharded) is skipped.
+    """
+    resp = response_mask(batch["labels"])
+    n = int(resp.sum())
+    if (all_reduce_sum(n) if sharded else n) == 0:  # FSDP2: every rank runs the same forwards (collectives)
+        return 0
+    rows = response_rows(resp)
+    with capture.session(set(range(len(layers))), resp.numel()) as session:
+        logits = session.forward(model, model_inputs(model, batch))
+        logit_rows = accurate(logits[rows.b, rows.t - 1])
+        if labels == "model" and n > 0:  # (n = 0: a rank of a sharded model joining the others' forward)
+            with torch.no_grad():
+                target = torch.multinomial(torch.softmax(logit_rows, -1), 1, generator=generator).squeeze(1)
+        else:
+            target = batch["labels"][rows.b, rows.t]
+        loss = torch.nn.functional.cross_entropy(logit_rows, target, reduction="sum")
+        session.backward(loss, lambda r: _accumulate(kind, acc[r.index], r.layer, r.a, r.g),
+                         head_rows=rows.head, body_rows=nonpad_rows(batch), retain_graph=False)
+    return n
+
+
+def _sum_over_ranks(acc: dict) -> None:
+    """Replace every accumulator (tensor or K-FAC pair) by its sum over the ranks."""
+    for i in acc:
+        parts = acc[i] if isinstance(acc[i], tuple) else (acc[i],)
+        reduced = tuple(all_reduce_sum(t) for t in parts)
+        acc[i] = reduced if isinstance(acc[i], tuple) else reduced[0]

@@ -51,7 +51,7 @@ import torch
 
 from .config import AlphaTokenConfig
 from .batch import IGNORE_INDEX, model_inputs, response_mask
-from .tokens import token_logprobs
+from .tokens import reference_logprobs
 
 COLUMNS = ("alphatoken_keep", "alphatoken_total", "alphatoken_adaptation", "alphatoken_stability")
 SIDES = ("chosen", "rejected")
@@ -144,10 +144,53 @@ def _pad(ids_b, labels_b, pad_token_id: int, device) -> dict:
     return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)}
 
 
-def _reference_logprobs(ref_model, batch: dict) -> torch.Tensor:
-    with torch.no_grad():
-        logits = ref_model(**model_inputs(ref_model, batch)).logits
-        return token_logprobs(logits, batch["labels"])
+VALUE_FIELDS = ("adaptation", "stability", "direct", "causal", "total", "mask", "response")
+
+
+def value_rows(valuer, sides: dict, *, batch_size: int, pad_token_id: int, device, ref_model=None,
+               beta: float = 0.1, credit: str = "pair", show: Optional[bool] = False):
+    """Value the rows of `sides` in batches of `batch_size` and yield `(side, i, row)` for every row, batch by batch.
+
+    The one scoring loop of the package: `score_dataset` and `alphatoken score` both run it.
+
+    sides: {None: (input_ids rows, labels rows)} for SFT, or {"chosen": (...), "rejected": (...)} for preference
+        pairs (row i of each side is pair i); rows are unpadded lists.
+    ref_model: the DPO reference for pairs (its log-probs give the credits). beta: DPO's β.
+    credit: "pair" values each pair under its own DPO credit (β σ(−β h_b)); "batch" under the credit of the batch's
+        mean loss (β/B σ(−β h_b), what `alphatoken score` writes).
+    show: the progress bar ("scoring"), as `alphatoken.progress.progress` takes it.
+    row: {field: 1-D CPU tensor of the row's length} for the fields of `VALUE_FIELDS`.
+    Neither puts the model in eval mode nor checks the rows: the callers do.
+    """
+    from .progress import progress
+
+    if credit not in ("pair", "batch"):
+        raise ValueError(f"credit must be 'pair' or 'batch', got {credit!r}")
+    names = list(sides)
+    n_rows = len(sides[names[0]][0])
+    starts = list(range(0, n_rows, batch_size))
+    for start in progress(starts, "scoring", total=len(starts), enabled=show):
+        stop = min(start + batch_size, n_rows)
+        ids_b = [x for side in names for x in sides[side][0][start:stop]]
+        labels_b = [y for side in names for y in sides[side][1][start:stop]]
+        batch = _pad(ids_b, labels_b, pad_token_id, device)
+        weights = None
+        if names != [None]:
+            weights = _pair_credits(ref_model, batch, beta, stop - start if credit == "pair" else 1)
+        tv = valuer.value(batch, token_weights=weights).detach_cpu()
+        for r, x in enumerate(ids_b):
+            side, i = names[r // (stop - start)], start + r % (stop - start)
+            yield side, i, {f: getattr(tv, f)[r, :len(x)].clone() for f in VALUE_FIELDS}
+
+
+def _pair_credits(ref_model, batch: dict, beta: float, scale: int):
+    """The engine's `token_weights` for a (2B, T) pair batch: the DPO credits under `ref_model`, times `scale`."""
+    from .dpo import dpo_token_weights
+
+    per_batch = dpo_token_weights(reference_logprobs(ref_model, batch), beta, response_mask(batch["labels"]))
+    if scale == 1:
+        return per_batch
+    return lambda logps: per_batch(logps) * scale
 
 
 def score_dataset(model, dataset, cfg: Optional[AlphaTokenConfig] = None, *, fisher=None, reference=None,
@@ -188,27 +231,12 @@ def score_dataset(model, dataset, cfg: Optional[AlphaTokenConfig] = None, *, fis
     out = {side: {k: [] for k in COLUMNS} for side in sides}
     n_rows = len(next(iter(sides.values()))[0])
     try:
-        for start in range(0, n_rows, batch_size):
-            stop = min(start + batch_size, n_rows)
-            ids_b = [x for side in sides for x in sides[side][0][start:stop]]
-            labels_b = [y for side in sides for y in sides[side][1][start:stop]]
-            batch = _pad(ids_b, labels_b, pad_token_id, device)
-            weights = None
-            if layout is not None:
-                from .dpo import dpo_token_weights
-
-                ref = _reference_logprobs(ref_model if ref_model is not None else model, batch)
-                per_batch = dpo_token_weights(ref, beta, response_mask(batch["labels"]))
-                pairs = stop - start
-                weights = lambda logps, f=per_batch, n=pairs: f(logps) * n  # noqa: E731 - per pair, not per batch
-            tv = valuer.value(batch, token_weights=weights).detach_cpu()
-            for r, x in enumerate(ids_b):
-                side = list(sides)[r // (stop - start)]
-                L = len(x)
-                out[side]["alphatoken_keep"].append(tv.mask[r, :L].int().tolist())
-                out[side]["alphatoken_total"].append(tv.total[r, :L].tolist())
-                out[side]["alphatoken_adaptation"].append(tv.adaptation[r, :L].tolist())
-                out[side]["alphatoken_stability"].append(tv.stability[r, :L].tolist())
+        rows = value_rows(valuer, sides, batch_size=batch_size, pad_token_id=pad_token_id, device=device,
+                          ref_model=ref_model if ref_model is not None else model, beta=beta)
+        for side, _, row in rows:
+            out[side]["alphatoken_keep"].append(row["mask"].int().tolist())
+            for key in COLUMNS[1:]:
+                out[side][key].append(row[key[len("alphatoken_"):]].tolist())
     finally:
         model.train(was_training)
         if own:
@@ -216,7 +244,7 @@ def score_dataset(model, dataset, cfg: Optional[AlphaTokenConfig] = None, *, fis
     if scope == "dataset":
         totals = [v for side in sides for v in out[side]["alphatoken_total"]]
         labels = [y for side in sides for y in sides[side][1]]
-        keeps = _select_over_dataset(totals, labels, cfg)
+        keeps = select_over_dataset(totals, labels, cfg)
         for i, side in enumerate(sides):
             out[side]["alphatoken_keep"] = keeps[i * n_rows:(i + 1) * n_rows]
     names = {(side, k): k if side is None else f"{side}_{k}" for side in sides for k in COLUMNS}
@@ -229,7 +257,9 @@ def score_dataset(model, dataset, cfg: Optional[AlphaTokenConfig] = None, *, fis
     return base
 
 
-def _select_over_dataset(totals, labels, cfg: AlphaTokenConfig):
+def select_over_dataset(totals, labels, cfg: AlphaTokenConfig) -> list:
+    """One selection over every row at once (`select_tokens` on the dataset as one batch): the keep mask (0/1 list)
+    of each row, from the rows' values `totals` (lists or 1-D tensors) and their `labels`, in the given row order."""
     from .select import protected_tokens, select_local
 
     T = max(len(x) for x in totals)

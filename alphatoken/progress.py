@@ -4,30 +4,45 @@
         ...
 
 Bars go to stderr and only when stderr is a terminal (so logs, pipes and CI stay clean). Override with
-`enabled=True/False` per call, or for the whole process with `ALPHATOKEN_PROGRESS=1` / `0` (or
-`set_progress(True/False)`, which the CLI's `--quiet` uses). tqdm is imported lazily.
+`enabled=True/False` per call, for a block with `forced_progress(True/False)` (which the CLI's `--quiet` uses) or
+`set_progress(True/False)`, or for the whole process with `ALPHATOKEN_PROGRESS=1` / `0`. The forced setting lives
+in a `contextvars.ContextVar`, as the forced kernel backend does (`alphatoken.kernels.gate`): it holds for the
+thread or asyncio task that set it. tqdm is imported lazily.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import sys
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
-_forced: Optional[bool] = None
+_FORCED: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("alphatoken_progress", default=None)
 
 
 def set_progress(enabled: Optional[bool]) -> None:
-    """Force bars on (True) or off (False) process-wide; None returns to the terminal check."""
-    global _forced
-    _forced = enabled
+    """Force bars on (True) or off (False) in the current context; None returns to the env / terminal check."""
+    _FORCED.set(enabled)
+
+
+@contextlib.contextmanager
+def forced_progress(enabled: Optional[bool]) -> Iterator[None]:
+    """Inside the block, bars are forced on (True), off (False) or left to the env / terminal check (None); the
+    previous setting comes back on leaving it."""
+    token = _FORCED.set(enabled)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
 
 
 def progress_enabled(enabled: Optional[bool] = None) -> bool:
     """Whether a bar would be shown: an explicit `enabled`, else set_progress, else the env, else a TTY."""
     if enabled is not None:
         return bool(enabled)
-    if _forced is not None:
-        return _forced
+    forced = _FORCED.get()
+    if forced is not None:
+        return forced
     env = os.environ.get("ALPHATOKEN_PROGRESS", "").strip().lower()
     if env in ("0", "false", "no", "off"):
         return False

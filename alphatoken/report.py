@@ -358,63 +358,14 @@ def render_report(examples: Sequence[Mapping], token_values, tokenizer, *, title
     ranked = (config or {}).get("combine") == "rank"
     centres = _centres(valued, ranked)
     scales = {key: _scale([getattr(t, field) - centres[key] for t in valued]) for key, field, _ in VIEWS}
-    n_kept = sum(t.kept for t in valued)
     view = {field: key for key, field, _ in VIEWS}.get(default_view, default_view)
     if view not in {k for k, _, _ in VIEWS}:
         raise ValueError(f"default_view must be one of adaptation, stability, total; got {default_view!r}")
 
-    head = {
-        "sequences": len(seqs),
-        "response tokens valued": len(valued),
-        "kept": f"{n_kept} ({n_kept / len(valued):.1%})" if valued else "0",
-        "dropped": len(valued) - n_kept,
-    }
-    n_forced = sum(t.forced for t in valued)
-    if always_keep_token_ids:
-        names = ", ".join(sorted({t.text or str(t.token_id) for t in valued if t.forced})) or "none present"
-        head["force-kept"] = f"{n_forced} ({names}: always_keep_token_ids)"
-    head.update(dict(summary or {}))
-    buttons = "".join(
-        f'<button data-v="{key}" onclick="setView(\'{key}\')" class="{"on" if key == view else ""}" '
-        f'title="key {i + 1}">{html.escape(label)}</button>'
-        for i, (key, _, label) in enumerate(VIEWS)
-    )
-    swatch = lambda rgb, a: f'<span class="sw" style="background:rgba{(*rgb, a)}"></span>'  # noqa: E731
-    scale_txt = "".join(
-        f'<span class="vname {key}">full colour at |{field}' + (f" − {centres[key]:.3g}" if ranked else "")
-        + f'| ≥ {scales[key]:.3g}</span>' for key, field, _ in VIEWS
-    )
-    helps, hurts = ("above the batch median (rank-fused values)", "below it") if ranked else ("helps", "hurts")
-    legend = (
-        f'<span class="legend">{swatch(POS_RGB, 0.15)}{swatch(POS_RGB, 0.85)} {helps} '
-        f'{swatch(NEG_RGB, 0.15)}{swatch(NEG_RGB, 0.85)} {hurts} '
-        f'<span style="text-decoration:line-through;text-decoration-thickness:2px">dropped</span> '
-        + (f'<span class="tok nz" style="background:none">{html.escape(flag_label)}</span> '
-           if any(t.flagged for t in valued) else "")
-        + ('<span class="tok k f" style="background:none" title="kept whatever its value: its token id is in '
-           'always_keep_token_ids (e.g. &lt;eos&gt;, so the model still learns to stop)">force-kept</span> '
-           '<span class="why">(always_keep_token_ids: kept whatever the value)</span> '
-           if n_forced else "")
-        + f"{scale_txt}</span>"
-    )
-    hists = "".join(
-        _histogram_svg([getattr(t, field) for t in valued], [t.kept for t in valued], field).replace(
-            'class="hist"', f'class="hist {key}"', 1)
-        for key, field, _ in VIEWS
-    )
+    head = _summary_table(seqs, valued, summary, always_keep_token_ids)
+    bar = _view_buttons(view) + _legend(valued, centres, scales, ranked, flag_label)
     shown = seqs[:max_sequences]
-    body = []
-    for s in shown:
-        prompt = s.prompt if len(s.prompt) <= MAX_PROMPT_CHARS else s.prompt[:MAX_PROMPT_CHARS] + "…"
-        pct = 100.0 * s.keep_ratio
-        body.append(
-            '<div class="seq"><div class="hd">'
-            f"<span>{html.escape(s.label)}</span>"
-            f"<span>keep {s.n_kept}/{s.n_valued} = {pct:.0f}%"
-            f'<span class="kr"><i style="width:{pct:.1f}%"></i></span></span></div>'
-            + (f'<div class="prompt">{html.escape(prompt)}</div>' if prompt else "")
-            + '<div class="resp">' + "".join(_token_html(t, scales, centres) for t in s.tokens) + "</div></div>"
-        )
+    body = "".join(_sequence_html(s, scales, centres) for s in shown)
     more = (f'<p class="note">Showing the first {len(shown)} of {len(seqs)} sequences; the values file has all.</p>'
             if len(shown) < len(seqs) else "")
     note_html = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
@@ -432,10 +383,85 @@ def render_report(examples: Sequence[Mapping], token_values, tokenizer, *, title
         + (_table(comparison, "Comparison") if comparison else "") + "</div>"
         + (f"<details><summary>Configuration</summary>{_table(config)}</details>" if config else "")
         + note_html
-        + f'<div class="bar">{buttons}{legend}</div>'
-        + "<h2>Distribution of values</h2>" + hists
-        + "<h2>Responses</h2>" + more + "".join(body)
+        + f'<div class="bar">{bar}</div>'
+        + "<h2>Distribution of values</h2>" + _histograms(valued)
+        + "<h2>Responses</h2>" + more + body
         + f"<script>{_JS}</script></body></html>\n"
+    )
+
+
+def _summary_table(seqs, valued, summary: Optional[Mapping], always_keep_token_ids: Sequence[int]) -> dict:
+    """The Summary table's rows: counts of sequences and tokens, the force-kept ones, then the caller's `summary`."""
+    n_kept = sum(t.kept for t in valued)
+    head = {
+        "sequences": len(seqs),
+        "response tokens valued": len(valued),
+        "kept": f"{n_kept} ({n_kept / len(valued):.1%})" if valued else "0",
+        "dropped": len(valued) - n_kept,
+    }
+    if always_keep_token_ids:
+        n_forced = sum(t.forced for t in valued)
+        names = ", ".join(sorted({t.text or str(t.token_id) for t in valued if t.forced})) or "none present"
+        head["force-kept"] = f"{n_forced} ({names}: always_keep_token_ids)"
+    head.update(dict(summary or {}))
+    return head
+
+
+def _view_buttons(view: str) -> str:
+    """One button per view (adaptation, stability, total), the opening `view` pressed."""
+    return "".join(
+        f'<button data-v="{key}" onclick="setView(\'{key}\')" class="{"on" if key == view else ""}" '
+        f'title="key {i + 1}">{html.escape(label)}</button>'
+        for i, (key, _, label) in enumerate(VIEWS)
+    )
+
+
+def _swatch(rgb, alpha: float) -> str:
+    return f'<span class="sw" style="background:rgba{(*rgb, alpha)}"></span>'
+
+
+def _legend(valued, centres: dict, scales: dict, ranked: bool, flag_label: str) -> str:
+    """The colour legend: what the two colours mean, the marks in use (dropped, flagged, force-kept) and each view's
+    full-colour scale."""
+    scale_txt = "".join(
+        f'<span class="vname {key}">full colour at |{field}' + (f" − {centres[key]:.3g}" if ranked else "")
+        + f'| ≥ {scales[key]:.3g}</span>' for key, field, _ in VIEWS
+    )
+    helps, hurts = ("above the batch median (rank-fused values)", "below it") if ranked else ("helps", "hurts")
+    return (
+        f'<span class="legend">{_swatch(POS_RGB, 0.15)}{_swatch(POS_RGB, 0.85)} {helps} '
+        f'{_swatch(NEG_RGB, 0.15)}{_swatch(NEG_RGB, 0.85)} {hurts} '
+        f'<span style="text-decoration:line-through;text-decoration-thickness:2px">dropped</span> '
+        + (f'<span class="tok nz" style="background:none">{html.escape(flag_label)}</span> '
+           if any(t.flagged for t in valued) else "")
+        + ('<span class="tok k f" style="background:none" title="kept whatever its value: its token id is in '
+           'always_keep_token_ids (e.g. &lt;eos&gt;, so the model still learns to stop)">force-kept</span> '
+           '<span class="why">(always_keep_token_ids: kept whatever the value)</span> '
+           if any(t.forced for t in valued) else "")
+        + f"{scale_txt}</span>"
+    )
+
+
+def _histograms(valued) -> str:
+    """One histogram per view of the valued tokens' values, kept and dropped apart."""
+    return "".join(
+        _histogram_svg([getattr(t, field) for t in valued], [t.kept for t in valued], field).replace(
+            'class="hist"', f'class="hist {key}"', 1)
+        for key, field, _ in VIEWS
+    )
+
+
+def _sequence_html(s, scales: dict, centres: dict) -> str:
+    """One response: its label and keep ratio, the (shortened) prompt, then its tokens coloured."""
+    prompt = s.prompt if len(s.prompt) <= MAX_PROMPT_CHARS else s.prompt[:MAX_PROMPT_CHARS] + "…"
+    pct = 100.0 * s.keep_ratio
+    return (
+        '<div class="seq"><div class="hd">'
+        f"<span>{html.escape(s.label)}</span>"
+        f"<span>keep {s.n_kept}/{s.n_valued} = {pct:.0f}%"
+        f'<span class="kr"><i style="width:{pct:.1f}%"></i></span></span></div>'
+        + (f'<div class="prompt">{html.escape(prompt)}</div>' if prompt else "")
+        + '<div class="resp">' + "".join(_token_html(t, scales, centres) for t in s.tokens) + "</div></div>"
     )
 
 

@@ -11,6 +11,8 @@ storage shape) is stored the same way, so that its memory per rank is `1/world` 
     local_nbytes(t)           -> the bytes this rank holds for `t`
     hold_unsharded(root, m)   -> a context in which the FSDP2 unit holding `m`'s weight is unsharded (plain tensors)
     check_head_for_training, check_sharding -> the layouts the valuer refuses, with the fix in the message
+    fully_shard_causal_lm(model, layout) -> FSDP2 units of a Hugging Face decoder-only model, in the layouts the
+                                 tests and the FSDP2 memory benchmark run
 
 A single process and DDP see plain tensors everywhere, and every function here is then the identity.
 """
@@ -168,3 +170,33 @@ def check_sharding(layers, target: str) -> None:
     if target == "tuned" and any(is_sharded(layer.weight) for layer in layers):
         raise ValueError('target="tuned" tunes a copy of the model, which is not supported with FSDP2-sharded '
                          'weights; use target="validation" (the recommended default) or "batch"')
+
+
+FSDP2_LAYOUTS = ("root", "accelerate", "head")
+
+
+def fully_shard_causal_lm(model: nn.Module, layout: str = "root", **fully_shard_kwargs) -> nn.Module:
+    """`fully_shard` every decoder layer of a Hugging Face causal LM (`model.model.layers`), then the head's unit by
+    `layout`, then the root; returns `model`. `fully_shard_kwargs` (e.g. `mp_policy`) go to every call.
+
+    layout "root": the head (and the embedding) in the root unit. "accelerate": accelerate's FSDP2 layout, the input
+    embedding its own unit (untied) and the tail [final norm, head] (with a tied embedding) one unit kept unsharded
+    after forward. "head": the head alone in a unit that reshards after forward (`value` works; the masked loss
+    refuses it, `check_head_for_training`).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if layout not in FSDP2_LAYOUTS:
+        raise ValueError(f"layout must be one of {FSDP2_LAYOUTS}, got {layout!r}")
+    for block in model.model.layers:
+        fully_shard(block, **fully_shard_kwargs)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    if layout == "accelerate":
+        if not tied:
+            fully_shard(model.model.embed_tokens, **fully_shard_kwargs)
+        tail = [model.model.norm, model.model.embed_tokens, model.lm_head] if tied else [model.model.norm, model.lm_head]
+        fully_shard(tail, reshard_after_forward=False, **fully_shard_kwargs)
+    elif layout == "head":
+        fully_shard(model.lm_head, **fully_shard_kwargs)
+    fully_shard(model, **fully_shard_kwargs)
+    return model

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .batch import response_mask
+from .batch import model_inputs, response_mask
 
 
 def accurate(x: torch.Tensor) -> torch.Tensor:
@@ -66,3 +66,10 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def token_entropies(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B, T) float32: entropy of the predictive distribution at t−1 for response positions t; 0 elsewhere."""
     return _per_response_token(logits, labels, lambda logp, y: entropy(logp))
+
+
+def reference_logprobs(model, batch: dict) -> torch.Tensor:
+    """(B, T) float32 log-probabilities of `batch`'s labels under `model`, without gradients (DPO's reference)."""
+    with torch.no_grad():
+        logits = model(**model_inputs(model, batch)).logits
+        return token_logprobs(logits, batch["labels"])

@@ -4,7 +4,7 @@ Every stored row is one measurement (one case, one provider) in the long format 
 date and the library versions repeated in the row, so that rows from different runs can be concatenated and
 plotted without losing where they came from (DESIGN §14).
 
-Timing
+Timing (`alphatoken.benchtools`, shared with `alphatoken bench` and re-exported here)
 * CUDA: `triton.testing.do_bench` (CUDA events, L2 flushed before every call, median and quantiles).
 * CPU:  providers are interleaved round by round (a rotating order), each round times `inner` calls with a
   host clock, and the median over rounds is kept. On a machine shared with other work this is what keeps the
@@ -17,13 +17,13 @@ import datetime as _dt
 import math
 import os
 import platform
-import statistics
 import subprocess
-import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional
 
 import torch
+
+from alphatoken.benchtools import peak_extra_mib, summarize, sync, time_cuda, time_interleaved  # noqa: F401
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -110,79 +110,6 @@ def make_row(env: Dict[str, str], **fields) -> Dict[str, object]:
     if not row["status"]:
         row["status"] = "ok"
     return row
-
-
-# ------------------------------------------------------------------------------------------------- timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_cuda(fn: Callable[[], object], warmup_ms: float = 15, rep_ms: float = 60) -> tuple[float, float, float]:
-    """(median, q20, q80) in ms with CUDA events and an L2 flush before every call (triton's do_bench)."""
-    from triton.testing import do_bench
-
-    med, q20, q80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-    return float(med), float(q20), float(q80)
-
-
-def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, rounds: int = 7,
-                     inner: int = 1, warmup: int = 1,
-                     min_round_s: float = 0.0) -> Dict[str, tuple[float, float, float]]:
-    """Time several providers side by side: each round runs every provider (rotating order); median/q20/q80 ms.
-
-    `inner` calls per provider per round (the mean of those is one sample); when `min_round_s` is set the inner
-    count grows until one sample takes at least that long (short calls need it to rise above clock noise).
-    """
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    sync(device)
-    inner_of = {}
-    for name in names:
-        n = inner
-        if min_round_s > 0:
-            t0 = time.perf_counter()
-            fns[name]()
-            sync(device)
-            one = max(time.perf_counter() - t0, 1e-6)
-            n = max(inner, min(1000, int(math.ceil(min_round_s / one))))
-        inner_of[name] = n
-    samples: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            fn, n = fns[name], inner_of[name]
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            sync(device)
-            samples[name].append((time.perf_counter() - t0) * 1e3 / n)
-    return {name: summarize(s) for name, s in samples.items()}
-
-
-def summarize(samples_ms: Sequence[float]) -> tuple[float, float, float]:
-    s = sorted(samples_ms)
-    if len(s) == 1:
-        return s[0], s[0], s[0]
-    q = statistics.quantiles(s, n=10, method="inclusive")  # deciles: q[1] = 20%, q[7] = 80%
-    return statistics.median(s), q[1], q[7]
-
-
-def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
-    """Extra peak device memory of one call over what was allocated before it (MiB); None off CUDA."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    del out
-    return (peak - base) / 2**20
 
 
 # ---------------------------------------------------------------------------------------------------- I/O

@@ -67,11 +67,10 @@ def _worker(args) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
 
     import alphatoken as at
     from alphatoken.layers import discover_layers
-    from alphatoken.sharding import local_nbytes
+    from alphatoken.sharding import fully_shard_causal_lm, local_nbytes
     import step_bench as SB
 
     dist.init_process_group("gloo")
@@ -82,9 +81,7 @@ def _worker(args) -> None:
                     vocab=args.vocab, tie=False, B=1, T=args.tokens, dtype=torch.float32)
         model = SB.build_model(spec, torch.device("cpu"))
         params = sum(p.numel() for p in model.parameters())
-        for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
+        fully_shard_causal_lm(model, "root")  # every decoder layer, then the root (as tests/fsdp_worker.py)
         batch = SB.make_batch(spec, torch.device("cpu"))
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 

@@ -52,6 +52,8 @@ if str(_HERE) not in sys.path:  # siblings import by name whether run as a scrip
 import torch  # noqa: E402
 
 import bench_common as C  # noqa: E402
+from alphatoken.benchtools import (TORCH_FNS, contract_per_token, outer_grads,  # noqa: E402,F401 (peers: API)
+                                   torch_bilinear, torch_bilinear_fisher_norm, torch_fisher_norm, torch_ghost_dot)
 from bench_table import PROVIDER_ORDER, format_table  # noqa: E402,F401 (format_table: this script's API)
 
 OPS = ("bilinear", "fisher_norm", "bilinear_fisher_norm", "ghost_dot")
@@ -100,24 +102,8 @@ def matmul_shape(op: str, N: int, V: Optional[int], d_in: int, d_out: int) -> tu
 
 
 # ------------------------------------------------------------------------------------------ torch peers
-def torch_bilinear(a, g, M):
-    return ((a @ M.T).float() * g.float()).sum(-1)
-
-
-def torch_fisher_norm(a, g, F):
-    return (((a * a) @ F.T).float() * (g * g).float()).sum(-1)
-
-
-def torch_bilinear_fisher_norm(a, g, M, F):
-    return torch_bilinear(a, g, M), torch_fisher_norm(a, g, F)
-
-
-def torch_ghost_dot(a, g, a_ref, g_ref):
-    return ((g @ g_ref.T).float() * (a @ a_ref.T).float()).sum(-1)
-
-
-TORCH_FNS = {"bilinear": torch_bilinear, "fisher_norm": torch_fisher_norm,
-             "bilinear_fisher_norm": torch_bilinear_fisher_norm, "ghost_dot": torch_ghost_dot}
+# The eager peers and the per-token contraction are the package's (alphatoken.benchtools), shared with
+# `alphatoken bench --builtin`.
 _COMPILED: Dict[str, Callable] = {}
 
 
@@ -132,7 +118,7 @@ def per_token_grads(a: torch.Tensor, g: torch.Tensor, method: str = "func") -> t
     seconds-long smoke mode, method="outer", by a broadcast outer product: the same tensor without importing
     torch._dynamo)."""
     if method == "outer":
-        return g[:, :, None] * a[:, None, :]
+        return outer_grads(a, g)
     from torch.func import grad, vmap
 
     W = _per_token_grads_weight(g.shape[1], a.shape[1], a.dtype, a.device)
@@ -155,16 +141,7 @@ def _per_token_grads_weight(d_out, d_in, dtype, device):
 
 
 def materialized(op: str, t: dict, per_token: str = "func"):
-    G = per_token_grads(t["a"], t["g"], per_token)
-    flat = G.reshape(G.shape[0], -1)
-    if op == "bilinear":
-        return (flat @ t["M"].reshape(-1)).float()
-    if op == "fisher_norm":
-        return ((flat * flat) @ t["F"].reshape(-1)).float()
-    if op == "bilinear_fisher_norm":
-        return (flat @ t["M"].reshape(-1)).float(), ((flat * flat) @ t["F"].reshape(-1)).float()
-    U = (t["g_ref"].T @ t["a_ref"])  # Σ_v g'_v a'_vᵀ
-    return (flat @ U.reshape(-1)).float()
+    return contract_per_token(op, per_token_grads(t["a"], t["g"], per_token), t)
 
 
 def materialized_bytes(op: str, N: int, d_in: int, d_out: int, elt: int) -> int:

@@ -40,43 +40,28 @@ def _train(out_dir: str, deepspeed: bool):
     return trainer
 
 
+def _compare(out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from integration_helpers import ddp_comparison, save_rank_result
+
+    ddp = _train(out_dir, deepspeed=False)
+    ddp_weights = [p.detach().clone() for p in ddp.accelerator.unwrap_model(ddp.model).parameters()]
+    ds = _train(out_dir, deepspeed=True)
+    ds_weights = [p.detach().clone() for p in ds.accelerator.unwrap_model(ds.model).parameters()]
+    result = {"world": dist.get_world_size(), "deepspeed": bool(ds.is_deepspeed_enabled),
+              "stage": ds.accelerator.state.deepspeed_plugin.zero_stage,
+              **ddp_comparison(ddp, ds, ddp_weights, ds_weights)}
+    save_rank_result(ds, result, out_dir, "ds")
+
+
 def main(out_dir: str) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    import torch.distributed as dist
+    from integration_helpers import run_rank_and_exit
 
-    code = 0
-    try:
-        ddp = _train(out_dir, deepspeed=False)
-        ddp_weights = [p.detach().clone() for p in ddp.accelerator.unwrap_model(ddp.model).parameters()]
-        ds = _train(out_dir, deepspeed=True)
-        ds_weights = [p.detach().clone() for p in ds.accelerator.unwrap_model(ds.model).parameters()]
-
-        def logged(trainer, key):
-            return [h[key] for h in trainer.state.log_history if "loss" in h]
-
-        result = {"world": dist.get_world_size(), "deepspeed": bool(ds.is_deepspeed_enabled),
-                  "stage": ds.accelerator.state.deepspeed_plugin.zero_stage,
-                  "weights_diff": max(float((a - b).abs().max()) for a, b in zip(ds_weights, ddp_weights)),
-                  "loss": (logged(ddp, "loss"), logged(ds, "loss")),
-                  "keep_ratio": (logged(ddp, "alphatoken/keep_ratio"), logged(ds, "alphatoken/keep_ratio"))}
-        torch.save(result, os.path.join(out_dir, f"ds_rank{dist.get_rank()}.pt"))
-        ds.accelerator.wait_for_everyone()
-        ds.accelerator.end_training()
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    finally:
-        # Tear the group down and skip the interpreter's teardown, where a gloo worker thread can abort the
-        # process ("terminate called without an active exception") after the results were written.
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    run_rank_and_exit(lambda: _compare(out_dir))
 
 
 if __name__ == "__main__":

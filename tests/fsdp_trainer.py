@@ -52,58 +52,40 @@ def _train(fsdp: bool, out_dir: str, fisher):
     return trainer
 
 
-def main(out_dir: str) -> None:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
+def _compare(out_dir: str) -> None:
     import torch.distributed as dist
 
     import alphatoken as at
     from alphatoken.sharding import full, is_sharded
-    from integration_helpers import pad_batch, sft_examples, tiny_llama
+    from integration_helpers import ddp_comparison, pad_batch, save_rank_result, sft_examples, tiny_llama
 
-    code = 0
-    try:
-        fisher = at.estimate_fisher(tiny_llama().double(), [pad_batch(sft_examples(4, seed=11))], kind="diag",
-                                    labels="data", progress=False)
-        ddp = _train(False, out_dir, fisher)
-        ddp_weights = [p.detach().clone() for p in ddp.accelerator.unwrap_model(ddp.model).parameters()]
-        sharded = _train(True, out_dir, fisher)
-        model = sharded.model
-        valuer = sharded.alphatoken_valuer
-        fsdp_weights = [full(p.detach()) for p in model.parameters()]
+    fisher = at.estimate_fisher(tiny_llama().double(), [pad_batch(sft_examples(4, seed=11))], kind="diag",
+                                labels="data", progress=False)
+    ddp = _train(False, out_dir, fisher)
+    ddp_weights = [p.detach().clone() for p in ddp.accelerator.unwrap_model(ddp.model).parameters()]
+    sharded = _train(True, out_dir, fisher)
+    model = sharded.model
+    valuer = sharded.alphatoken_valuer
+    fsdp_weights = [full(p.detach()) for p in model.parameters()]
+    result = {
+        "world": dist.get_world_size(),
+        "weights_sharded": all(is_sharded(p) for p in model.parameters()),
+        "anchor_sharded": all(is_sharded(t) for t in valuer.anchor.weights.values()),
+        "fisher_sharded": all(is_sharded(e[1]) for e in valuer.fisher_entries.values()),
+        "moved": max(float((a - b).abs().max()) for a, b in zip(fsdp_weights, tiny_llama().double().parameters())),
+        "drift_live": all(valuer.anchor.moved(layer) for layer in valuer.layers),
+        **ddp_comparison(ddp, sharded, ddp_weights, fsdp_weights, keys=("loss", "keep_ratio", "stability")),
+    }
+    save_rank_result(sharded, result, out_dir, "trainer")
 
-        def logged(trainer, key):
-            return [h[key] for h in trainer.state.log_history if "loss" in h]
 
-        result = {
-            "world": dist.get_world_size(),
-            "weights_sharded": all(is_sharded(p) for p in model.parameters()),
-            "anchor_sharded": all(is_sharded(t) for t in valuer.anchor.weights.values()),
-            "fisher_sharded": all(is_sharded(e[1]) for e in valuer.fisher_entries.values()),
-            "weights_diff": max(float((a - b).abs().max()) for a, b in zip(fsdp_weights, ddp_weights)),
-            "moved": max(float((a - b).abs().max()) for a, b in zip(fsdp_weights, tiny_llama().double().parameters())),
-            "drift_live": all(valuer.anchor.moved(layer) for layer in valuer.layers),
-            "loss": (logged(ddp, "loss"), logged(sharded, "loss")),
-            "keep_ratio": (logged(ddp, "alphatoken/keep_ratio"), logged(sharded, "alphatoken/keep_ratio")),
-            "stability": (logged(ddp, "alphatoken/stability"), logged(sharded, "alphatoken/stability")),
-        }
-        torch.save(result, os.path.join(out_dir, f"trainer_rank{dist.get_rank()}.pt"))
-        sharded.accelerator.wait_for_everyone()
-        sharded.accelerator.end_training()
-    except BaseException:
-        import traceback
+def main(out_dir: str) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    from integration_helpers import run_rank_and_exit
 
-        traceback.print_exc()
-        code = 1
-    finally:
-        # Tear the gloo group down and skip the interpreter's teardown, where a gloo worker thread can abort the
-        # process ("terminate called without an active exception") after the results were written.
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    run_rank_and_exit(lambda: _compare(out_dir))
 
 
 if __name__ == "__main__":

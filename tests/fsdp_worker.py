@@ -65,24 +65,11 @@ def _kept_logits_rel(vs, v1, rank: int, world: int) -> float:
 
 
 def _shard(model, layout: str = "root"):
-    """fully_shard every decoder layer, then the head's unit, then the root. layout "root": the head (and the
-    embedding) in the root unit; "accelerate": accelerate's FSDP2 layout, the input embedding its own unit (untied)
-    and the tail [final norm, head] (with a tied embedding) one unit kept unsharded after forward; "head": the head
-    alone in a unit that reshards after forward."""
-    from torch.distributed.fsdp import fully_shard
+    """FSDP2 units by `layout` (root, accelerate or head): `alphatoken.sharding.fully_shard_causal_lm`, as the
+    FSDP2 memory benchmark shards its model."""
+    from alphatoken.sharding import fully_shard_causal_lm
 
-    for block in model.model.layers:
-        fully_shard(block)
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    if layout == "accelerate":
-        if not tied:
-            fully_shard(model.model.embed_tokens)
-        tail = [model.model.norm, model.model.embed_tokens, model.lm_head] if tied else [model.model.norm, model.lm_head]
-        fully_shard(tail, reshard_after_forward=False)
-    elif layout == "head":
-        fully_shard(model.lm_head)
-    fully_shard(model)
-    return model
+    return fully_shard_causal_lm(model, layout)
 
 
 def _full_params(model) -> list:
@@ -136,21 +123,18 @@ def run_mixed_precision(rank: int, world: int) -> dict:
     """FSDP2 mixed precision (float32 parameters, bfloat16 compute): inside a unit's window the module holds the
     bfloat16 cast, but Δ is the parameters' own drift. Every Δ the valuer forms while valuing is None before any
     move (the cast is no move), and equals one process's float32 Δ exactly after one."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     import alphatoken as at
-    from alphatoken.sharding import store_like
+    from alphatoken.sharding import fully_shard_causal_lm, store_like
     from models import SPEC_RULE, move_weights, random_batch, tiny_model
 
     base = tiny_model("llama", seed=3, dtype=torch.float32)
     move_weights(base, seed=9)
     fisher = at.estimate_fisher(copy.deepcopy(base), [random_batch(11, B=4)], kind="diag", labels="data",
                                 progress=False)
-    sharded = copy.deepcopy(base)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in sharded.model.layers:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(sharded, mp_policy=policy)
+    sharded = fully_shard_causal_lm(copy.deepcopy(base), "root", mp_policy=policy)
     vs = at.AlphaToken(sharded, at.AlphaTokenConfig(**SPEC_RULE, global_selection=True), fisher=fisher)
     seen = []
     delta = vs.anchor.delta

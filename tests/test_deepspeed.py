@@ -2,14 +2,10 @@
 trainer's losses, keep ratios and final weights equal the same run under DDP. ZeRO-3 is refused where the valuer
 is built (tests/test_fsdp.py::test_deepspeed_zero3_weights_are_refused)."""
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
-import torch
 
-from test_fsdp import _env, _free_port
+from integration_helpers import launch_two_ranks
 
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
@@ -19,14 +15,7 @@ needs_deepspeed = pytest.mark.skipif(
 
 @needs_deepspeed
 def test_zero2_ahead_mode_equals_ddp(tmp_path):
-    script = os.path.join(os.path.dirname(__file__), "deepspeed_trainer.py")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), script, str(tmp_path)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for r in range(2):
-        res = torch.load(tmp_path / f"ds_rank{r}.pt")
+    for res in launch_two_ranks("deepspeed_trainer.py", tmp_path, results="ds_rank{}.pt"):
         assert res["world"] == 2 and res["deepspeed"] and res["stage"] == 2, res
         assert res["weights_diff"] < 1e-6, res  # float32 AdamW, DeepSpeed's partitioned step vs DDP's
         ddp, ds = res["loss"]

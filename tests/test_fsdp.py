@@ -2,26 +2,12 @@
 process's on the whole batch (float64, drift live, kfac and diag, untied and tied head); θ₀ and the diag Fisher
 are stored sharded (per-rank bytes sum to one process's); a checkpoint of model, optimizer and θ₀ resumes the run
 exactly. The single-process pieces of `alphatoken.sharding` are checked here directly."""
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import alphatoken as at
 from alphatoken.sharding import full, hold_unsharded, is_sharded, local_nbytes, store_like
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "ALPHATOKEN_PROGRESS": "0"}
+from integration_helpers import launch_two_ranks
 
 
 def test_sharding_helpers_are_the_identity_on_plain_tensors():
@@ -73,11 +59,7 @@ def test_deepspeed_zero3_weights_are_refused():
 def test_fsdp2_values_masks_steps_and_checkpoint_equal_single_process(tmp_path, layout):
     """layout "root": the head sharded with the root unit; "accelerate": accelerate's FSDP2 layout (embedding and
     the tail [final norm, head] their own units)."""
-    script = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), script, str(tmp_path), layout]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_two_ranks("fsdp_worker.py", tmp_path, layout, launcher="torchrun")
     for r in range(2 if layout == "root" else 0):  # the head as its own unit: value() equals one process's; the masked loss refuses it
         res = torch.load(tmp_path / f"fsdp_head_unit_rank{r}.pt")
         assert res["mask_equal"] and res["total_rel"] < 1e-6 and res["stability_rel"] < 1e-6, res
@@ -119,14 +101,7 @@ def test_trainer_with_accelerate_fsdp2_plugin_equals_ddp(tmp_path):
     """AlphaTokenTrainer (online mode) with accelerate's FSDP2 plugin under `accelerate launch`, 2 CPU processes:
     the weights after two accumulated steps, the logged loss, keep ratio and stability equal the same run under
     DDP (itself held to one process by test_ddp.py); weights, θ₀ and the diag Fisher were sharded."""
-    script = os.path.join(os.path.dirname(__file__), "fsdp_trainer.py")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), script, str(tmp_path)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for r in range(2):
-        res = torch.load(tmp_path / f"trainer_rank{r}.pt")
+    for res in launch_two_ranks("fsdp_trainer.py", tmp_path, results="trainer_rank{}.pt"):
         assert res["world"] == 2, res
         assert res["weights_sharded"] and res["anchor_sharded"] and res["fisher_sharded"], res
         assert res["moved"] > 1e-3 and res["drift_live"], res  # it trained, and the second step's drift was live

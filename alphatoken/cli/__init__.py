@@ -62,10 +62,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
-    from ..progress import set_progress
+    import contextlib
 
-    if getattr(args, "quiet", False):
-        set_progress(False)
+    from ..progress import forced_progress
+
+    with forced_progress(False) if getattr(args, "quiet", False) else contextlib.nullcontext():
+        return _run_command(args)
+
+
+def _run_command(args) -> int:
+    """Run the parsed command: its exit status, every failure reported on one line (UserError: 2, others: 1)."""
     debug = os.environ.get("ALPHATOKEN_DEBUG", "") not in ("", "0")
     import warnings
 
@@ -100,7 +106,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: error: {where}{type(err).__name__}: {_one_line(err)} "
               f"(set ALPHATOKEN_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
-    finally:
-        if getattr(args, "quiet", False):
-            set_progress(None)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -42,67 +41,59 @@ def _builtin_bench(quick: bool) -> list[dict]:
 
 
 def _time_cases(K, shapes, rows, quick):
-    import statistics
-
+    """Time each op's providers side by side (`alphatoken.benchtools`, the harness of benchmarks/): the kernel,
+    its eager torch peer, and the per-token route on a slice of rows, scaled to N."""
     import torch
 
-    def timeit(fn, reps=3 if quick else 7):
-        fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
+    from ..benchtools import TORCH_FNS, contract_per_token, outer_grads, time_interleaved
 
+    reps = 3 if quick else 7
+    cpu = torch.device("cpu")
     for N, d_in, d_out in shapes:
-        a, g = torch.randn(N, d_in), torch.randn(N, d_out)
-        M, F = torch.randn(d_out, d_in), torch.rand(d_out, d_in)
         V = 32
-        a_ref, g_ref = torch.randn(V, d_in), torch.randn(V, d_out)
+        t = {"a": torch.randn(N, d_in), "g": torch.randn(N, d_out), "M": torch.randn(d_out, d_in),
+             "F": torch.rand(d_out, d_in), "a_ref": torch.randn(V, d_in), "g_ref": torch.randn(V, d_out)}
         n_mat = min(N, 64)  # per-token gradients get big fast: time a slice, scale to N
-        cases = {
-            "bilinear": {
-                "alphatoken": lambda: K.bilinear(a, g, M),
-                "torch": lambda: ((g @ M) * a).sum(-1),
-                "materialized": lambda: torch.einsum("no,ni,oi->n", g[:n_mat], a[:n_mat], M),
-            },
-            "fisher_norm": {
-                "alphatoken": lambda: K.fisher_norm(a, g, F),
-                "torch": lambda: (((g * g) @ F) * (a * a)).sum(-1),
-                "materialized": lambda: ((g[:n_mat, :, None] * a[:n_mat, None, :]) ** 2 * F).sum((1, 2)),
-            },
-            "ghost_dot": {
-                "alphatoken": lambda: K.ghost_dot(a, g, a_ref, g_ref),
-                "torch": lambda: ((g @ g_ref.T) * (a @ a_ref.T)).sum(-1),
-                "materialized": lambda: ((g[:n_mat, :, None] * a[:n_mat, None, :])
-                                         * (g_ref.T @ a_ref)).sum((1, 2)),
-            },
-        }
-        for op, providers in cases.items():
-            for provider, fn in providers.items():
-                ms = timeit(fn)
+        part = {**t, "a": t["a"][:n_mat], "g": t["g"][:n_mat]}
+        for op in ("bilinear", "fisher_norm", "ghost_dot"):
+            args = _op_args(op, t)
+            providers = {
+                "alphatoken": lambda op=op, args=args: getattr(K, op)(*args),
+                "torch": lambda op=op, args=args: TORCH_FNS[op](*args),
+                "materialized": lambda op=op: contract_per_token(op, outer_grads(part["a"], part["g"]), part),
+            }
+            timings = time_interleaved(providers, cpu, rounds=reps, inner=1, warmup=1)
+            for provider, (ms, _, _) in timings.items():
                 timed = n_mat if provider == "materialized" else N
                 if timed < N:  # an estimate, not a measurement: marked in its own column
                     ms *= N / timed
-                backend = K.backend_for(a) if provider == "alphatoken" else "torch"
+                backend = K.backend_for(t["a"]) if provider == "alphatoken" else "torch"
                 rows.append({"op": op, "N": N, "d_in": d_in, "d_out": d_out, "provider": provider,
                              "backend": backend, "median_ms": ms, "timed_rows": timed,
                              "extrapolated": "true" if timed < N else "false"})
 
 
+def _op_args(op: str, t: dict) -> tuple:
+    """The kernel's positional arguments for `op` from the case's tensors."""
+    if op == "bilinear":
+        return t["a"], t["g"], t["M"]
+    if op == "fisher_norm":
+        return t["a"], t["g"], t["F"]
+    return t["a"], t["g"], t["a_ref"], t["g_ref"]
+
+
 def _format_rows(rows: list[dict]) -> str:
     cols = ["op", "N", "d_in", "d_out", "provider", "backend", "median_ms", "vs_torch"]
     torch_ms = {(r["op"], r["N"], r["d_in"]): r["median_ms"] for r in rows if r["provider"] == "torch"}
-    table = [cols]
+    table = []
     for r in rows:
         base = torch_ms.get((r["op"], r["N"], r["d_in"]))
         mark = "*" if r.get("extrapolated") == "true" else ""
         table.append([str(r["op"]), str(r["N"]), str(r["d_in"]), str(r["d_out"]), r["provider"], r["backend"],
                       f"{r['median_ms']:.3f}{mark}", f"{base / r['median_ms']:.2f}x{mark}" if base else "-"])
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
-    lines.insert(1, "-" * len(lines[0]))
+    from ..benchtools import text_table
+
+    lines = text_table(cols, table)
     if any(r.get("extrapolated") == "true" for r in rows):
         lines.append("* extrapolated: timed on the first `timed_rows` rows and scaled to N (the CSV's "
                      "`extrapolated` column), not measured")

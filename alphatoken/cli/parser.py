@@ -42,14 +42,26 @@ def add_valuation_flags(p: argparse.ArgumentParser, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `alphatoken` parser: the global flags and one subcommand each for demo, score, train and bench."""
     from .. import __version__
-    from ..toy.experiment import DEFAULTS as TOY_DEFAULTS
 
     parser = OneLineParser(
         prog=PROG, description="AlphaToken: value every response token on adaptation and stability, and train "
                                "only on the ones worth it.")
     parser.add_argument("--version", action="version", version=f"alphatoken {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{demo,score,train,bench}", parser_class=OneLineParser)
+    _add_demo(sub)
+    _add_score(sub)
+    _add_train(sub)
+    _add_bench(sub)
+    return parser
+
+
+def _add_demo(sub) -> None:
+    """`alphatoken demo`: the toy comparison, its run settings and the valuation flags (the demo's defaults)."""
+    from ..toy.experiment import ALPHATOKEN_DEFAULT, COMPARE_CONFIG
+    from ..toy.experiment import DEFAULTS as TOY_DEFAULTS
+    from .config_flags import add_config_flags
 
     p = sub.add_parser("demo", help="every token vs AlphaToken on the built-in tiny model and data (CPU, minutes)",
                        description="Fine-tune the built-in tiny Llama on its noisy target task twice — with every "
@@ -62,15 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of response tokens AlphaToken keeps (default 0.8, where the toy shows the gain)")
     p.add_argument("--fisher", choices=("diag", "kfac", "none"), default=None, help="reference Fisher (default kfac)")
     p.add_argument("--seed", type=int, default=0, help="default 0")
-    from ..toy.experiment import ALPHATOKEN_DEFAULT, COMPARE_CONFIG
-    from .config_flags import add_config_flags
-
     add_config_flags(p, "demo", defaults={**ALPHATOKEN_DEFAULT, **COMPARE_CONFIG},
                      title="valuation (AlphaTokenConfig; defaults: the demo's, target validation on the toy's "
                            "clean set)")
     add_common(p)
     p.set_defaults(func=cmd_demo)
 
+
+def _add_score(sub) -> None:
+    """`alphatoken score DATA`: the scoring and output flags, then the valuation flags."""
     p = sub.add_parser("score", help="value a JSONL dataset; write values, masks and the HTML report",
                        description="Value every response token of a JSONL dataset at the model's weights and write "
                                    "OUT/values.jsonl (per-token values and keep masks, readable by "
@@ -102,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_score)
 
+
+def _add_train(sub) -> None:
+    """`alphatoken train`: the YAML settings as flags (TRAIN_FLAGS), then the valuation flags."""
     p = sub.add_parser("train", help="SFT or DPO with AlphaToken from a YAML file and/or flags",
                        description="Fine-tune with AlphaToken's masked loss (SFT, or DPO for prompt/chosen/rejected "
                                    "data). Checkpoints (model, optimizer, step, RNG) every --save-every steps under "
@@ -120,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_bench(sub) -> None:
+    """`alphatoken bench`: which benchmark to run and where its rows go."""
     p = sub.add_parser("bench", help="run the kernel benchmarks and print the table",
                        description="Run benchmarks/gpu_bench.py (kernels vs torch, torch.compile and materialized "
                                    "per-token gradients, then the training-step cost) and print its table; without "
@@ -133,5 +151,4 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--builtin", action="store_true", help="the small built-in timing even if the script exists")
     add_common(p)
     p.set_defaults(func=cmd_bench)
-    return parser
 

@@ -7,10 +7,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..batch import IGNORE_INDEX
 from ..errors import UserError
 from .shared import (RunError, config_overrides, estimate_fisher, max_length_for, new_valuer, progress_setting,
-                     reference_logprobs, resolve_device, response_rows, say, valuation_config)
+                     resolve_device, response_rows, say, valuation_config)
 
 
 def _round(x: float) -> float:
@@ -19,35 +18,19 @@ def _round(x: float) -> float:
 
 def _score_rows(valuer, examples: list[dict], kind: str, pad_id: int, batch_size: int, device, beta: float,
                 show: Optional[bool]) -> list[dict]:
-    """Per-row value tensors (1-D, length of the row) in report order (DPO: chosen then rejected per pair)."""
-    from ..data import chunks, collate, collate_dpo
-    from ..progress import progress
+    """Per-row value tensors (1-D, length of the row) in report order (DPO: chosen then rejected per pair), from
+    the library's scoring loop (`alphatoken.offline.value_rows`; DPO credits of each batch's mean loss)."""
+    from ..offline import value_rows
 
-    fields = ("adaptation", "stability", "direct", "causal", "total", "mask", "response")
-    rows: dict[tuple, dict] = {}
-    groups = chunks(examples, batch_size)
-    for group in progress(groups, "scoring", total=len(groups), enabled=show):
-        if kind == "sft":
-            batch = collate(group, pad_id, device=device)
-            tv = valuer.value(batch).detach_cpu()
-            keys = [(ex["index"], None) for ex in group]
-            lengths = [len(ex["input_ids"]) for ex in group]
-        else:
-            from ..dpo import dpo_token_weights
-            from ..batch import response_mask
-
-            batch = collate_dpo(group, pad_id, device=device)
-            ref = reference_logprobs(valuer.model, batch)
-            resp = response_mask(batch["labels"])
-            tv = valuer.value(batch, token_weights=dpo_token_weights(ref, beta, resp)).detach_cpu()
-            keys = [(ex["index"], "chosen") for ex in group] + [(ex["index"], "rejected") for ex in group]
-            lengths = ([len(ex["chosen_input_ids"]) for ex in group]
-                       + [len(ex["rejected_input_ids"]) for ex in group])
-        for r, (key, n) in enumerate(zip(keys, lengths)):
-            rows[key] = {f: getattr(tv, f)[r, :n].clone() for f in fields}
-    order = ([(ex["index"], None) for ex in examples] if kind == "sft"
-             else [(ex["index"], part) for ex in examples for part in ("chosen", "rejected")])
-    return [rows[k] for k in order]
+    if kind == "sft":
+        sides = {None: ([ex["input_ids"] for ex in examples], [ex["labels"] for ex in examples])}
+    else:
+        sides = {part: ([ex[f"{part}_input_ids"] for ex in examples], [ex[f"{part}_labels"] for ex in examples])
+                 for part in ("chosen", "rejected")}
+    rows = {(side, i): row for side, i, row in value_rows(
+        valuer, sides, batch_size=batch_size, pad_token_id=pad_id, device=device, ref_model=valuer.model,
+        beta=beta, credit="batch", show=show)}
+    return [rows[(side, i)] for i in range(len(examples)) for side in sides]
 
 
 def _stack(rows: list[dict]):
@@ -196,7 +179,7 @@ def cmd_score(args) -> int:
     stacked = _stack(rows)
     report_rows = response_rows(examples, kind)
     if args.select_within == "dataset":  # one cut over the whole file's values (always_keep_token_ids kept)
-        _select_over_file(stacked, rows, report_rows, cfg)
+        stacked = _select_over_file(rows, report_rows, cfg)
     records_out = _value_records(examples, kind, rows, tokenizer)
 
     n_valued = int(stacked.response.sum())
@@ -256,20 +239,17 @@ def _checked_score_args(args):
     return records, kind, out, cfg
 
 
-def _select_over_file(stacked, rows, report_rows, cfg) -> None:
-    """One cut over the values of the whole file (always_keep_token_ids kept): `stacked.mask` and each row's
-    mask are replaced."""
+def _select_over_file(rows, report_rows, cfg):
+    """One cut over the values of the whole file (always_keep_token_ids kept), the library's
+    (`alphatoken.offline.select_over_dataset`): each row's mask is replaced; returns the rows stacked again."""
     import torch
 
-    from ..select import protected_tokens, select_local
+    from ..offline import select_over_dataset
 
-    labels = torch.full(stacked.total.shape, IGNORE_INDEX, dtype=torch.long)
-    for i, r in enumerate(report_rows):
-        labels[i, : len(r["labels"])] = torch.tensor(r["labels"], dtype=torch.long)
-    stacked.mask = select_local(stacked.total, stacked.response, cfg,
-                                protected=protected_tokens(labels, stacked.response, cfg))
-    for i, r in enumerate(rows):
-        r["mask"] = stacked.mask[i, : r["mask"].numel()].clone()
+    keeps = select_over_dataset([r["total"] for r in rows], [r["labels"] for r in report_rows], cfg)
+    for r, keep in zip(rows, keeps):
+        r["mask"] = torch.tensor(keep, dtype=torch.bool)
+    return _stack(rows)
 
 
 def _value_records(examples, kind: str, rows, tokenizer) -> list:

@@ -280,12 +280,8 @@ def new_valuer(model, cfg, fisher, **kwargs):
 
 
 def reference_logprobs(model, batch: dict):
-    """Per-token log-probabilities of `batch`'s labels under `model`, without gradients (DPO's reference)."""
-    import torch
+    """Per-token log-probabilities of `batch`'s labels under `model`, without gradients (DPO's reference):
+    `alphatoken.tokens.reference_logprobs`, imported when first used."""
+    from ..tokens import reference_logprobs as logprobs
 
-    from ..batch import model_inputs
-    from ..tokens import token_logprobs
-
-    with torch.no_grad():
-        logits = model(**model_inputs(model, batch)).logits
-        return token_logprobs(logits, batch["labels"])
+    return logprobs(model, batch)

@@ -226,7 +226,8 @@ def plot(csv_path: Path, png_path: Path) -> bool:
     return True
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of one quality run: seeds, steps, methods, optimizer and the data's size and noise."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=200)
@@ -254,31 +255,32 @@ def main(argv=None) -> dict:
     parser.add_argument("--merge", nargs="*", default=[],
                         help="other output dirs whose results.csv rows are merged into <out>/results.csv first "
                              "(for runs split over processes)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return parser
 
-    out = Path(args.out)
+
+def _key(r) -> tuple:
+    """A results.csv row's identity: (method, seed, steps, keep_ratio)."""
+    return r["method"], int(r["seed"]), int(r["steps"]), float(r["keep_ratio"])
+
+
+def _prepare_results(out: Path, fresh: bool, merge) -> Path:
+    """<out>/results.csv, emptied when `fresh`, with the rows of the `merge` folders' results it lacks appended."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
-    if args.fresh and csv_path.exists():
+    if fresh and csv_path.exists():
         csv_path.unlink()
-    for other in args.merge:
-        have = {(r["method"], int(r["seed"]), int(r["steps"]), float(r["keep_ratio"])) for r in read_rows(csv_path)}
+    for other in merge:
+        have = {_key(r) for r in read_rows(csv_path)}
         for r in read_rows(Path(other) / "results.csv"):
-            if (r["method"], int(r["seed"]), int(r["steps"]), float(r["keep_ratio"])) not in have:
+            if _key(r) not in have:
                 append_row(csv_path, r)
-    if args.model_dir:
-        os.environ["ALPHATOKEN_TOY_MODEL_DIR"] = str(Path(args.model_dir).resolve())
-    noise = TargetNoise(**json.loads(args.noise)) if args.noise else None
-    keep_ids = ()
-    if args.keep_eos:
-        from alphatoken.toy.tokenizer import build_tokenizer
+    return csv_path
 
-        keep_ids = (build_tokenizer().eos_token_id,)
-    specs = resolve_methods(args.methods, parse_set(args.set), args.suffix, keep_ids)
+
+def _run_missing(args, specs, csv_path: Path, noise) -> None:
+    """Train every (method, seed) not yet in results.csv, appending each row as it finishes."""
     grad_clip = args.grad_clip if args.grad_clip > 0 else None
-    done = {(r["method"], int(r["seed"]), int(r["steps"]), float(r["keep_ratio"])) for r in read_rows(csv_path)}
+    done = {_key(r) for r in read_rows(csv_path)}
     env = {"torch": torch.__version__, "device": platform.processor() or platform.machine(),
            "threads": torch.get_num_threads()}
     for spec in specs:
@@ -299,6 +301,10 @@ def main(argv=None) -> dict:
                   f"{row['mean_drop']:+.3f} (add {row['add_drop']:+.3f}) noise-dropped "
                   f"{row['noise_dropped_share']:.2f} keep {row['keep_ratio_actual']:.2f} "
                   f"train {row['wall_time']:.1f}s total {time.perf_counter() - t0:.1f}s", flush=True)
+
+
+def _write_summary(args, specs, csv_path: Path, out: Path) -> dict:
+    """The table of this run's setting (table.md, printed) and the plot; what `main` returns."""
     rows = [r for r in read_rows(csv_path) if int(r["steps"]) == args.steps
             and abs(float(r["keep_ratio"]) - args.keep_ratio) < 1e-9 and (r["method"] in {s.name for s in specs}
                                                                             or args.methods == "all")]
@@ -310,6 +316,26 @@ def main(argv=None) -> dict:
     plotted = plot(csv_path, out / "quality.png")
     return {"csv": csv_path, "table": out / "table.md", "plot": out / "quality.png" if plotted else None,
             "rows": rows}
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    out = Path(args.out)
+    csv_path = _prepare_results(out, args.fresh, args.merge)
+    if args.model_dir:
+        os.environ["ALPHATOKEN_TOY_MODEL_DIR"] = str(Path(args.model_dir).resolve())
+    noise = TargetNoise(**json.loads(args.noise)) if args.noise else None
+    keep_ids = ()
+    if args.keep_eos:
+        from alphatoken.toy.tokenizer import build_tokenizer
+
+        keep_ids = (build_tokenizer().eos_token_id,)
+    specs = resolve_methods(args.methods, parse_set(args.set), args.suffix, keep_ids)
+    _run_missing(args, specs, csv_path, noise)
+    return _write_summary(args, specs, csv_path, out)
 
 
 if __name__ == "__main__":

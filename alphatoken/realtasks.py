@@ -23,6 +23,7 @@ import torch
 
 from .batch import IGNORE_INDEX
 from .retention import GENERAL_PROMPTS as RETENTION_GENERAL_PROMPTS
+from .retention import greedy_answers, own_answers
 
 SYSTEM_PROMPT = "Answer briefly."
 
@@ -238,23 +239,19 @@ def tokenize_examples(examples: Sequence, tokenizer, return_noise: bool = True) 
     return batch
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 16) -> List[str]:
-    """Greedy answers to `prompts` (chat template, left-padded), decoded up to the end of turn."""
-    out: List[str] = []
+    """Greedy answers to `prompts` (chat template, left-padded), decoded up to the end of turn; leaves the model
+    in eval mode."""
     model.eval()
-    for i in range(0, len(prompts), batch_size):
-        texts = [chat_prefix(tokenizer, p) for p in prompts[i:i + batch_size]]
-        encs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        width = max(len(e) for e in encs)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encs])
-        attention_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encs])
-        gen = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for row in gen[:, width:]:
-            out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return out
+    pairs = greedy_answers(model, tokenizer, [chat_prefix(tokenizer, p) for p in prompts], max_new_tokens, batch_size)
+    return [tokenizer.decode(answer, skip_special_tokens=True).strip() for _, answer in pairs]
+
+
+def own_answer_openings(model, tokenizer, n_prompts: int = 16, max_new_tokens: int = 8) -> dict:
+    """The retention batch of the real-model benchmarks: `model`'s own first `max_new_tokens` tokens of answer to
+    the first `n_prompts` RETENTION_PROMPTS, in this module's chat format (`alphatoken.retention.own_answers`)."""
+    return own_answers(model, tokenizer, RETENTION_PROMPTS[:n_prompts], max_new_tokens,
+                       prefix=lambda prompt: chat_prefix(tokenizer, prompt))
 
 
 def exact_match(model, tokenizer, examples: Sequence[RealExample]) -> float:

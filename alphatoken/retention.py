@@ -42,6 +42,32 @@ def chat_prompt(tokenizer) -> Callable[[str], str]:
 
 
 @torch.no_grad()
+def greedy_answers(model, tokenizer, prefixes: Sequence[str], max_new_tokens: int, batch_size: int = 16):
+    """[(prefix ids, answer ids)] per text of `prefixes`: the model's greedy continuation (left-padded batches on
+    the model's device), cut after its end-of-sequence token when it has one. The model's train/eval mode is
+    restored."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(prefixes), batch_size):
+            encoded = [tokenizer(text, add_special_tokens=False)["input_ids"]
+                       for text in prefixes[start:start + batch_size]]
+            width = max(len(e) for e in encoded)
+            input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
+            attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+            generated = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                       do_sample=False, pad_token_id=pad, eos_token_id=eos)
+            for e, answer in zip(encoded, generated[:, width:].tolist()):
+                out.append((e, answer[:answer.index(eos) + 1] if eos in answer else answer))
+    finally:
+        model.train(was_training)
+    return out
+
+
 def own_answers(model, tokenizer, prompts: Sequence[str] = GENERAL_PROMPTS, max_new_tokens: int = 8,
                 prefix: Optional[Callable[[str], str]] = None, batch_size: int = 16) -> dict:
     """A right-padded batch {input_ids, attention_mask, labels} of `prefix(prompt)` followed by the model's own
@@ -55,26 +81,10 @@ def own_answers(model, tokenizer, prompts: Sequence[str] = GENERAL_PROMPTS, max_
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prefix = prefix or chat_prompt(tokenizer)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    rows = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            encoded = [tokenizer(prefix(p), add_special_tokens=False)["input_ids"]
-                       for p in prompts[start:start + batch_size]]
-            width = max(len(e) for e in encoded)
-            input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
-            attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-            out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=eos)
-            for e, generated in zip(encoded, out[:, width:].tolist()):
-                answer = generated[:generated.index(eos) + 1] if eos in generated else generated
-                rows.append((e + answer, [IGNORE_INDEX] * len(e) + answer))
-    finally:
-        model.train(was_training)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [(e + answer, [IGNORE_INDEX] * len(e) + answer)
+            for e, answer in greedy_answers(model, tokenizer, [prefix(p) for p in prompts], max_new_tokens,
+                                            batch_size)]
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -86,4 +96,4 @@ def own_answers(model, tokenizer, prompts: Sequence[str] = GENERAL_PROMPTS, max_
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-__all__ = ["GENERAL_PROMPTS", "chat_prompt", "own_answers"]
+__all__ = ["GENERAL_PROMPTS", "chat_prompt", "greedy_answers", "own_answers"]

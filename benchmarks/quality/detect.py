@@ -119,7 +119,6 @@ def real_world(task: str, seed: int, n_batches: int, batch_size: int, sft_steps:
                reference_blocks: int = None) -> World:
     from alphatoken import realtasks as R
     from alphatoken.pretrained import load_pretrained
-    from alphatoken.retention import own_answers
 
     model, tokenizer = load_pretrained("smollm2")
     data = R.task_data(task, n_train=max(256, n_batches * batch_size), n_validation=16, seed=seed)
@@ -134,8 +133,7 @@ def real_world(task: str, seed: int, n_batches: int, batch_size: int, sft_steps:
         finetune_real(m, tokenizer, examples, steps=sft_steps, seed=seed, train_blocks=blocks)
 
     fisher_batches = [_strip(b) for b in batches[:2]]
-    retention = own_answers(model, tokenizer, R.RETENTION_PROMPTS[:16], 8,
-                            prefix=lambda prompt: R.chat_prefix(tokenizer, prompt))  # at θ₀, made once
+    retention = R.own_answer_openings(model, tokenizer, 16, 8)  # at θ₀, made once
     return World(f"real-{task}", model, tokenizer, batches, validation, tune, "all", fisher_batches, retention)
 
 

@@ -47,7 +47,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import alphatoken as at  # noqa: E402
 from alphatoken import realtasks as R  # noqa: E402
 from alphatoken.pretrained import load_pretrained  # noqa: E402
-from alphatoken.retention import own_answers  # noqa: E402
 from alphatoken.scorers import make_scorer  # noqa: E402
 from detect import _strip, git_revision, set_trainable_blocks, train_real  # noqa: E402
 
@@ -71,7 +70,8 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
                                         generator=torch.Generator().manual_seed(seed), progress=False)
             if method == "alphatoken":
                 cfg = cfg.replace(target="validation", **args.alphatoken_overrides)
-                retention = None if args.own_answers is None else {k: v.to(device) for k, v in args.own_answers.items()}
+                retention = (None if args.own_answers is None else
+                             {k: v.to(device) for k, v in args.own_answers.items()})
                 return at.AlphaToken(model, cfg, fisher=fisher, validation=validation, retention=retention)
             if method == "alphatoken_retention":
                 task = at.AlphaToken(model, cfg.replace(target="validation", **args.alphatoken_overrides),
@@ -114,26 +114,26 @@ class TwoTargets:
         self.keep.close()
 
 
-def retention_batch(tokenizer, args) -> dict:
-    """The base model's own first --retention-tokens tokens of answer to the retention prompts (cut end unlabelled)."""
-    extra = list(args.retention_short)
-    batch = _strip(R.tokenize_examples(extra, tokenizer, return_noise=False))
-    for row in range(len(extra)):
+def with_cut_answers(tokenizer, examples, answers) -> dict:
+    """One batch of clean `examples` followed by decoded answer openings (`args.retention_short`), whose appended
+    end of turn is unlabelled: those answers were cut, not ended."""
+    batch = _strip(R.tokenize_examples(list(examples) + list(answers), tokenizer, return_noise=False))
+    for row in range(len(examples), len(examples) + len(answers)):
         last = int((batch["labels"][row] != -100).nonzero().max())
         batch["labels"][row, last] = -100
     return batch
 
 
+def retention_batch(tokenizer, args) -> dict:
+    """The base model's own first --retention-tokens tokens of answer to the retention prompts (decoded)."""
+    return with_cut_answers(tokenizer, [], args.retention_short)
+
+
 def validation_batch(data, tokenizer, args) -> dict:
     """AlphaToken's clean validation batch; with --validation-retention N, the base model's own first
-    --retention-tokens tokens of answer to N retention prompts are added (their cut-off end of turn unlabelled), so
-    that U also points at keeping what the model already says."""
-    extra = list(args.retention_short[:args.validation_retention])
-    batch = _strip(R.tokenize_examples(list(data.validation) + extra, tokenizer, return_noise=False))
-    for row in range(len(data.validation), len(data.validation) + len(extra)):
-        last = int((batch["labels"][row] != -100).nonzero().max())
-        batch["labels"][row, last] = -100  # the answer was cut, not ended
-    return batch
+    --retention-tokens tokens of answer to N retention prompts are added, so that U also points at keeping what
+    the model already says."""
+    return with_cut_answers(tokenizer, data.validation, args.retention_short[:args.validation_retention])
 
 
 def fisher_data(data, tokenizer, args) -> list:
@@ -274,9 +274,8 @@ def main(argv=None):
     answers = R.reference_answers(base, tokenizer)
     args.retention_answers = (R.reference_answers(base, tokenizer, R.RETENTION_PROMPTS)
                               if args.fisher_data == "retention" else [])
-    args.own_answers = None if not args.retention else own_answers(
-        base, tokenizer, R.RETENTION_PROMPTS[:args.retention], args.retention_tokens,
-        prefix=lambda prompt: R.chat_prefix(tokenizer, prompt))
+    args.own_answers = (R.own_answer_openings(base, tokenizer, args.retention, args.retention_tokens)
+                        if args.retention else None)
     args.retention_short = (R.reference_answers(base, tokenizer, R.RETENTION_PROMPTS, args.retention_tokens)
                             if args.validation_retention or "_retention" in args.methods else [])
     base_nll = R.answers_nll(base, tokenizer, answers)

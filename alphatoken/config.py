@@ -48,6 +48,9 @@ class AlphaTokenConfig:
     retention_weight: μ, with target="validation" and a retention batch (`AlphaToken(retention=...)`, e.g. the
         base model's own answers from `alphatoken.retention.own_answers`): U = ∇L_val + μ·∇L_ret, so a token whose
         step would undo what the model already says is valued down too (DESIGN §3.8).
+    retention_normalize: weigh the retention gradient relative to the validation one, U = ∇L_val +
+        μ·(‖∇L_val‖/‖∇L_ret‖)·∇L_ret (norms over all tracked layers, at each refresh), so μ is the retention
+        direction's share of U however far training has moved either loss (DESIGN §3.8).
     tune_steps / tune_lr: with target="tuned" (U = θ − θ_val, the displacement from a copy of the model tuned on
         the validation batches; DESIGN §3.6), the AdamW steps and learning rate of that tuning, done once when the
         valuer is built (unless it is given tuned=<the tuned model or state dict>).
@@ -78,6 +81,7 @@ class AlphaTokenConfig:
     leave_one_out: bool = False
     refresh: int = 1
     retention_weight: float = 1.0
+    retention_normalize: bool = False
     tune_steps: int = 32
     tune_lr: float = 1e-4
     tracked_layers: Union[str, int] = "all"
@@ -116,6 +120,7 @@ class AlphaTokenConfig:
         self.refresh = _integer("refresh", self.refresh, low=1)
         self.retention_weight = _number("retention_weight", self.retention_weight, low=0.0,
                                         hint="μ >= 0 weighs the retention batch's gradient in U (0 ignores it)")
+        self.retention_normalize = _flag("retention_normalize", self.retention_normalize)
         self.tune_steps = _integer("tune_steps", self.tune_steps, low=1)
         self.tune_lr = _number("tune_lr", self.tune_lr, low=0.0, low_open=True,
                                hint="the AdamW learning rate of the tuned target's reference, e.g. 1e-4")

@@ -62,6 +62,19 @@ def add_directions(first: Direction, second: Direction, weight: float) -> Direct
     return Direction(matrix=m1.to(dtype) + weight * m2.to(dtype), scale=1.0)
 
 
+def direction_square_norm(direction: Direction) -> torch.Tensor:
+    """‖U‖²_F in float64: ‖scale·M‖² for a matrix; for factors, scale²·Σ_ij (a_i·a_j)(g_i·g_j) (the Gram
+    form, no weight-sized matrix), in row blocks."""
+    scale = float(direction.scale)
+    if direction.matrix is not None:
+        return scale * scale * direction.matrix.double().square().sum()
+    a, g = direction.a_ref.double(), direction.g_ref.double()
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[0], 1024):
+        total = total + ((a[start:start + 1024] @ a.T) * (g[start:start + 1024] @ g.T)).sum()
+    return scale * scale * total
+
+
 def matched(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernels take a and g in one dtype: mixed precision (autocast) goes to float32."""
     if a.dtype != g.dtype:

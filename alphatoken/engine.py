@@ -40,8 +40,8 @@ from .layers import TrackedLayer, discover_layers, unvalued_weights
 from .losses import kept_mean_nll, masked_causal_lm_loss
 from .select import protected_tokens, select_tokens
 from .sharding import check_head_for_training, check_sharding, full, hold_unsharded, store_like
-from .targets import (batch_direction, pad_zeroed, resolve_auto, retention_cycle, tuned_target, validation_cycle,
-                      validation_directions, with_retention)
+from .targets import (batch_direction, pad_zeroed, resolve_auto, retention_cycle, retention_scale, tuned_target,
+                      validation_cycle, validation_directions, with_retention)
 from .tokens import accumulation_dtype, nll_with_graph
 from .values import StepResult, TokenValues
 from alphatoken import kernels as K
@@ -141,6 +141,7 @@ class AlphaToken:
         if cfg.target == "validation":
             self.validation_batches = validation_cycle(validation)
         self.retention_batches = retention_cycle(retention, cfg)
+        self.retention_factor: Optional[float] = None  # the factor on ∇L_ret at the last refresh (DESIGN §3.8)
         self.capture = Capture(self.layers)
         self.steps = 0
         self._last_values: Optional[TokenValues] = None
@@ -581,7 +582,9 @@ class AlphaToken:
         if self.retention_batches is not None:
             kept = validation_directions(self.capture, model, validate_batch(next(self.retention_batches), self.device),
                                          self._check_finite, what="retention")
-            directions = with_retention(directions, kept, self.cfg.retention_weight)
+            self.retention_factor = retention_scale(directions, kept, self.cfg.retention_weight,
+                                                    self.cfg.retention_normalize)
+            directions = with_retention(directions, kept, self.retention_factor)
         self.directions = directions
 
     # ---------------------------------------------------------------- errors

@@ -4,7 +4,7 @@
   the layer's rows with the padding rows zeroed, `pad_zeroed`);
 * "validation": U is the gradient of the mean NLL of a validation batch, refreshed every `cfg.refresh` steps
   (`validation_cycle`, `validation_directions`, through the one capture session); with a retention batch,
-  U = U_val + μ·U_ret (`retention_cycle`, `with_retention`, DESIGN §3.8);
+  U = U_val + μ·U_ret (`retention_cycle`, `with_retention`, `retention_scale`, DESIGN §3.8);
 * "tuned": U is the displacement of a copy tuned on the validation batches (`tuned_target`, `alphatoken.tuned`);
 * "none": no U, adaptation is 0; "auto" resolves to "validation" or "none" (`resolve_auto`).
 """
@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from .batch import model_inputs, nonpad_rows, response_mask, response_rows
-from .credits import Direction, add_directions, embedding_direction, matched
+from .credits import Direction, add_directions, direction_square_norm, embedding_direction, matched
 from .distributed import all_reduce_sum
 from .hooks import Capture, LayerRows
 from .layers import TrackedLayer
@@ -91,8 +91,18 @@ def retention_cycle(retention, cfg):
     return validation_cycle(retention, "retention")
 
 
+def retention_scale(directions: dict[int, Direction], retention: dict[int, Direction], weight: float,
+                    normalize: bool) -> float:
+    """The factor on U_ret: μ, or with `normalize` μ·‖U_val‖/‖U_ret‖ over all layers (0 when U_ret is 0)."""
+    if not normalize:
+        return weight
+    val = sum(float(direction_square_norm(d)) for d in directions.values())
+    ret = sum(float(direction_square_norm(d)) for d in retention.values())
+    return weight * (val / ret) ** 0.5 if ret > 0 else 0.0
+
+
 def with_retention(directions: dict[int, Direction], retention: dict[int, Direction], weight: float):
-    """U = U_val + μ·U_ret per layer (DESIGN §3.8)."""
+    """U = U_val + weight·U_ret per layer (DESIGN §3.8)."""
     return {i: add_directions(d, retention[i], weight) for i, d in directions.items()}
 
 

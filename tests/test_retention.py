@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import alphatoken as at
-from alphatoken.credits import Direction, add_directions
+from alphatoken.credits import Direction, add_directions, direction_square_norm
 from alphatoken.retention import own_answers
 
 from brute import brute_values, target_gradients
@@ -63,6 +63,34 @@ def test_retention_with_stability_and_the_library_rule_matches_brute_force_parts
         assert (got - want[objective]).abs().max().item() <= 2e-5 * scale, objective
 
 
+@pytest.mark.parametrize("ghost", [True, False], ids=["ghost", "materialized"])
+def test_normalized_retention_weighs_it_by_the_ratio_of_the_gradient_norms(ghost, monkeypatch):
+    from alphatoken import kernels as K
+
+    monkeypatch.setattr(K, "use_ghost", lambda *args: ghost)
+    model = tiny_model("gpt2", seed=331)
+    batch, val, ret = random_batch(332), random_batch(333, B=2), random_batch(334, B=3, T=6)
+    head, body = names_of(model)
+    valuer = _valuer(model, validation=val, retention=ret, cfg={"retention_weight": 0.4, "retention_normalize": True})
+    tv = valuer.value(batch)
+    u_val, u_ret = (target_gradients(model, x, [head] + body) for x in (val, ret))
+    norm = lambda u: sum(float(v.double().square().sum()) for v in u.values()) ** 0.5
+    factor = 0.4 * norm(u_val) / norm(u_ret)
+    assert valuer.retention_factor == pytest.approx(factor, rel=1e-9)
+    assert abs(factor - 0.4) > 0.05  # the norms differ, so normalizing changes U
+    want = brute_values(model, batch, head, body, target={n: u_val[n] + factor * u_ret[n] for n in u_val})
+    assert_fields(tv, want, tv.response)
+
+
+@pytest.mark.parametrize("kind", ["factors", "matrix"])
+def test_direction_square_norm_is_the_frobenius_norm(kind):
+    g = torch.Generator().manual_seed(335)
+    a, go = torch.randn(2100, 5, generator=g, dtype=torch.float64), torch.randn(2100, 3, generator=g, dtype=torch.float64)
+    d = Direction(a_ref=a, g_ref=go, scale=0.3) if kind == "factors" else Direction(matrix=go.T @ a, scale=0.3)
+    want = (0.3 * go.T @ a).square().sum()
+    torch.testing.assert_close(direction_square_norm(d), want, rtol=1e-12, atol=0)
+
+
 def test_zero_weight_is_the_validation_target_alone():
     model = tiny_model("qwen2", seed=311)
     batch, val, ret = random_batch(312), random_batch(313, B=2), random_batch(314, B=2)
@@ -112,6 +140,8 @@ def test_retention_needs_the_validation_target():
         _valuer(model, validation=random_batch(323, B=2), retention=[])
     with pytest.raises(ValueError, match="retention_weight"):
         at.AlphaTokenConfig(retention_weight=-1.0)
+    with pytest.raises((TypeError, ValueError), match="retention_normalize"):
+        at.AlphaTokenConfig(retention_normalize="yes")
 
 
 class _CharTokenizer:

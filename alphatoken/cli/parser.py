@@ -26,7 +26,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 def add_valuation_flags(p: argparse.ArgumentParser, command: str) -> None:
     """Every AlphaTokenConfig field as a flag (generated from the dataclass: see `config_flags`), plus the
-    conveniences that need the data or the tokenizer: --validation FILE and --keep-eos."""
+    conveniences that need the data or the tokenizer: --validation FILE, --retention and --keep-eos."""
     from .config_flags import add_config_flags
 
     add_config_flags(p, command)
@@ -37,6 +37,12 @@ def add_valuation_flags(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--validation-batch-size", type=int, default=None, metavar="N",
                    help="rows per validation batch, cycled every `refresh` steps (default: the whole file as one "
                         "batch, one fixed direction)")
+    g.add_argument("--retention", default=None, metavar="builtin|FILE",
+                   help="with --validation: also keep what the model already says (DESIGN §3.8): 'builtin' (its own "
+                        "answers to built-in general prompts), a JSONL of prompts (its own answers to them) or of "
+                        "prompt/response records; weighed by --retention-weight (default: none)")
+    g.add_argument("--retention-tokens", type=int, default=None, metavar="N",
+                   help="tokens of each generated retention answer (default 8)")
     g.add_argument("--keep-eos", action="store_true", default=None,
                    help="always keep the tokenizer's eos token (adds its id to always_keep_token_ids; default off)")
 

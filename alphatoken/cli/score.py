@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
+from .retention import check_retention, retention_batch, retention_tokens
 from .shared import (RunError, config_overrides, estimate_fisher, max_length_for, new_valuer, progress_setting,
                      resolve_device, response_rows, say, valuation_config)
 
@@ -74,13 +75,15 @@ def _value_record(prefix: str, ids: list, labels: list, row: dict, tokenizer) ->
 OUTPUT_NAMES = ("values.jsonl", "report.html", "summary.json", "fisher.safetensors")
 
 
-def check_paths(data, model, validation, out: Path) -> None:
+def check_paths(data, model, validation, out: Path, retention: Optional[str] = None) -> None:
     """UserError unless writing OUT (which score replaces whole) leaves every input alone: the data, the
     validation file and the model folder must not lie inside --out, and an existing --out may hold only
     score's own outputs."""
     from .shared import is_within, model_folder
 
     inputs = [("the data file", data), ("the --validation file", validation)]
+    if retention not in (None, "builtin"):
+        inputs.append(("the --retention file", retention))
     folder = model_folder(model) if model not in (None, "", "builtin") else None
     inputs.append(("the --model folder", folder))
     for what, path in inputs:
@@ -162,6 +165,11 @@ def cmd_score(args) -> int:
         validation = validation_batches(args.validation, tokenizer, pad_id, max_length=max_length,
                                         batch_size=args.validation_batch_size, device=device,
                                         add_eos=not args.no_eos)
+    retention = None
+    if args.retention is not None:
+        retention = retention_batch(args.retention, model, tokenizer, pad_id, max_length=max_length,
+                                    tokens=retention_tokens(args.retention_tokens), device=device,
+                                    add_eos=not args.no_eos)
     n_rows = len(examples) * (1 if kind == "sft" else 2)
     say(f"scoring {len(examples)} {'prompt/response' if kind == 'sft' else 'preference pair'} records "
         f"({n_rows} responses) from {args.data} with model {args.model} on {device}")
@@ -171,7 +179,7 @@ def cmd_score(args) -> int:
         torch.manual_seed(args.seed)
         fisher = estimate_fisher(model, examples, kind, fisher=args.fisher, batch_size=args.batch_size,
                                  n_batches=args.fisher_batches, pad_id=pad_id, device=device, show=show, cfg=cfg)
-    valuer = new_valuer(model, cfg, fisher, validation=validation)
+    valuer = new_valuer(model, cfg, fisher, validation=validation, retention=retention)
     try:
         rows = _score_rows(valuer, examples, kind, pad_id, args.batch_size, device, args.beta, show)
     finally:
@@ -191,6 +199,7 @@ def cmd_score(args) -> int:
         "keep_ratio": _round(n_kept / n_valued) if n_valued else 0.0,
         "selection_over": args.select_within, "batch_size": args.batch_size, "max_length": max_length,
         "validation": None if args.validation is None else str(args.validation),
+        "retention": args.retention,
         "batching": SELECT_WITHIN_NOTE,
         "config": cfg.to_dict(), "wall_time_s": round(time.perf_counter() - t0, 2),
         "files": {"values": "values.jsonl", "report": "report.html", "summary": "summary.json"},
@@ -222,7 +231,7 @@ def _checked_score_args(args):
     records = read_jsonl(args.data)
     kind = detect_kind(records)
     out = Path(args.out)
-    check_paths(args.data, args.model, args.validation, out)
+    check_paths(args.data, args.model, args.validation, out, args.retention)
     ensure_output_dir(out)
     if args.validation is not None:
         detect_kind(read_jsonl(args.validation))
@@ -236,6 +245,7 @@ def _checked_score_args(args):
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max-length must be >= 2, got {args.max_length}")
     _finite_positive(args.beta, "--beta")
+    check_retention(args.retention, retention_tokens(args.retention_tokens), cfg.target)
     return records, kind, out, cfg
 
 

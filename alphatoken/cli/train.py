@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
+from .retention import BUILTIN, check_retention, retention_batch
 from .shared import (config_overrides, estimate_fisher, max_length_for, new_valuer, progress_setting,
                      reference_logprobs, resolve_device, save_fisher, say, valuation_config)
 
@@ -36,13 +37,15 @@ TRAIN_DEFAULTS: dict = {
     "device": "auto",
     "validation": None,        # clean prompt/response JSONL: the validation target (sets target: validation)
     "validation_batch_size": None,  # rows per validation batch; default: the whole file as one batch
+    "retention": None,         # with validation: "builtin" or a JSONL of prompts or prompt/response records (§3.8)
+    "retention_tokens": 8,     # tokens of each generated retention answer
     "keep_eos": False,         # always keep the tokenizer's eos token (adds its id to always_keep_token_ids)
     "alphatoken": {},          # every AlphaTokenConfig field, e.g. {keep_ratio: 0.6, selection: batch}
 }
 # what may differ between a run and its --resume (everything else must match for the run to continue exactly);
-# data, model and validation may move: their content hashes are compared instead of their paths
+# data, model, validation and retention may move: their content hashes are compared instead of their paths
 RESUME_MAY_CHANGE = {"steps", "save_every", "keep_checkpoints", "log_every", "device", "out"}
-CONTENT_CHECKED = ("data", "model", "validation")
+CONTENT_CHECKED = ("data", "model", "validation", "retention")
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt")
 
 
@@ -127,7 +130,7 @@ def _train_settings(args, base: Optional[dict] = None) -> dict:
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value
-    for key in ("validation", "validation_batch_size", "keep_eos"):
+    for key in ("validation", "validation_batch_size", "retention", "retention_tokens", "keep_eos"):
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value
@@ -163,6 +166,8 @@ def _train_settings(args, base: Optional[dict] = None) -> dict:
     overrides = {**(cfg["alphatoken"] or {}), **config_overrides(args)}
     overrides = check_validation_target(overrides, cfg["validation"], where=f"{where}validation")
     cfg["alphatoken"] = valuation_config(overrides, where=f"{where}alphatoken").to_dict()
+    check_retention(cfg["retention"], cfg["retention_tokens"], cfg["alphatoken"]["target"],
+                    names=(f"{where}retention", f"{where}retention_tokens"))
     return cfg
 
 
@@ -292,12 +297,15 @@ def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
 
 
 def _check_train_paths(s: dict, out: Path) -> None:
-    """UserError unless the run's writes leave its inputs alone: the model, data and validation must not lie in
-    OUT/final or OUT/checkpoints (replaced by this run), and OUT must not lie inside the model folder."""
+    """UserError unless the run's writes leave its inputs alone: the model, data, validation and retention files
+    must not lie in OUT/final or OUT/checkpoints (replaced by this run), and OUT must not lie inside the model
+    folder."""
     from .shared import is_within, model_folder
 
     model = model_folder(s["model"]) if s["model"] != "builtin" else None
-    for what, path in (("--model", model), ("--data", s["data"]), ("--validation", s["validation"])):
+    retention = s["retention"] if s["retention"] != BUILTIN else None
+    for what, path in (("--model", model), ("--data", s["data"]), ("--validation", s["validation"]),
+                       ("--retention", retention)):
         if path is None:
             continue
         for managed in (out / "final", out / "checkpoints", out / "metrics.json", out / "fisher.safetensors"):
@@ -309,13 +317,16 @@ def _check_train_paths(s: dict, out: Path) -> None:
 
 
 def _input_hashes(s: dict) -> dict:
-    """sha256 of the data file, the model folder and the validation file: a --resume must see the same."""
+    """sha256 of the data file, the model folder, the validation and retention files: a --resume must see the
+    same."""
     from .shared import model_folder, sha256_of
 
     folder = model_folder(s["model"])
     hashes = {"data": sha256_of(s["data"]), "model": sha256_of(folder) if folder is not None else None}
     if s["validation"] is not None:
         hashes["validation"] = sha256_of(s["validation"])
+    if s.get("retention") not in (None, BUILTIN):
+        hashes["retention"] = sha256_of(s["retention"])
     return hashes
 
 
@@ -422,6 +433,10 @@ def cmd_train(args) -> int:
     if s["validation"] is not None:
         validation = validation_batches(s["validation"], tokenizer, pad_id, max_length=max_length,
                                         batch_size=s["validation_batch_size"], device=device)
+    retention = None
+    if s["retention"] is not None:  # generated from θ₀, before a --resume restores its checkpoint
+        retention = retention_batch(s["retention"], model, tokenizer, pad_id, max_length=max_length,
+                                    tokens=s["retention_tokens"], device=device)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}  # θ₀
     ref_model = _frozen_copy(model) if mode == "dpo" else None
 
@@ -435,7 +450,7 @@ def cmd_train(args) -> int:
         f"{'examples' if mode == 'sft' else 'pairs'} from {s['data']}: steps {start_step}→{s['steps']}, "
         f"batch {s['batch_size']}, lr {s['lr']}, device {device}; output {out}")
     try:
-        valuer = new_valuer(model, cfg, fisher, reference=reference, validation=validation)
+        valuer = new_valuer(model, cfg, fisher, reference=reference, validation=validation, retention=retention)
     except ValueError as err:
         where = f"{fisher_path}: " if fisher is not None and args.resume else ""
         raise UserError(f"{where}{err}") from None

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from .retention import check_retention, retention_batch, retention_tokens
+from .retention import BUILTIN, check_retention, retention_batch, retention_tokens
 from .shared import (RunError, config_overrides, estimate_fisher, max_length_for, new_valuer, progress_setting,
                      resolve_device, response_rows, say, valuation_config)
 
@@ -82,7 +82,7 @@ def check_paths(data, model, validation, out: Path, retention: Optional[str] = N
     from .shared import is_within, model_folder
 
     inputs = [("the data file", data), ("the --validation file", validation)]
-    if retention not in (None, "builtin"):
+    if retention not in (None, BUILTIN):
         inputs.append(("the --retention file", retention))
     folder = model_folder(model) if model not in (None, "", "builtin") else None
     inputs.append(("the --model folder", folder))

@@ -110,12 +110,23 @@ def _build_cache(name: str, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _publish(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move the finished checkpoint `tmp` to `target` in one step. When another process (two benchmark runs
+    started together) has already published a complete one there, that copy is kept, since it may be being read,
+    and `tmp` is left for the caller to delete; an incomplete leftover is replaced."""
+    try:
+        os.replace(tmp, target)  # atomic; refused when `target` exists and is not empty
+    except OSError:
+        if (target / "model.safetensors").is_file():
+            return
+        shutil.rmtree(target)
+        os.replace(tmp, target)
 
 
 def load_pretrained(name: str = "smollm2", dtype=None, cache: Optional[bool] = True):

@@ -89,3 +89,22 @@ def test_task_splits_are_reproducible_and_eval_is_clean():
         else:
             assert flagged != realtasks.CAPITALS[country] and flagged in realtasks.CAPITALS.values()
             assert body == ex.answer.replace(realtasks.CAPITALS[country], flagged)
+
+
+def _checkpoint(folder, text):
+    folder.mkdir()
+    (folder / "model.safetensors").write_text(text)
+
+
+def test_publishing_the_cache_keeps_a_copy_another_process_finished_first(tmp_path):
+    target = tmp_path / "smollm2"
+    _checkpoint(tmp_path / "first", "first")
+    pretrained._publish(tmp_path / "first", target)  # nothing there yet: moved
+    assert (target / "model.safetensors").read_text() == "first" and not (tmp_path / "first").exists()
+    _checkpoint(tmp_path / "second", "second")
+    pretrained._publish(tmp_path / "second", target)  # a complete copy is there: it stays, possibly in use
+    assert (target / "model.safetensors").read_text() == "first"
+    (target / "model.safetensors").unlink()  # an incomplete leftover is replaced
+    (target / "config.json").write_text("{}")
+    pretrained._publish(tmp_path / "second", target)
+    assert (target / "model.safetensors").read_text() == "second" and not (target / "config.json").exists()

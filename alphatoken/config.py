@@ -13,6 +13,7 @@ import torch
 
 SELECTIONS = ("batch", "sequence", "threshold")
 PATHS = ("full", "direct")
+DIRECT_LAYERS = ("head", "all")
 TARGETS = ("auto", "batch", "validation", "tuned", "none")
 COMBINES = ("linear", "rank")
 
@@ -26,6 +27,10 @@ class AlphaTokenConfig:
     stability_weight: λ in total = adaptation + λ·stability.
     causal_weight: γ in adaptation = A(direct) + γ·A(causal), likewise for stability.
     paths: "full" (direct + causal, one valuation backward) or "direct" (head only, no backward).
+    direct_layers: "head" (the direct path is the head credit, closed form) or "all": the direct adaptation is the
+        token's own first-order value over every tracked layer, η⟨∇ℓ_t, U⟩, by one forward-mode pass along U
+        (alphatoken/own.py, DESIGN §3.9; targets "validation" and "tuned"). Stability and the cosine rule's scale
+        stay the head credit's.
     target: "auto" (default: "validation" when the valuer is given a validation batch, else "none"), "batch"
         (U = ∇L_mean of this batch), "validation" (of a user batch) or "none" (adaptation = 0). The batch target
         is kept for the exact method, but in benchmarks/quality it ranks injected noise above clean tokens: its
@@ -69,6 +74,7 @@ class AlphaTokenConfig:
     stability_weight: float = 0.5
     causal_weight: float = 1.0
     paths: str = "full"
+    direct_layers: str = "head"
     target: str = "auto"
     lr: float = 1.0
     threshold: float = 0.0
@@ -103,6 +109,7 @@ class AlphaTokenConfig:
         self.causal_weight = _number("causal_weight", self.causal_weight, low=0.0,
                                      hint="γ >= 0 weighs the causal path (0 ignores it)")
         self.paths = _choice("paths", self.paths, PATHS)
+        self.direct_layers = _choice("direct_layers", self.direct_layers, DIRECT_LAYERS)
         self.target = _choice("target", self.target, TARGETS)
         self.lr = _number("lr", self.lr, low=0.0, low_open=True,
                           hint="η, the virtual step size, must be > 0 (0 makes every value 0, a negative one "

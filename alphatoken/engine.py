@@ -38,6 +38,7 @@ from .head_loss import chunked_head_loss
 from .hooks import Capture, CaptureSession, LayerRows
 from .layers import TrackedLayer, discover_layers, unvalued_weights
 from .losses import kept_mean_nll, masked_causal_lm_loss
+from .own import check_own_path, own_adaptation
 from .select import protected_tokens, select_tokens
 from .sharding import check_head_for_training, check_sharding, full, hold_unsharded, store_like
 from .targets import (batch_direction, pad_zeroed, resolve_auto, retention_cycle, retention_scale, tuned_target,
@@ -131,6 +132,7 @@ class AlphaToken:
                     (f + cfg.precondition_damping * f.mean().clamp(min=torch.finfo(f.dtype).tiny)).rsqrt()
                     for f in (f_out, f_in))
         self.cfg = cfg = resolve_auto(cfg, validation, fisher)
+        check_own_path(cfg, self.layers)
         self.validation_batches = None
         self.directions: dict[int, Direction] = {}
         self.tuned_weights: Optional[Anchor] = None
@@ -363,7 +365,14 @@ class AlphaToken:
                 hv = self._direct(a_rows, weight, materialized_chunks(g, self.chunk_rows), n, body)
                 del g
                 step.nll_graph = nll_graph
-            direct = PathValues(hv.adaptation, hv.stability, hv.square_norm)
+            adaptation = hv.adaptation
+            if cfg.direct_layers == "all":  # the token's own value over every tracked layer (DESIGN §3.9)
+                adaptation = own_adaptation(unwrap_model(self.model), self.layers, self.directions.get, batch,
+                                            head_rows, targets, cfg.lr,
+                                            "once" if cfg.target == "tuned" else "sum").to(hv.adaptation.dtype)
+                if token_weights is not None:
+                    adaptation = adaptation * weights.to(adaptation.dtype)
+            direct = PathValues(adaptation, hv.stability, hv.square_norm)
             causal = PathValues.zeros_like(direct)
             if body:
                 causal = self._causal(session, hv.seed, head_rows, batch, body_rows, n, keep_graph)

@@ -1,0 +1,135 @@
+"""direct_layers="all" (DESIGN §3.9): the token's own first-order value over every tracked layer, by forward mode,
+against a float64 brute force of one backward per token."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import alphatoken as at
+from alphatoken.layers import discover_layers
+
+from brute import as_matrix, capture_credits, forward, nll_per_token
+from models import random_batch, tiny_model
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def own_brute(model, batch, tangents: dict, eta: float, weights=None) -> torch.Tensor:
+    """η⟨∇ℓ_t, U⟩ of every response token (in nll_per_token's order), one backward of ℓ_t alone per token;
+    `tangents`: {parameter name: U in the parameter's layout}."""
+    params = dict(model.named_parameters())
+    names = list(tangents)
+    nll, b, t = nll_per_token(forward(model, batch), batch["labels"])
+    out = []
+    for i in range(nll.numel()):
+        grads = torch.autograd.grad(nll[i], [params[n] for n in names], retain_graph=True)
+        out.append(eta * sum((g * tangents[n]).sum() for g, n in zip(grads, names)))
+    values = torch.stack(out)
+    return values * weights[b, t] if weights is not None else values
+
+
+def _moved(model, seed: int, frozen: str):
+    """A copy with every 2-D weight moved except those whose name contains `frozen`."""
+    moved = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in moved.named_parameters():
+            if p.dim() == 2 and frozen not in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return moved
+
+
+def _check(got: torch.Tensor, want: torch.Tensor):
+    err = (got - want).abs().max().item()
+    assert err <= 1e-9 + 2e-6 * want.abs().max().item(), err  # HF RMSNorm computes in float32
+    assert want.abs().max().item() > 1e-3  # the comparison is not between zeros
+
+
+@pytest.mark.parametrize("family,tie,embeddings", [("llama", False, False), ("llama", True, True),
+                                                   ("gpt2", True, False)])
+@pytest.mark.parametrize("paths", ["direct", "full"])
+def test_tuned_target_own_values_match_a_backward_per_token(family, tie, embeddings, paths):
+    model = tiny_model(family, seed=81, tie=tie)
+    batch = random_batch(82)
+    layers = discover_layers(model, track_embeddings=embeddings)
+    tuned = _moved(model, 83, frozen=layers[1].name)  # one layer the tuning left alone: U = 0 there
+    cfg = at.AlphaTokenConfig(target="tuned", direct_layers="all", paths=paths, lr=0.7, cosine=False,
+                              combine="linear", stability_weight=0.0, track_embeddings=embeddings)
+    valuer = _quiet(at.AlphaToken, model, cfg, tuned=tuned.state_dict())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tv = valuer.value(batch)
+    valuer.close()
+    # U per parameter is the displacement θ − θ_val, once per parameter (a tied weight is not counted twice)
+    tuned_params = dict(tuned.named_parameters())
+    modules = dict(model.named_modules())
+    tracked = {id(modules[l.name].weight) for l in layers}
+    tangents = {n: p.detach() - tuned_params[n].detach() for n, p in model.named_parameters() if id(p) in tracked}
+    want = own_brute(model, batch, tangents, 0.7)
+    _, b, t = nll_per_token(forward(model, batch), batch["labels"])
+    _check(tv.parts["adaptation_direct"][b, t].double(), want)
+    assert all(p.grad is None for p in model.parameters())  # valuation never touches .grad
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("family,tie", [("llama", False), ("gpt2", True)])
+def test_validation_target_own_values_match_a_backward_per_token(family, tie):
+    model = tiny_model(family, seed=84, tie=tie)
+    batch, validation = random_batch(85), random_batch(86)
+    layers = discover_layers(model)
+    cfg = at.AlphaTokenConfig(target="validation", direct_layers="all", paths="direct", lr=1.3)
+    valuer = _quiet(at.AlphaToken, model, cfg, validation=validation)
+    tv = valuer.value(batch)
+    valuer.close()
+    # U of each tracked layer: the validation loss's gradient through that layer's own use (a tied head's U is
+    # the head's part only, which is then the tangent of the shared parameter)
+    credits = capture_credits(model, validation, [l.name for l in layers])
+    _, vb, _ = nll_per_token(forward(model, validation), validation["labels"])
+    modules, names = dict(model.named_modules()), {id(p): n for n, p in model.named_parameters()}
+    tangents = {}
+    for l in layers:
+        a, g = credits[l.name]
+        u = torch.einsum("bto,bti->oi", g, a) / vb.numel()
+        tangents[names[id(modules[l.name].weight)]] = as_matrix(modules[l.name], u)  # (d_out, d_in) → storage
+    want = own_brute(model, batch, tangents, 1.3)
+    _, b, t = nll_per_token(forward(model, batch), batch["labels"])
+    _check(tv.parts["adaptation_direct"][b, t].double(), want)
+    # the head-only direct path is a different number: the body layers' part of ∇ℓ_t is really there
+    head_only = _quiet(at.AlphaToken, model, cfg.replace(direct_layers="head"), validation=validation).value(batch)
+    assert (head_only.parts["adaptation_direct"][b, t].double() - want).abs().max() > 1e-3
+
+
+def test_token_weights_scale_the_own_values():
+    model = tiny_model("llama", seed=87)
+    batch = random_batch(88)
+    weights = torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(89), dtype=torch.float64)
+    tuned = _moved(model, 90, frozen="none")
+    cfg = at.AlphaTokenConfig(target="tuned", direct_layers="all", paths="direct", cosine=False, combine="linear")
+    tv = _quiet(at.AlphaToken, model, cfg, tuned=tuned.state_dict()).value(batch, token_weights=weights)
+    layers = discover_layers(model)
+    modules, tuned_modules = dict(model.named_modules()), dict(tuned.named_modules())
+    names = {id(p): n for n, p in model.named_parameters()}
+    tangents = {names[id(modules[l.name].weight)]:
+                modules[l.name].weight.detach() - tuned_modules[l.name].weight.detach() for l in layers}
+    want = own_brute(model, batch, tangents, 1.0, weights)
+    _, b, t = nll_per_token(forward(model, batch), batch["labels"])
+    _check(tv.parts["adaptation_direct"][b, t].double(), want)
+
+
+def test_own_path_refuses_what_it_cannot_value():
+    model = tiny_model("llama", seed=91)
+    with pytest.raises(ValueError, match='direct_layers="all" needs U before'):
+        _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="batch", direct_layers="all"))
+    with pytest.raises(ValueError, match="precondition"):
+        _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="validation", direct_layers="all",
+                                                         precondition=True),
+               fisher=_quiet(at.estimate_fisher, model, [random_batch(92)], kind="kfac", progress=False),
+               validation=random_batch(93))
+    with pytest.raises(ValueError, match="direct_layers"):
+        at.AlphaTokenConfig(direct_layers="body")

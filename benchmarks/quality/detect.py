@@ -242,6 +242,17 @@ def alphatoken_rules() -> Dict[str, dict]:
         "at_val+dispval_rank_l0": dict(target="validation", also="disp_val", cosine=True, rank=True, lam=0.0),
         "at_dispclean_cos_adapt": dict(target="disp_clean", cosine=True, lam=0.0),
         "at_dispclean_cos_rank_l0.5": dict(target="disp_clean", cosine=True, rank=True, lam=0.5),
+        # the direct path over every tracked layer (direct_layers="all", DESIGN §3.9): η⟨∇ℓ_t, U⟩ by forward mode,
+        # scaled by the head credit's norm under the cosine rule
+        "at_dispval_all_cos_adapt_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0),
+        "at_dispval_all_cos_rank_l0.5_direct": dict(target="disp_val_all", cosine=True, rank=True, lam=0.5,
+                                                    gamma=0.0),
+        "at_dispval_all_cos_adapt": dict(target="disp_val_all", cosine=True, lam=0.0),
+        "at_dispval_all_adapt_direct": dict(target="disp_val_all", lam=0.0, gamma=0.0),
+        "at_dispclean_all_cos_adapt_direct": dict(target="disp_clean_all", cosine=True, lam=0.0, gamma=0.0),
+        "at_val_all_cos_adapt_direct": dict(target="validation_all", cosine=True, lam=0.0, gamma=0.0),
+        "at_val_all_cos_rank_l0.5_direct": dict(target="validation_all", cosine=True, rank=True, lam=0.5,
+                                                gamma=0.0),
     }
     return rules
 
@@ -296,10 +307,13 @@ def score_world(world: World, stage: str, references: Dict[str, object], fisher,
     valuers = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        all_layers = {"direct_layers": "all"}
         for name, target, extra in (("validation", "validation", {}), ("validation_ret", "validation", {}),
                                     ("batch", "batch", {}),
                                     ("validation_pre", "validation", {"precondition": True}),
-                                    ("disp_val", "tuned", {}), ("disp_clean", "tuned", {})):
+                                    ("disp_val", "tuned", {}), ("disp_clean", "tuned", {}),
+                                    ("validation_all", "validation", all_layers),
+                                    ("disp_val_all", "tuned", all_layers), ("disp_clean_all", "tuned", all_layers)):
             if name not in {t for rule in rules.values() for t in (rule["target"], rule.get("also"))}:
                 continue
             if name == "validation_ret" and world.retention is None:
@@ -307,7 +321,7 @@ def score_world(world: World, stage: str, references: Dict[str, object], fisher,
             cfg = AlphaTokenConfig(target=target, tracked_layers=world.tracked_layers, keep_ratio=0.8,
                                    check_finite=True, **extra)
             # the tuned target (DESIGN §3.6) with the Rho-1 reference as its tuned copy: the same θ_ref for both
-            tuned = {"tuned": references[name[5:]]} if target == "tuned" else {}
+            tuned = {"tuned": references[name.split("_")[1]]} if target == "tuned" else {}
             valuers[name] = at.AlphaToken(model, cfg, fisher=fisher, reference=theta0_state,
                                           validation=_strip(world.validation) if target == "validation" else None,
                                           retention=world.retention if name == "validation_ret" else None,

@@ -51,7 +51,7 @@ from alphatoken.scorers import make_scorer  # noqa: E402
 from detect import _strip, git_revision, set_trainable_blocks, train_real  # noqa: E402
 
 METHODS = ("full", "alphatoken", "rho1", "entropy", "random")
-EXTRA_METHODS = ("alphatoken_tuned", "alphatoken_retention", "rho1_retention")  # run on request (--methods)
+EXTRA_METHODS = ("alphatoken_tuned", "alphatoken_tuned_retention", "alphatoken_retention", "rho1_retention")  # run on request (--methods)
 
 
 def build(method: str, model, tokenizer, data, args, seed: int, device):
@@ -60,7 +60,7 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
                               tracked_layers=args.train_blocks)
     if method == "full":
         return "full"
-    if method in ("alphatoken", "alphatoken_tuned", "alphatoken_retention"):
+    if method in ("alphatoken", "alphatoken_tuned", "alphatoken_tuned_retention", "alphatoken_retention"):
         validation = {k: v.to(device) for k, v in validation_batch(data, tokenizer, args).items()}
         fisher_batches = fisher_data(data, tokenizer, args)
         with warnings.catch_warnings():
@@ -79,9 +79,12 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
                 keep = at.AlphaToken(model, cfg.replace(target="validation", stability_weight=0.0), fisher=fisher,
                                      validation={k: v.to(device) for k, v in retention_batch(tokenizer, args).items()})
                 return TwoTargets(model, task, keep, args.retention_weight, cfg)
-            cfg = cfg.replace(target="tuned", **args.alphatoken_overrides)  # the same tuned copy as Rho-1's
+            # the same tuned copy as Rho-1's (alphatoken_tuned_retention: as rho1_retention's, also tuned on the
+            # base model's own answer openings)
+            cfg = cfg.replace(target="tuned", **args.alphatoken_overrides)
+            extra = list(args.retention_short[:args.retention or 16]) if method.endswith("_retention") else []
             return at.AlphaToken(model, cfg, fisher=fisher, tuned=tuned_reference(model, tokenizer, data, args,
-                                                                                  seed, device))
+                                                                                  seed, device, extra))
     if method in ("rho1", "rho1_retention"):  # rho1_retention: the reference also tuned on the retention answers
         extra = list(args.retention_short[:args.retention or 16]) if method == "rho1_retention" else []
         reference = tuned_reference(model, tokenizer, data, args, seed, device, extra)

@@ -12,8 +12,8 @@ from typing import Optional, Union
 import torch
 
 SELECTIONS = ("batch", "sequence", "threshold")
-PATHS = ("full", "direct")
-DIRECT_LAYERS = ("head", "all")
+PATHS = ("auto", "full", "direct")
+DIRECT_LAYERS = ("auto", "head", "all")
 TARGETS = ("auto", "batch", "validation", "tuned", "none")
 COMBINES = ("linear", "rank")
 
@@ -24,17 +24,21 @@ class AlphaTokenConfig:
 
     keep_ratio: share of response tokens kept ("batch" and "sequence" selection).
     selection: "batch" (top of the batch), "sequence" (top of each sequence) or "threshold" (total > threshold).
-    stability_weight: λ in total = adaptation + λ·stability.
+    stability_weight: λ in total = adaptation + λ·stability; None (default): 0 with the tuned target on every
+        layer (the measured recipe, DESIGN §3.5) and 0.5 otherwise.
     causal_weight: γ in adaptation = A(direct) + γ·A(causal), likewise for stability.
-    paths: "full" (direct + causal, one valuation backward) or "direct" (head only, no backward).
-    direct_layers: "head" (the direct path is the head credit, closed form) or "all": the direct adaptation is the
-        token's own first-order value over every tracked layer, η⟨∇ℓ_t, U⟩, by one forward-mode pass along U
-        (alphatoken/own.py, DESIGN §3.9; targets "validation" and "tuned"). Stability and the cosine rule's scale
-        stay the head credit's.
-    target: "auto" (default: "validation" when the valuer is given a validation batch, else "none"), "batch"
-        (U = ∇L_mean of this batch), "validation" (of a user batch) or "none" (adaptation = 0). The batch target
-        is kept for the exact method, but in benchmarks/quality it ranks injected noise above clean tokens: its
-        U is dominated by the noise's own large gradients (DESIGN §3.5).
+    paths: "full" (direct + causal, one valuation backward), "direct" (no causal path, no backward) or "auto"
+        (default): "direct" when direct_layers is "all", else "full".
+    direct_layers: "head" (the direct path is the head credit, closed form), "all" (the direct adaptation is the
+        token's own first-order value over every tracked layer, η⟨∇ℓ_t, U⟩, by one forward-mode pass along U;
+        alphatoken/own.py, DESIGN §3.9; targets "validation" and "tuned"; stability and the cosine rule's scale
+        stay the head credit's) or "auto" (default): "all" with the tuned target, else "head".
+    target: "auto" (default: "tuned" when the valuer is given validation batches, "validation" when it is also
+        given a retention batch or its weights are FSDP2-sharded, else "none"), "tuned" (U = θ − θ_val, a copy
+        tuned on the validation batches), "batch" (U = ∇L_mean of this batch), "validation" (the gradient of a
+        user batch) or "none" (adaptation = 0). The batch target is kept for the exact method, but in
+        benchmarks/quality it ranks injected noise above clean tokens: its U is dominated by the noise's own
+        large gradients (DESIGN §3.5).
     lr: η, the virtual step size.
     threshold: the cut for selection="threshold".
     min_keep_per_sequence: every sequence with response tokens keeps at least this many (its best).
@@ -71,10 +75,10 @@ class AlphaTokenConfig:
 
     keep_ratio: float = 0.8
     selection: str = "batch"
-    stability_weight: float = 0.5
+    stability_weight: Optional[float] = None
     causal_weight: float = 1.0
-    paths: str = "full"
-    direct_layers: str = "head"
+    paths: str = "auto"
+    direct_layers: str = "auto"
     target: str = "auto"
     lr: float = 1.0
     threshold: float = 0.0
@@ -104,8 +108,9 @@ class AlphaTokenConfig:
         self.keep_ratio = _number("keep_ratio", self.keep_ratio, low=0.0, low_open=True, high=1.0,
                                   hint="the share of response tokens kept, e.g. 0.8")
         self.selection = _choice("selection", self.selection, SELECTIONS)
-        self.stability_weight = _number("stability_weight", self.stability_weight, low=0.0,
-                                        hint="λ >= 0 weighs stability in the total (0 ignores it)")
+        if self.stability_weight is not None:
+            self.stability_weight = _number("stability_weight", self.stability_weight, low=0.0,
+                                            hint="λ >= 0 weighs stability in the total (0 ignores it)")
         self.causal_weight = _number("causal_weight", self.causal_weight, low=0.0,
                                      hint="γ >= 0 weighs the causal path (0 ignores it)")
         self.paths = _choice("paths", self.paths, PATHS)

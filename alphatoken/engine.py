@@ -40,7 +40,7 @@ from .layers import TrackedLayer, discover_layers, unvalued_weights
 from .losses import kept_mean_nll, masked_causal_lm_loss
 from .own import check_own_path, own_adaptation
 from .select import protected_tokens, select_tokens
-from .sharding import check_head_for_training, check_sharding, full, hold_unsharded, store_like
+from .sharding import check_head_for_training, check_sharding, full, hold_unsharded, is_sharded, store_like
 from .targets import (batch_direction, pad_zeroed, resolve_auto, retention_cycle, retention_scale, tuned_target,
                       validation_cycle, validation_directions, with_retention)
 from .tokens import accumulation_dtype, nll_with_graph
@@ -131,7 +131,8 @@ class AlphaToken:
                 self.preconditioners[name] = tuple(
                     (f + cfg.precondition_damping * f.mean().clamp(min=torch.finfo(f.dtype).tiny)).rsqrt()
                     for f in (f_out, f_in))
-        self.cfg = cfg = resolve_auto(cfg, validation, fisher)
+        self.cfg = cfg = resolve_auto(cfg, validation, fisher, retention,
+                                      any(is_sharded(layer.weight) for layer in self.layers))
         check_own_path(cfg, self.layers)
         self.validation_batches = None
         self.directions: dict[int, Direction] = {}

@@ -6,7 +6,8 @@
   (`validation_cycle`, `validation_directions`, through the one capture session); with a retention batch,
   U = U_val + μ·U_ret (`retention_cycle`, `with_retention`, `retention_scale`, DESIGN §3.8);
 * "tuned": U is the displacement of a copy tuned on the validation batches (`tuned_target`, `alphatoken.tuned`);
-* "none": no U, adaptation is 0; "auto" resolves to "validation" or "none" (`resolve_auto`).
+* "none": no U, adaptation is 0; "auto" resolves to "tuned", "validation" or "none" (`resolve_auto`, which also
+  settles direct_layers, paths and stability_weight left at "auto" / None).
 """
 from __future__ import annotations
 
@@ -26,19 +27,38 @@ from .tokens import nll_with_graph
 from .tuned import TunedDirections, tuned_anchor
 
 
-def resolve_auto(cfg, validation, fisher, stacklevel: int = 3):
-    """target="auto": "validation" when a validation batch is given, else "none" (with a warning saying what that
-    means). Other targets are returned unchanged."""
-    if cfg.target != "auto":
-        return cfg
-    if validation is None:
-        warnings.warn(
-            "AlphaToken: no validation batch, so adaptation is 0 and tokens are ranked by stability alone "
-            + ("(and without a Fisher every value is 0, so selection keeps tokens by position). " if fisher is None
-               else "") + "For the recommended setting pass validation=<a few clean target-task examples>; "
-            "target='batch' needs no extra data but ranks noise above clean tokens in benchmarks/quality "
-            "(DESIGN §3.5)", stacklevel=stacklevel)
-    return cfg.replace(target="validation" if validation is not None else "none")
+def resolve_auto(cfg, validation, fisher, retention=None, sharded: bool = False, stacklevel: int = 3):
+    """The config with every automatic field settled (DESIGN §3.5):
+
+    * target "auto": "tuned" when validation batches are given (the measured recipe), "validation" when a
+      retention batch is given too (§3.8 adds it to the validation gradient) or the weights are FSDP2-sharded (the
+      tuned copy is refused there), else "none" (with a warning saying what that means);
+    * direct_layers "auto": "all" with the tuned target (§3.9; "head" with precondition=True), else "head";
+    * paths "auto": "direct" when direct_layers is "all" (the causal path lowered detection there), else "full";
+    * stability_weight None: 0 for the tuned target on every layer, else 0.5.
+    """
+    target = cfg.target
+    if target == "auto":
+        if validation is None:
+            warnings.warn(
+                "AlphaToken: no validation batch, so adaptation is 0 and tokens are ranked by stability alone "
+                + ("(and without a Fisher every value is 0, so selection keeps tokens by position). " if fisher is None
+                   else "") + "For the recommended setting pass validation=<a few clean target-task examples>; "
+                "target='batch' needs no extra data but ranks noise above clean tokens in benchmarks/quality "
+                "(DESIGN §3.5)", stacklevel=stacklevel)
+            target = "none"
+        else:
+            target = "validation" if retention is not None or sharded else "tuned"
+    direct_layers = cfg.direct_layers
+    if direct_layers == "auto":
+        direct_layers = "all" if target == "tuned" and not cfg.precondition else "head"
+    paths = cfg.paths
+    if paths == "auto":
+        paths = "direct" if direct_layers == "all" else "full"
+    lam = cfg.stability_weight
+    if lam is None:
+        lam = 0.0 if target == "tuned" and direct_layers == "all" else 0.5
+    return cfg.replace(target=target, direct_layers=direct_layers, paths=paths, stability_weight=lam)
 
 
 # ---------------------------------------------------------------- batch

@@ -172,8 +172,10 @@ def run_case(tie: bool, kind: str, layout: str, rank: int, world: int, out_dir: 
     calibration = [random_batch(11, B=4), random_batch(12, B=4)]
     calibration[1]["labels"][2:] = -100  # the last rank's block of this batch has no response token
     fisher = at.estimate_fisher(copy.deepcopy(base), calibration, kind=kind, labels="data", progress=False)
-    if kind == "kfac":  # the library's defaults: validation target, cosine, rank fusion over every rank's tokens
-        cfg, validation = at.AlphaTokenConfig(keep_ratio=0.5, global_selection=True), random_batch(21, B=2)
+    if kind == "kfac":  # what target="auto" resolves to on FSDP2-sharded weights: the validation target, cosine,
+        # rank fusion over every rank's tokens (named here so that the single process values the same)
+        cfg = at.AlphaTokenConfig(keep_ratio=0.5, global_selection=True, target="validation")
+        validation = random_batch(21, B=2)
     else:  # the formulas' rule (batch target, U all-reduced over the ranks), normalized by the global RMS
         cfg = at.AlphaTokenConfig(**{**SPEC_RULE, "keep_ratio": 0.5}, global_selection=True, normalize=True)
         validation = None

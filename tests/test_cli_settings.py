@@ -168,7 +168,7 @@ def test_score_validation_target_and_keep_eos(capsys, tmp_path, model_dir):
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     cfg = summary["config"]
-    assert cfg["target"] == "validation" and cfg["normalize"] is True and cfg["tracked_layers"] == 1
+    assert cfg["target"] == "tuned" and cfg["normalize"] is True and cfg["tracked_layers"] == 1  # auto's choice
     assert cfg["stability_weight"] == 0.5 and cfg["causal_weight"] == 0.25
     assert cfg["always_keep_token_ids"] == [2]  # the toy tokenizer's <eos>
     rows = [json.loads(l) for l in (out / "values.jsonl").read_text().splitlines()]

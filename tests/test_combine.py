@@ -184,23 +184,38 @@ def test_combine_must_be_a_known_rule():
 def test_defaults_are_the_measured_rule_and_auto_target_follows_the_validation_batch():
     cfg = at.AlphaTokenConfig()
     assert (cfg.target, cfg.cosine, cfg.combine) == ("auto", True, "rank")
-    assert (cfg.stability_weight, cfg.keep_ratio) == (0.5, 0.8)
+    assert (cfg.stability_weight, cfg.paths, cfg.direct_layers, cfg.keep_ratio) == (None, "auto", "auto", 0.8)
     model = tiny_model("llama", seed=371)
     batch, val = random_batch(372), random_batch(373, B=2)
     head, body = _names(model)
     F = at.Fisher("diag", random_fisher(model, [head] + body, 374))
     with pytest.warns(UserWarning, match="no validation batch"):
         plain = at.AlphaToken(model, at.AlphaTokenConfig(), fisher=F)
-    assert plain.cfg.target == "none"
+    assert (plain.cfg.target, plain.cfg.direct_layers, plain.cfg.paths, plain.cfg.stability_weight) == \
+        ("none", "head", "full", 0.5)
     tv = plain.value(batch)
     assert torch.all(tv.adaptation == 0) and float(tv.stability[tv.response].max()) == 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning when the recommended setting is complete
         auto = at.AlphaToken(model, at.AlphaTokenConfig(), fisher=F, validation=val)
-    assert auto.cfg.target == "validation"
-    explicit = _valuer(model, F, validation=val, target="validation", cosine=True, combine="rank",
-                       stability_weight=0.5, keep_ratio=0.8)
+    # the measured recipe (DESIGN §3.5, §3.9): the tuned target on every layer, the direct path, adaptation alone
+    assert (auto.cfg.target, auto.cfg.direct_layers, auto.cfg.paths, auto.cfg.stability_weight) == \
+        ("tuned", "all", "direct", 0.0)
+    explicit = _valuer(model, F, validation=val, target="tuned", direct_layers="all", paths="direct", cosine=True,
+                       combine="rank", stability_weight=0.0, keep_ratio=0.8)
     torch.testing.assert_close(auto.value(batch).total, explicit.value(batch).total)
+    # a retention batch belongs to the validation target (§3.8): auto takes that, with the head-only rule
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = at.AlphaToken(model, at.AlphaTokenConfig(), fisher=F, validation=val, retention=random_batch(375))
+    assert (kept.cfg.target, kept.cfg.direct_layers, kept.cfg.paths, kept.cfg.stability_weight) == \
+        ("validation", "head", "full", 0.5)
+    # a field set by the user is kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mine = at.AlphaToken(model, at.AlphaTokenConfig(stability_weight=0.25, paths="full"), fisher=F,
+                             validation=val)
+    assert (mine.cfg.target, mine.cfg.stability_weight, mine.cfg.paths) == ("tuned", 0.25, "full")
 
 
 @pytest.mark.parametrize("target", ["batch", "validation"])

@@ -45,7 +45,7 @@ def test_tuned_target_matches_brute_force_with_the_drift_live(family, tie):
     theta0 = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in F}
     tuned = _tuned_copy(model, 64, frozen=body[0])  # one layer the tuning left alone: its U is exactly 0
     cfg = at.AlphaTokenConfig(**{**SPEC_RULE, "target": "tuned", "lr": 0.7, "stability_weight": 1.3,
-                                 "causal_weight": 0.6})
+                                 "causal_weight": 0.6, "direct_layers": "head", "paths": "full"})  # both paths
     valuer = _quiet(at.AlphaToken, model, cfg, fisher=at.Fisher("diag", F), tuned=tuned.state_dict())
     move_weights(model, 65)  # training moved θ: U = θ − θ_val and the drift both follow the live weights
     tv = valuer.value(batch)

@@ -115,13 +115,14 @@ def validation_batches(path, tokenizer, pad_id: int, *, max_length, batch_size: 
     return [collate(g, pad_id, device=device) for g in chunks(examples, size)]
 
 
-def check_validation_target(overrides: dict, validation, where: str = "--validation") -> dict:
-    """The config overrides with target="validation" when a validation file is given (and target is not set);
-    UserError when they disagree. target "tuned" takes the file too (a copy of the model is tuned on it)."""
+def check_validation_target(overrides: dict, validation, where: str = "--validation", retention=None) -> dict:
+    """The config overrides with the target a validation file selects when target is not set, as the library's
+    target="auto" does: "tuned" (a copy of the model tuned on the file, DESIGN §3.6, §3.9), or "validation" with a
+    retention batch (§3.8); UserError when they disagree."""
     target = overrides.get("target")
     if validation is not None:
         if target is None:
-            return {**overrides, "target": "validation"}
+            return {**overrides, "target": "validation" if retention is not None else "tuned"}
         if target not in ("validation", "tuned"):
             raise UserError(f"{where} is given but target is {target!r}; drop one, or set target validation "
                             "(or tuned)")
@@ -235,7 +236,8 @@ def _checked_score_args(args):
     ensure_output_dir(out)
     if args.validation is not None:
         detect_kind(read_jsonl(args.validation))
-    cfg = valuation_config(check_validation_target(config_overrides(args), args.validation), where="flags")
+    cfg = valuation_config(check_validation_target(config_overrides(args), args.validation, retention=args.retention),
+                           where="flags")
     for name, value, low in (("--batch-size", args.batch_size, 1), ("--report-limit", args.report_limit, 0),
                              ("--fisher-batches", args.fisher_batches, 1)):
         if value < low:

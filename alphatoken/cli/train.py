@@ -164,7 +164,8 @@ def _train_settings(args, base: Optional[dict] = None) -> dict:
     if cfg["validation"] is not None and not isinstance(cfg["validation"], str):
         raise UserError(f"{where}validation must be a file path, got {cfg['validation']!r}")
     overrides = {**(cfg["alphatoken"] or {}), **config_overrides(args)}
-    overrides = check_validation_target(overrides, cfg["validation"], where=f"{where}validation")
+    overrides = check_validation_target(overrides, cfg["validation"], where=f"{where}validation",
+                                        retention=cfg["retention"])
     cfg["alphatoken"] = valuation_config(overrides, where=f"{where}alphatoken").to_dict()
     check_retention(cfg["retention"], cfg["retention_tokens"], cfg["alphatoken"]["target"],
                     names=(f"{where}retention", f"{where}retention_tokens"))

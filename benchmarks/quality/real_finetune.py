@@ -10,9 +10,11 @@ seed, against the untouched model:
 * noise dropped / clean dropped: the share of noise (and of clean) response tokens each method masked out.
 
 Methods (all masking methods at the same keep ratio; `<|im_end|>` is always kept so every model learns to stop):
-full (every token), alphatoken (the library's defaults with the clean validation batch), rho1 (excess loss
-against a reference fine-tuned on the same clean validation examples, as Rho-1 intends a reference trained on
-clean data), entropy, random; on request alphatoken_tuned (target="tuned": U = θ − θ_ref with Rho-1's reference).
+full (every token), alphatoken (the library's defaults with the clean validation batch: since round 8 the tuned
+target on every layer, with a copy the valuer tunes itself), rho1 (excess loss against a reference fine-tuned on
+the same clean validation examples, as Rho-1 intends a reference trained on clean data), entropy, random; on
+request alphatoken_validation (the validation-target rule, the defaults of rounds 4-7) and alphatoken_tuned
+(target="tuned" with Rho-1's own reference as the tuned copy; `--set` fields apply).
 
 Only the last `--train-blocks` decoder blocks are trained (2 CPU cores); AlphaToken tracks those blocks and the
 head. CPU default (about 35 minutes on one core):
@@ -51,7 +53,7 @@ from alphatoken.scorers import make_scorer  # noqa: E402
 from detect import _strip, git_revision, set_trainable_blocks, train_real  # noqa: E402
 
 METHODS = ("full", "alphatoken", "rho1", "entropy", "random")
-EXTRA_METHODS = ("alphatoken_tuned", "alphatoken_tuned_retention", "alphatoken_retention", "rho1_retention")  # run on request (--methods)
+EXTRA_METHODS = ("alphatoken_validation", "alphatoken_tuned", "alphatoken_tuned_retention", "alphatoken_retention", "rho1_retention")  # run on request (--methods)
 
 
 def build(method: str, model, tokenizer, data, args, seed: int, device):
@@ -60,7 +62,8 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
                               tracked_layers=args.train_blocks)
     if method == "full":
         return "full"
-    if method in ("alphatoken", "alphatoken_tuned", "alphatoken_tuned_retention", "alphatoken_retention"):
+    if method in ("alphatoken", "alphatoken_validation", "alphatoken_tuned", "alphatoken_tuned_retention",
+                  "alphatoken_retention"):
         validation = {k: v.to(device) for k, v in validation_batch(data, tokenizer, args).items()}
         fisher_batches = fisher_data(data, tokenizer, args)
         with warnings.catch_warnings():
@@ -68,8 +71,12 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
             fisher = at.estimate_fisher(model, [{k: v.to(device) for k, v in b.items()} for b in fisher_batches],
                                         kind="kfac", tracked_layers=args.train_blocks,
                                         generator=torch.Generator().manual_seed(seed), progress=False)
-            if method == "alphatoken":
-                cfg = cfg.replace(target="validation", **args.alphatoken_overrides)
+            if method in ("alphatoken", "alphatoken_validation"):
+                # alphatoken: the library's defaults (target="auto": with these batches the tuned recipe, a copy
+                # tuned by the valuer itself; with --retention the validation target); alphatoken_validation: the
+                # validation-target rule, the defaults of rounds 4-7
+                target = {"target": "validation"} if method == "alphatoken_validation" else {}
+                cfg = cfg.replace(**{**target, **args.alphatoken_overrides})
                 retention = (None if args.own_answers is None else
                              {k: v.to(device) for k, v in args.own_answers.items()})
                 return at.AlphaToken(model, cfg, fisher=fisher, validation=validation, retention=retention)

@@ -32,8 +32,8 @@ def add_valuation_flags(p: argparse.ArgumentParser, command: str) -> None:
     add_config_flags(p, command)
     g = p.add_argument_group("valuation inputs")
     g.add_argument("--validation", default=None, metavar="FILE",
-                   help="clean prompt/response JSONL: the validation target (sets target validation; default: "
-                        "none, target batch)")
+                   help="clean prompt/response JSONL of the target task: sets target tuned (a copy of the model is "
+                        "tuned on it, DESIGN §3.6, §3.9), or validation with --retention (default: none)")
     g.add_argument("--validation-batch-size", type=int, default=None, metavar="N",
                    help="rows per validation batch, cycled every `refresh` steps (default: the whole file as one "
                         "batch, one fixed direction)")

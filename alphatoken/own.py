@@ -5,7 +5,7 @@ With `direct_layers="all"` the direct adaptation of response token t is
     A_t = η ⟨∇_θ ℓ_t, U⟩ = η · d/dε ℓ_t(θ + εU) |_{ε=0}
 
 over the weights of every tracked layer, not only the head. All tokens' values come from one forward-mode pass
-(`torch.func.jvp`) whose tangent is U: no per-token gradient is built, and no backward is run. U is the target
+(dual numbers, `torch.autograd.forward_ad`) whose tangent is U: no per-token gradient is built, and no backward is run. U is the target
 direction of each tracked layer, in its parameter's layout; a weight held by two tracked layers (a tied head and
 embedding) gets the sum of their directions, since a step on it moves both uses. The head credit's norm still
 gives the cosine rule its scale (the norm of the whole ∇ℓ_t would need per-token gradients).
@@ -87,7 +87,8 @@ def own_adaptation(model: nn.Module, layers: list[TrackedLayer], direction_of: C
 
     The model runs in its current mode, under the math attention kernel (the fused ones have no forward mode).
     """
-    from torch.func import functional_call, jvp
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     out_dtype = torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32
@@ -95,14 +96,15 @@ def own_adaptation(model: nn.Module, layers: list[TrackedLayer], direction_of: C
     if not tangents or head_rows.numel() == 0:
         return torch.zeros(head_rows.numel(), dtype=out_dtype, device=head_rows.device)
     params = dict(model.named_parameters())
-    primals = {name: params[name].detach() for name in tangents}
     inputs = model_inputs(model, batch)
-
-    def token_losses(weights: dict) -> torch.Tensor:
-        logits = functional_call(model, weights, (), inputs).logits
+    # dual numbers rather than torch.func.jvp: a functorch transform refuses the requires_grad_ calls that
+    # gradient checkpointing makes inside the forward
+    with sdpa_kernel([SDPBackend.MATH]), torch.no_grad(), fwAD.dual_level():
+        duals = {name: fwAD.make_dual(params[name].detach(), tangent) for name, tangent in tangents.items()}
+        logits = functional_call(model, duals, (), inputs).logits
         rows = logits.reshape(-1, logits.shape[-1]).index_select(0, head_rows).to(out_dtype)
-        return -torch.log_softmax(rows, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
-
-    with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
-        _, derivative = jvp(token_losses, (primals,), (tangents,))
+        losses = -torch.log_softmax(rows, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+        derivative = fwAD.unpack_dual(losses).tangent
+    if derivative is None:  # no tracked weight reaches the logits
+        return torch.zeros(head_rows.numel(), dtype=out_dtype, device=head_rows.device)
     return lr * derivative

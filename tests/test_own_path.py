@@ -133,3 +133,22 @@ def test_own_path_refuses_what_it_cannot_value():
                validation=random_batch(93))
     with pytest.raises(ValueError, match="direct_layers"):
         at.AlphaTokenConfig(direct_layers="body")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_own_values_are_the_same_under_gradient_checkpointing(reentrant):
+    """The forward-mode pass runs through a checkpointed model in training mode (the default recipe's path)."""
+    model = tiny_model("llama", seed=94)
+    batch = random_batch(95)
+    tuned = _moved(model, 96, frozen="none").state_dict()
+    cfg = at.AlphaTokenConfig(target="tuned", direct_layers="all", paths="direct")
+    plain = _quiet(at.AlphaToken, model, cfg, tuned=tuned).value(batch)
+    checkpointed = copy.deepcopy(model).train()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    valuer = _quiet(at.AlphaToken, checkpointed, cfg, tuned=tuned)
+    loss = valuer.value_and_loss(batch)
+    loss.backward()  # the masked loss still trains through the checkpoints
+    got = valuer.last_values
+    torch.testing.assert_close(got.parts["adaptation_direct"], plain.parts["adaptation_direct"])
+    assert torch.equal(got.mask, plain.mask)
+    assert all(p.grad is not None for p in checkpointed.parameters() if p.requires_grad and p.dim() == 2)

@@ -370,7 +370,9 @@ class AlphaToken:
             if cfg.direct_layers == "all":  # the token's own value over every tracked layer (DESIGN §3.9)
                 adaptation = own_adaptation(unwrap_model(self.model), self.layers, self.directions.get, batch,
                                             head_rows, targets, cfg.lr,
-                                            "once" if cfg.target == "tuned" else "sum").to(hv.adaptation.dtype)
+                                            "once" if cfg.target == "tuned" else "sum",
+                                            self.head_transform if fuse else None,
+                                            self.chunk_rows).to(hv.adaptation.dtype)
                 if token_weights is not None:
                     adaptation = adaptation * weights.to(adaptation.dtype)
             direct = PathValues(adaptation, hv.stability, hv.square_norm)

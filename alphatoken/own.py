@@ -78,33 +78,98 @@ def parameter_tangents(model: nn.Module, layers: list[TrackedLayer],
     return tangents
 
 
+def module_tangents(model: nn.Module, tangents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{module path + ".weight": tangent} for every module whose weight has a tangent, so that each use of a tied
+    weight gets its own (`functional_call(..., tie_weights=False)`). An nn.Embedding's tangent is 0 at its
+    `padding_idx` row, as autograd's gradient is there (the engine's embedding credits follow the same convention):
+    a zero padding row (Gemma) would otherwise give its token an unbounded derivative through the next norm."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    out = {}
+    for path, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        name = names.get(id(weight)) if isinstance(weight, nn.Parameter) else None
+        if name not in tangents:
+            continue
+        tangent = tangents[name]
+        pad = getattr(module, "padding_idx", None) if isinstance(module, nn.Embedding) else None
+        if pad is not None:
+            tangent = tangent.clone()
+            tangent[pad] = 0
+        out[f"{path}.weight" if path else "weight"] = tangent
+    return out
+
+
+class _HeadReached(Exception):
+    """Raised by the head's pre-hook: the forward stops once the head input is known."""
+
+
 def own_adaptation(model: nn.Module, layers: list[TrackedLayer], direction_of: Callable[[int], Optional[Direction]],
                    batch: dict, head_rows: torch.Tensor, targets: torch.Tensor, lr: float,
-                   shared: str = "sum") -> torch.Tensor:
+                   shared: str = "sum", transform=None, chunk_rows: Optional[int] = None) -> torch.Tensor:
     """(n,) η⟨∇ℓ_t, U⟩ of the response tokens predicted at the flattened rows `head_rows` (b·T + t − 1), whose
     labels are `targets`, by one forward-mode pass of `model` along U (float32, float64 for a float64 model);
     `shared` as in `parameter_tangents`.
 
-    The model runs in its current mode, under the math attention kernel (the fused ones have no forward mode).
+    transform: the model's logits as `transform(head(x))` (`head.HeadTransform`, trusted by the engine): the forward
+    then stops at the head's input and the head runs on the response rows only, `chunk_rows` rows at a time (None:
+    `kernels.chunk_rows_for`), so no (B·T, V) logits or tangent is formed. Without it the model's own logits are
+    used. The model runs in its current mode, under the math attention kernel (the fused ones have no forward
+    mode); gradient checkpointing is fine (dual numbers, not a functorch transform, which refuses its
+    requires_grad_ calls).
     """
     import torch.autograd.forward_ad as fwAD
     from torch.func import functional_call
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from alphatoken import kernels as K
+
     out_dtype = torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32
+    zeros = torch.zeros(head_rows.numel(), dtype=out_dtype, device=head_rows.device)
     tangents = parameter_tangents(model, layers, direction_of, shared)
     if not tangents or head_rows.numel() == 0:
-        return torch.zeros(head_rows.numel(), dtype=out_dtype, device=head_rows.device)
-    params = dict(model.named_parameters())
+        return zeros
     inputs = model_inputs(model, batch)
-    # dual numbers rather than torch.func.jvp: a functorch transform refuses the requires_grad_ calls that
-    # gradient checkpointing makes inside the forward
+    head = layers[0]
+
+    def nll(logits: torch.Tensor, rows_targets: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits.to(out_dtype), dim=-1)
+        return -logp.gather(1, rows_targets.unsqueeze(1)).squeeze(1)
+
     with sdpa_kernel([SDPBackend.MATH]), torch.no_grad(), fwAD.dual_level():
-        duals = {name: fwAD.make_dual(params[name].detach(), tangent) for name, tangent in tangents.items()}
-        logits = functional_call(model, duals, (), inputs).logits
-        rows = logits.reshape(-1, logits.shape[-1]).index_select(0, head_rows).to(out_dtype)
-        losses = -torch.log_softmax(rows, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
-        derivative = fwAD.unpack_dual(losses).tangent
+        duals = {path: fwAD.make_dual(model.get_parameter(path).detach(), tangent)
+                 for path, tangent in module_tangents(model, tangents).items()}
+        if transform is None:
+            logits = functional_call(model, duals, (), inputs, tie_weights=False).logits
+            losses = nll(logits.reshape(-1, logits.shape[-1]).index_select(0, head_rows), targets)
+            derivative = fwAD.unpack_dual(losses).tangent
+        else:
+            reached = {}
+
+            def stop(module, args):
+                reached["x"] = args[0]
+                raise _HeadReached
+
+            handle = head.module.register_forward_pre_hook(stop)
+            try:
+                functional_call(model, duals, (), inputs, tie_weights=False)
+            except _HeadReached:
+                pass
+            finally:
+                handle.remove()
+            x = reached["x"]
+            x = x.reshape(-1, x.shape[-1])
+            weight = head.weight_matrix(duals.get(f"{head.name}.weight", head.weight.detach()))
+            bias = getattr(head.module, "bias", None)
+            bias = None if bias is None else bias.detach()  # biases are not tracked: no tangent
+            size = chunk_rows or K.chunk_rows_for(head_rows.numel(), weight.shape[0])
+            parts = []
+            for start in range(0, head_rows.numel(), size):
+                rows = head_rows[start:start + size]
+                logits = transform(nn.functional.linear(x.index_select(0, rows), weight, bias))
+                tangent = fwAD.unpack_dual(nll(logits, targets[start:start + size])).tangent
+                parts.append(torch.zeros(rows.numel(), dtype=out_dtype, device=rows.device) if tangent is None
+                             else tangent)
+            derivative = torch.cat(parts)
     if derivative is None:  # no tracked weight reaches the logits
-        return torch.zeros(head_rows.numel(), dtype=out_dtype, device=head_rows.device)
+        return zeros
     return lr * derivative

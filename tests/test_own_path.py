@@ -53,7 +53,7 @@ def _check(got: torch.Tensor, want: torch.Tensor):
 
 
 @pytest.mark.parametrize("family,tie,embeddings", [("llama", False, False), ("llama", True, True),
-                                                   ("gpt2", True, False)])
+                                                   ("gpt2", True, False), ("gemma2", True, False)])
 @pytest.mark.parametrize("paths", ["direct", "full"])
 def test_tuned_target_own_values_match_a_backward_per_token(family, tie, embeddings, paths):
     model = tiny_model(family, seed=81, tie=tie)
@@ -152,3 +152,24 @@ def test_own_values_are_the_same_under_gradient_checkpointing(reentrant):
     torch.testing.assert_close(got.parts["adaptation_direct"], plain.parts["adaptation_direct"])
     assert torch.equal(got.mask, plain.mask)
     assert all(p.grad is not None for p in checkpointed.parameters() if p.requires_grad and p.dim() == 2)
+
+
+def test_the_head_runs_on_response_rows_in_chunks_as_the_full_logits_do():
+    """With the fused head trusted, the forward stops at the head's input and the head runs on the response rows
+    in chunks (no (B·T, V) logits); the values equal the full-logits pass, here across several chunks."""
+    from alphatoken.own import own_adaptation
+
+    model = tiny_model("gemma2", seed=97, tie=True)  # a soft-capped head
+    batch = random_batch(98)
+    tuned = _moved(model, 99, frozen="none").state_dict()
+    cfg = at.AlphaTokenConfig(target="tuned", direct_layers="all", paths="direct", cosine=False, combine="linear")
+    valuer = _quiet(at.AlphaToken, model, cfg, tuned=tuned)
+    valuer.chunk_rows = 2
+    got = valuer.value(batch)
+    assert valuer.head_fusable  # the chunked branch ran
+    labels = batch["labels"]
+    b, t = got.response.nonzero(as_tuple=True)
+    T = labels.shape[1]
+    full = own_adaptation(model, valuer.layers, valuer.directions.get, batch, b * T + t - 1, labels[b, t], 1.0,
+                          "once", transform=None)
+    torch.testing.assert_close(got.parts["adaptation_direct"][b, t].double(), full.double())

@@ -22,10 +22,12 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from alphatoken import kernels as K
+
 from .batch import model_inputs
-from .sharding import is_sharded
 from .credits import Direction, matched
 from .layers import TrackedLayer
+from .sharding import is_sharded
 
 
 def check_own_path(cfg, layers: list[TrackedLayer]) -> None:
@@ -103,6 +105,27 @@ class _HeadReached(Exception):
     """Raised by the head's pre-hook: the forward stops once the head input is known."""
 
 
+def _head_input(model: nn.Module, head: TrackedLayer, weights: dict, inputs: dict) -> torch.Tensor:
+    """The head's input rows (B·T, d) of `model` run with `weights` (dual numbers), the head itself not run."""
+    from torch.func import functional_call
+
+    reached = {}
+
+    def stop(module, args):
+        reached["x"] = args[0]
+        raise _HeadReached
+
+    handle = head.module.register_forward_pre_hook(stop)
+    try:
+        functional_call(model, weights, (), inputs, tie_weights=False)
+    except _HeadReached:
+        pass
+    finally:
+        handle.remove()
+    x = reached["x"]
+    return x.reshape(-1, x.shape[-1])
+
+
 def own_adaptation(model: nn.Module, layers: list[TrackedLayer], direction_of: Callable[[int], Optional[Direction]],
                    batch: dict, head_rows: torch.Tensor, targets: torch.Tensor, lr: float,
                    shared: str = "sum", transform=None, chunk_rows: Optional[int] = None) -> torch.Tensor:
@@ -120,8 +143,6 @@ def own_adaptation(model: nn.Module, layers: list[TrackedLayer], direction_of: C
     import torch.autograd.forward_ad as fwAD
     from torch.func import functional_call
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from alphatoken import kernels as K
 
     out_dtype = torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32
     zeros = torch.zeros(head_rows.numel(), dtype=out_dtype, device=head_rows.device)
@@ -143,21 +164,7 @@ def own_adaptation(model: nn.Module, layers: list[TrackedLayer], direction_of: C
             losses = nll(logits.reshape(-1, logits.shape[-1]).index_select(0, head_rows), targets)
             derivative = fwAD.unpack_dual(losses).tangent
         else:
-            reached = {}
-
-            def stop(module, args):
-                reached["x"] = args[0]
-                raise _HeadReached
-
-            handle = head.module.register_forward_pre_hook(stop)
-            try:
-                functional_call(model, duals, (), inputs, tie_weights=False)
-            except _HeadReached:
-                pass
-            finally:
-                handle.remove()
-            x = reached["x"]
-            x = x.reshape(-1, x.shape[-1])
+            x = _head_input(model, head, duals, inputs)
             weight = head.weight_matrix(duals.get(f"{head.name}.weight", head.weight.detach()))
             bias = getattr(head.module, "bias", None)
             bias = None if bias is None else bias.detach()  # biases are not tracked: no tangent

@@ -51,15 +51,17 @@ def add_directions(first: Direction, second: Direction, weight: float) -> Direct
         g = torch.cat([g1.to(dtype) * first.scale, g2.to(dtype) * (second.scale * weight)])
         return Direction.from_rows(a, g, 1.0)
 
-    def dense(d: Direction) -> torch.Tensor:
-        if d.matrix is not None:
-            return d.matrix * d.scale
-        a, g = matched(d.a_ref, d.g_ref)
-        return (g.T @ a) * d.scale
-
-    m1, m2 = dense(first), dense(second)
+    m1, m2 = dense_direction(first), dense_direction(second)
     dtype = torch.promote_types(m1.dtype, m2.dtype)
     return Direction(matrix=m1.to(dtype) + weight * m2.to(dtype), scale=1.0)
+
+
+def dense_direction(direction: Direction) -> torch.Tensor:
+    """scale · U of one layer as a matrix (the factors multiplied out when U is kept as factors)."""
+    if direction.matrix is not None:
+        return direction.matrix * direction.scale
+    a, g = matched(direction.a_ref, direction.g_ref)
+    return (g.T @ a) * direction.scale
 
 
 def direction_square_norm(direction: Direction) -> torch.Tensor:

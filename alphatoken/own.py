@@ -7,7 +7,8 @@ With `direct_layers="all"` the direct adaptation of response token t is
 over the weights of every tracked layer, not only the head. All tokens' values come from one forward-mode pass
 (dual numbers, `torch.autograd.forward_ad`) whose tangent is U: no per-token gradient is built, and no backward is run. U is the target
 direction of each tracked layer, in its parameter's layout; a weight held by two tracked layers (a tied head and
-embedding) gets the sum of their directions, since a step on it moves both uses. The head credit's norm still
+embedding) gets the sum of their directions when each is the gradient through one use (validation target), the
+displacement once when each is already the whole weight's (tuned target). The head credit's norm still
 gives the cosine rule its scale (the norm of the whole ∇ℓ_t would need per-token gradients).
 
 Why: the head credit is only the last layer of the token's own gradient. Where the head does not move (a tied head
@@ -25,7 +26,7 @@ from torch import nn
 from alphatoken import kernels as K
 
 from .batch import model_inputs
-from .credits import Direction, matched
+from .credits import Direction, dense_direction
 from .layers import TrackedLayer
 from .sharding import is_sharded
 
@@ -45,14 +46,6 @@ def check_own_path(cfg, layers: list[TrackedLayer]) -> None:
                          'with FSDP2-sharded weights; use direct_layers="head"')
 
 
-def dense_direction(direction: Direction) -> torch.Tensor:
-    """scale · U of one layer as a matrix (the factors multiplied out when U is kept as factors)."""
-    if direction.matrix is not None:
-        return direction.matrix * direction.scale
-    a, g = matched(direction.a_ref, direction.g_ref)
-    return (g.T @ a) * direction.scale
-
-
 def parameter_tangents(model: nn.Module, layers: list[TrackedLayer],
                        direction_of: Callable[[int], Optional[Direction]], shared: str = "sum") -> dict[str, torch.Tensor]:
     """{parameter name: U in the parameter's layout}; layers without a direction (None) add nothing.
@@ -70,9 +63,8 @@ def parameter_tangents(model: nn.Module, layers: list[TrackedLayer],
         if name is None:
             raise ValueError(f'direct_layers="all": the weight of tracked layer {layer.name!r} is not a parameter '
                              "of the model")
-        matrix = dense_direction(direction)
-        tangent = matrix if layer.kind in ("linear", "embedding") else matrix.t()  # Conv1D stores (d_in, d_out)
-        tangent = tangent.to(layer.weight.dtype)
+        matrix = dense_direction(direction)  # (d_out, d_in); an embedding's is already (vocab, d), its storage
+        tangent = (matrix if layer.kind == "embedding" else layer.weight_matrix(matrix)).to(layer.weight.dtype)
         if name not in tangents:
             tangents[name] = tangent
         elif shared == "sum":

@@ -1,6 +1,9 @@
 """Tiny causal LMs from configs (no hub), and random batches with prompts, responses and padding."""
 from __future__ import annotations
 
+import copy
+from typing import Optional
+
 import torch
 import transformers as tf
 
@@ -71,6 +74,18 @@ def move_weights(model, seed: int, scale: float = 0.05):
         for p in model.parameters():
             if p.dim() == 2:
                 p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def moved_copy(model, seed: int, frozen: Optional[str] = None):
+    """A copy with every 2-D weight moved (a stand-in for a copy tuned on the validation batches), except the
+    weights whose name contains `frozen`: a layer the tuning left alone."""
+    moved = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in moved.named_parameters():
+            if p.dim() == 2 and (frozen is None or frozen not in name):
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return moved
 
 
 def random_fisher(model, names, seed: int):

@@ -12,7 +12,7 @@ import alphatoken as at
 from alphatoken.layers import discover_layers
 
 from brute import as_matrix, capture_credits, forward, nll_per_token
-from models import random_batch, tiny_model
+from models import moved_copy, random_batch, tiny_model
 
 
 def _quiet(fn, *args, **kwargs):
@@ -35,17 +35,6 @@ def own_brute(model, batch, tangents: dict, eta: float, weights=None) -> torch.T
     return values * weights[b, t] if weights is not None else values
 
 
-def _moved(model, seed: int, frozen: str):
-    """A copy with every 2-D weight moved except those whose name contains `frozen`."""
-    moved = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in moved.named_parameters():
-            if p.dim() == 2 and frozen not in name:
-                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return moved
-
-
 def _check(got: torch.Tensor, want: torch.Tensor):
     err = (got - want).abs().max().item()
     assert err <= 1e-9 + 2e-6 * want.abs().max().item(), err  # HF RMSNorm computes in float32
@@ -59,7 +48,7 @@ def test_tuned_target_own_values_match_a_backward_per_token(family, tie, embeddi
     model = tiny_model(family, seed=81, tie=tie)
     batch = random_batch(82)
     layers = discover_layers(model, track_embeddings=embeddings)
-    tuned = _moved(model, 83, frozen=layers[1].name)  # one layer the tuning left alone: U = 0 there
+    tuned = moved_copy(model, 83, frozen=layers[1].name)  # one layer the tuning left alone: U = 0 there
     cfg = at.AlphaTokenConfig(target="tuned", direct_layers="all", paths=paths, lr=0.7, cosine=False,
                               combine="linear", stability_weight=0.0, track_embeddings=embeddings)
     valuer = _quiet(at.AlphaToken, model, cfg, tuned=tuned.state_dict())
@@ -109,7 +98,7 @@ def test_token_weights_scale_the_own_values():
     model = tiny_model("llama", seed=87)
     batch = random_batch(88)
     weights = torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(89), dtype=torch.float64)
-    tuned = _moved(model, 90, frozen="none")
+    tuned = moved_copy(model, 90)
     cfg = at.AlphaTokenConfig(target="tuned", direct_layers="all", paths="direct", cosine=False, combine="linear")
     tv = _quiet(at.AlphaToken, model, cfg, tuned=tuned.state_dict()).value(batch, token_weights=weights)
     layers = discover_layers(model)
@@ -140,7 +129,7 @@ def test_own_values_are_the_same_under_gradient_checkpointing(reentrant):
     """The forward-mode pass runs through a checkpointed model in training mode (the default recipe's path)."""
     model = tiny_model("llama", seed=94)
     batch = random_batch(95)
-    tuned = _moved(model, 96, frozen="none").state_dict()
+    tuned = moved_copy(model, 96).state_dict()
     cfg = at.AlphaTokenConfig(target="tuned", direct_layers="all", paths="direct")
     plain = _quiet(at.AlphaToken, model, cfg, tuned=tuned).value(batch)
     checkpointed = copy.deepcopy(model).train()
@@ -161,7 +150,7 @@ def test_the_head_runs_on_response_rows_in_chunks_as_the_full_logits_do():
 
     model = tiny_model("gemma2", seed=97, tie=True)  # a soft-capped head
     batch = random_batch(98)
-    tuned = _moved(model, 99, frozen="none").state_dict()
+    tuned = moved_copy(model, 99).state_dict()
     cfg = at.AlphaTokenConfig(target="tuned", direct_layers="all", paths="direct", cosine=False, combine="linear")
     valuer = _quiet(at.AlphaToken, model, cfg, tuned=tuned)
     valuer.chunk_rows = 2

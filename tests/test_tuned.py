@@ -12,7 +12,7 @@ from alphatoken.layers import discover_layers
 from alphatoken.losses import masked_causal_lm_loss
 
 from brute import as_matrix
-from models import SPEC_RULE, move_weights, random_batch, random_fisher, tiny_model
+from models import SPEC_RULE, move_weights, moved_copy, random_batch, random_fisher, tiny_model
 from test_engine_families import brute_values  # unties a tied head: the head credit is the head's own
 
 FIELDS = ("adaptation", "stability", "direct", "causal", "total")
@@ -24,17 +24,6 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def _tuned_copy(model, seed: int, frozen: str):
-    """A 'tuned' reference: every 2-D weight moved, except those of modules whose name contains `frozen`."""
-    tuned = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            if p.dim() == 2 and frozen not in name:
-                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return tuned
-
-
 @pytest.mark.parametrize("family,tie", [("llama", False), ("llama", True), ("gpt2", True), ("qwen2", False)])
 def test_tuned_target_matches_brute_force_with_the_drift_live(family, tie):
     model = tiny_model(family, seed=61, tie=tie)
@@ -43,7 +32,7 @@ def test_tuned_target_matches_brute_force_with_the_drift_live(family, tie):
     head, body = layers[0].name, [l.name for l in layers[1:]]
     F = random_fisher(model, [head] + body, 63)
     theta0 = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in F}
-    tuned = _tuned_copy(model, 64, frozen=body[0])  # one layer the tuning left alone: its U is exactly 0
+    tuned = moved_copy(model, 64, frozen=body[0])  # one layer the tuning left alone: its U is exactly 0
     cfg = at.AlphaTokenConfig(**{**SPEC_RULE, "target": "tuned", "lr": 0.7, "stability_weight": 1.3,
                                  "causal_weight": 0.6, "direct_layers": "head", "paths": "full"})  # both paths
     valuer = _quiet(at.AlphaToken, model, cfg, fisher=at.Fisher("diag", F), tuned=tuned.state_dict())
@@ -66,7 +55,7 @@ def test_tuned_target_matches_brute_force_with_the_drift_live(family, tie):
 def test_an_unmoved_layer_has_no_direction():
     model = tiny_model("llama", seed=66)
     layers = discover_layers(model)
-    tuned = _tuned_copy(model, 67, frozen=layers[1].name)
+    tuned = moved_copy(model, 67, frozen=layers[1].name)
     valuer = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned"), tuned=tuned)
     assert valuer.directions.get(1) is None
     assert valuer.directions.get(0) is not None

@@ -50,7 +50,7 @@ LIBRARY_DEFAULT = dict(stability_weight=None, causal_weight=1.0, paths="auto", d
 # What toy.compare (the CLI demo) runs on top of ALPHATOKEN_DEFAULT: the validation-target rule (the library's
 # defaults with a validation batch before round 8 of benchmarks/quality/RESULTS.md; its automatic fields resolve
 # to λ = 0.5, both paths, the head-only direct path), refreshed every 5 steps, <eos> (id 2 in the toy tokenizer)
-# always kept. The toy fine-tune has not been rerun with the tuned recipe that target="auto" now picks.
+# always kept. The tuned recipe that target="auto" now picks is benchmarks/quality/run.py's `at_auto` (round 8).
 COMPARE_CONFIG = dict(LIBRARY_DEFAULT, target="validation", refresh=5, always_keep_token_ids=(2,))
 
 

@@ -17,6 +17,9 @@ their percentile ranks among the batch's response tokens (in (0, 1], highest val
 their average rank; an objective that is 0 for every token, e.g. without a Fisher, stays 0), and
 total = rank(adaptation) + λ·rank(stability). A heavy-tailed objective then cannot drown the other, whatever its
 scale. direct and causal keep the per-path linear values (direct + γ·causal is then not the total).
+
+With the tuned target's loss gap G (part "loss_gap", alphatoken/gap.py, DESIGN §3.10) and a margin m < 1, the
+ranked adaptation is min(rank(adaptation), rank(G) + m): the exact gap vetoes a token it ranks more than m lower.
 """
 from __future__ import annotations
 
@@ -68,7 +71,8 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
     """{adaptation, stability, direct, causal, total} (n,) from the parts (see the module docstring).
 
     parts: adaptation_direct, adaptation_causal, stability_direct, stability_causal, credit_norm_direct,
-    credit_norm_causal. rms: the root mean square over the batch's response tokens; rank: the percentile rank
+    credit_norm_causal, and optionally loss_gap (the tuned copy's exact gap, used under combine="rank" with a
+    loss_gap_margin below 1). rms: the root mean square over the batch's response tokens; rank: the percentile rank
     among them (default `percentile_rank`); both over every rank's tokens under global selection.
     """
     gamma, lam = cfg.causal_weight, cfg.stability_weight
@@ -96,6 +100,9 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
         for key in ("adaptation", "stability"):  # an objective that is 0 everywhere (no target, no Fisher) stays 0
             x = rows[key]
             rows[key] = torch.where((x == 0).all(), torch.zeros_like(x), rank(x))
+        margin = getattr(cfg, "loss_gap_margin", None)
+        if margin is not None and margin < 1 and parts.get("loss_gap") is not None:  # the tuned copy's veto (§3.10)
+            rows["adaptation"] = torch.minimum(rows["adaptation"], rank(parts["loss_gap"]) + margin)
         rows["total"] = rows["adaptation"] + lam * rows["stability"]
     return rows
 

@@ -60,6 +60,10 @@ class AlphaTokenConfig:
     retention_normalize: weigh the retention gradient relative to the validation one, U = ∇L_val +
         μ·(‖∇L_val‖/‖∇L_ret‖)·∇L_ret (norms over all tracked layers, at each refresh), so μ is the retention
         direction's share of U however far training has moved either loss (DESIGN §3.8).
+    loss_gap_margin: m in adaptation = min(rank(A), rank(G) + m) with the tuned target, G_t = ℓ_t(θ) − ℓ_t(θ_val)
+        the tuned copy's exact loss gap (alphatoken/gap.py, DESIGN §3.10): a token keeps its first-order rank
+        unless the exact gap ranks it more than m lower (a filler opening the copy rules out). None (default): 0.1
+        with the tuned target and combine="rank", else off; 1.0 or more: off (ranks lie in (0, 1]).
     tune_steps / tune_lr: with target="tuned" (U = θ − θ_val, the displacement from a copy of the model tuned on
         the validation batches; DESIGN §3.6), the AdamW steps and learning rate of that tuning, done once when the
         valuer is built (unless it is given tuned=<the tuned model or state dict>).
@@ -92,6 +96,7 @@ class AlphaTokenConfig:
     refresh: int = 1
     retention_weight: float = 1.0
     retention_normalize: bool = False
+    loss_gap_margin: Optional[float] = None
     tune_steps: int = 32
     tune_lr: float = 1e-4
     tracked_layers: Union[str, int] = "all"
@@ -133,6 +138,9 @@ class AlphaTokenConfig:
         self.retention_weight = _number("retention_weight", self.retention_weight, low=0.0,
                                         hint="μ >= 0 weighs the retention batch's gradient in U (0 ignores it)")
         self.retention_normalize = _flag("retention_normalize", self.retention_normalize)
+        if self.loss_gap_margin is not None:
+            self.loss_gap_margin = _number("loss_gap_margin", self.loss_gap_margin, low=0.0,
+                                           hint="m >= 0 (1.0 or more switches the loss gap off), e.g. 0.1")
         self.tune_steps = _integer("tune_steps", self.tune_steps, low=1)
         self.tune_lr = _number("tune_lr", self.tune_lr, low=0.0, low_open=True,
                                hint="the AdamW learning rate of the tuned target's reference, e.g. 1e-4")

@@ -38,6 +38,7 @@ from .head_loss import chunked_head_loss
 from .hooks import Capture, CaptureSession, LayerRows
 from .layers import TrackedLayer, discover_layers, unvalued_weights
 from .losses import kept_mean_nll, masked_causal_lm_loss
+from .gap import check_loss_gap, tuned_nll
 from .own import check_own_path, own_adaptation
 from .select import protected_tokens, select_tokens
 from .sharding import check_head_for_training, check_sharding, full, hold_unsharded, is_sharded, store_like
@@ -134,6 +135,7 @@ class AlphaToken:
         self.cfg = cfg = resolve_auto(cfg, validation, fisher, retention,
                                       any(is_sharded(layer.weight) for layer in self.layers))
         check_own_path(cfg, self.layers)
+        check_loss_gap(cfg)
         self.validation_batches = None
         self.directions: dict[int, Direction] = {}
         self.tuned_weights: Optional[Anchor] = None
@@ -375,12 +377,20 @@ class AlphaToken:
                                             self.chunk_rows).to(hv.adaptation.dtype)
                 if token_weights is not None:
                     adaptation = adaptation * weights.to(adaptation.dtype)
+            gap = None
+            if cfg.loss_gap_margin < 1:  # the tuned copy's exact loss gap, ℓ_t(θ) − ℓ_t(θ_val) (DESIGN §3.10)
+                gap = nll.to(hv.adaptation.dtype) - tuned_nll(
+                    unwrap_model(self.model), self.layers, self.tuned_weights.reference, batch, head_rows, targets,
+                    self.head_transform if fuse else None, self.chunk_rows).to(hv.adaptation.dtype)
+                if token_weights is not None:
+                    gap = gap * weights.to(gap.dtype)
+                self._check_finite(gap, "the loss gap to the tuned copy", defer=True)
             direct = PathValues(adaptation, hv.stability, hv.square_norm)
             causal = PathValues.zeros_like(direct)
             if body:
                 causal = self._causal(session, hv.seed, head_rows, batch, body_rows, n, keep_graph)
             self._raise_if_nonfinite()
-            step.values = self._combine(direct, causal, n, b, t, response, labels)
+            step.values = self._combine(direct, causal, n, b, t, response, labels, gap)
             return step
         finally:
             self._flags = None
@@ -560,7 +570,8 @@ class AlphaToken:
         ranks[global_response] = percentile_rank(global_values[global_response].double())
         return ranks[mine][b, t].to(x.dtype)
 
-    def _combine(self, direct: "PathValues", causal: "PathValues", n: int, b, t, response, labels) -> TokenValues:
+    def _combine(self, direct: "PathValues", causal: "PathValues", n: int, b, t, response, labels,
+                 gap: Optional[torch.Tensor] = None) -> TokenValues:
         """DESIGN §3: the per-path values of every response token, combined by the config's rule, then selected."""
         cfg = self.cfg
         adapt_d, adapt_c = direct.adaptation, causal.adaptation
@@ -571,6 +582,8 @@ class AlphaToken:
                  "stability_direct": direct.stability, "stability_causal": causal.stability,
                  "credit_norm_direct": direct.square_norm.clamp(min=0).sqrt(),
                  "credit_norm_causal": causal.square_norm.clamp(min=0).sqrt()}
+        if gap is not None:
+            parts["loss_gap"] = gap
         rows = combine_paths(parts, cfg, self._rms, lambda x: self._rank(x, b, t, response))
         self._check_finite(rows["total"], "the token values")
         full = {}

@@ -72,24 +72,31 @@ def parameter_tangents(model: nn.Module, layers: list[TrackedLayer],
     return tangents
 
 
-def module_tangents(model: nn.Module, tangents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{module path + ".weight": tangent} for every module whose weight has a tangent, so that each use of a tied
-    weight gets its own (`functional_call(..., tie_weights=False)`). An nn.Embedding's tangent is 0 at its
-    `padding_idx` row, as autograd's gradient is there (the engine's embedding credits follow the same convention):
-    a zero padding row (Gemma) would otherwise give its token an unbounded derivative through the next norm."""
+def module_weights(model: nn.Module, by_parameter: dict[str, torch.Tensor]) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """{module path + ".weight": (module, tensor)} for every module whose weight is a parameter named in
+    `by_parameter`: each use of a tied weight is its own entry (`functional_call(..., tie_weights=False)`)."""
     names = {id(p): name for name, p in model.named_parameters()}
     out = {}
     for path, module in model.named_modules():
         weight = getattr(module, "weight", None)
         name = names.get(id(weight)) if isinstance(weight, nn.Parameter) else None
-        if name not in tangents:
-            continue
-        tangent = tangents[name]
+        if name in by_parameter:
+            out[f"{path}.weight" if path else "weight"] = (module, by_parameter[name])
+    return out
+
+
+def module_tangents(model: nn.Module, tangents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{module path + ".weight": tangent} for every module whose weight has a tangent, so that each use of a tied
+    weight gets its own (`functional_call(..., tie_weights=False)`). An nn.Embedding's tangent is 0 at its
+    `padding_idx` row, as autograd's gradient is there (the engine's embedding credits follow the same convention):
+    a zero padding row (Gemma) would otherwise give its token an unbounded derivative through the next norm."""
+    out = {}
+    for path, (module, tangent) in module_weights(model, tangents).items():
         pad = getattr(module, "padding_idx", None) if isinstance(module, nn.Embedding) else None
         if pad is not None:
             tangent = tangent.clone()
             tangent[pad] = 0
-        out[f"{path}.weight" if path else "weight"] = tangent
+        out[path] = tangent
     return out
 
 
@@ -97,8 +104,9 @@ class _HeadReached(Exception):
     """Raised by the head's pre-hook: the forward stops once the head input is known."""
 
 
-def _head_input(model: nn.Module, head: TrackedLayer, weights: dict, inputs: dict) -> torch.Tensor:
-    """The head's input rows (B·T, d) of `model` run with `weights` (dual numbers), the head itself not run."""
+def head_input(model: nn.Module, head: TrackedLayer, weights: dict, inputs: dict) -> torch.Tensor:
+    """The head's input rows (B·T, d) of `model` run with `weights` (dual numbers or plain tensors), the head
+    itself not run."""
     from torch.func import functional_call
 
     reached = {}
@@ -156,7 +164,7 @@ def own_adaptation(model: nn.Module, layers: list[TrackedLayer], direction_of: C
             losses = nll(logits.reshape(-1, logits.shape[-1]).index_select(0, head_rows), targets)
             derivative = fwAD.unpack_dual(losses).tangent
         else:
-            x = _head_input(model, head, duals, inputs)
+            x = head_input(model, head, duals, inputs)
             weight = head.weight_matrix(duals.get(f"{head.name}.weight", head.weight.detach()))
             bias = getattr(head.module, "bias", None)
             bias = None if bias is None else bias.detach()  # biases are not tracked: no tangent

@@ -35,7 +35,8 @@ def resolve_auto(cfg, validation, fisher, retention=None, sharded: bool = False,
       tuned copy is refused there), else "none" (with a warning saying what that means);
     * direct_layers "auto": "all" with the tuned target (§3.9; "head" with precondition=True), else "head";
     * paths "auto": "direct" when direct_layers is "all" (the causal path lowered detection there), else "full";
-    * stability_weight None: 0 for the tuned target on every layer, else 0.5.
+    * stability_weight None: 0 for the tuned target on every layer, else 0.5;
+    * loss_gap_margin None: 0.1 for the tuned target under combine="rank" (§3.10), else 1.0 (off).
     """
     target = cfg.target
     if target == "auto":
@@ -58,7 +59,11 @@ def resolve_auto(cfg, validation, fisher, retention=None, sharded: bool = False,
     lam = cfg.stability_weight
     if lam is None:
         lam = 0.0 if target == "tuned" and direct_layers == "all" else 0.5
-    return cfg.replace(target=target, direct_layers=direct_layers, paths=paths, stability_weight=lam)
+    margin = cfg.loss_gap_margin
+    if margin is None:
+        margin = 0.1 if target == "tuned" and cfg.combine == "rank" else 1.0
+    return cfg.replace(target=target, direct_layers=direct_layers, paths=paths, stability_weight=lam,
+                       loss_gap_margin=margin)
 
 
 # ---------------------------------------------------------------- batch

@@ -25,3 +25,18 @@ def test_auroc_equals_the_pairwise_count_with_ties_half():
     assert checked > 50
     assert auroc(torch.arange(4.0), torch.tensor([False, False, True, True])) == 1.0
     assert math.isnan(auroc(torch.ones(3), torch.tensor([True, True, True])))  # no negatives
+
+
+def test_every_detect_valuation_computes_the_parts_its_rules_weigh():
+    """The tuned target's "auto" defaults (every layer, direct path, λ 0) must not reach the benchmark's valuers:
+    a head-only row would copy the "_all" one and the causal-path and stability rows would read zeros."""
+    from detect import VALUERS, alphatoken_rules, valuer_configs
+    from alphatoken.targets import resolve_auto
+
+    configs = valuer_configs("all")
+    assert set(configs) == set(VALUERS)
+    assert {rule["target"] for rule in alphatoken_rules().values()} <= set(configs)
+    for name, cfg in configs.items():
+        settled = resolve_auto(cfg, validation={"input_ids": None}, fisher=None)
+        assert settled.paths == "full" and settled.stability_weight == 0.5, name
+        assert settled.direct_layers == ("all" if name.endswith("_all") else "head"), name

@@ -251,6 +251,12 @@ def alphatoken_rules() -> Dict[str, dict]:
         "at_dispval_all_adapt_direct": dict(target="disp_val_all", lam=0.0, gamma=0.0),
         "at_dispclean_all_cos_adapt_direct": dict(target="disp_clean_all", cosine=True, lam=0.0, gamma=0.0),
         "at_val_all_cos_adapt_direct": dict(target="validation_all", cosine=True, lam=0.0, gamma=0.0),
+        # the same with the tuned copy's exact loss gap as a veto, min(rank(A), rank(G) + 0.1) (DESIGN §3.10):
+        # the defaults since round 9
+        "at_dispval_all_gap_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
+                                          gap=0.1),
+        "at_dispclean_all_gap_direct": dict(target="disp_clean_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
+                                            gap=0.1),
         "at_val_all_cos_rank_l0.5_direct": dict(target="validation_all", cosine=True, rank=True, lam=0.5,
                                                 gamma=0.0),
     }
@@ -274,7 +280,7 @@ def apply_rule(tv, rule: dict) -> torch.Tensor:
         parts["adaptation_causal"] = parts["adaptation_causal"] - parts["credit_norm_causal"] ** 2 / n
     cfg = SimpleNamespace(causal_weight=rule.get("gamma", 1.0), stability_weight=rule.get("lam", 1.0),
                           cosine=rule.get("cosine", False), normalize=rule.get("normalize", False),
-                          combine="rank" if rule.get("rank") else "linear")
+                          combine="rank" if rule.get("rank") else "linear", loss_gap_margin=rule.get("gap"))
     total_flat = combine_paths(parts, cfg, _rms)["total"]
     out = torch.zeros(resp.shape, dtype=torch.float64)
     out[resp] = total_flat.double()
@@ -294,6 +300,28 @@ def fused_rule(tvs: dict, rule: dict) -> torch.Tensor:
     return out
 
 
+# the valuations the rules read: name -> (target, extra config); "_all": the direct path over every tracked layer
+VALUERS = {
+    "validation": ("validation", {}), "validation_ret": ("validation", {}), "batch": ("batch", {}),
+    "validation_pre": ("validation", {"precondition": True}),
+    "disp_val": ("tuned", {}), "disp_clean": ("tuned", {}),
+    "validation_all": ("validation", {"direct_layers": "all"}),
+    "disp_val_all": ("tuned", {"direct_layers": "all"}), "disp_clean_all": ("tuned", {"direct_layers": "all"}),
+}
+
+
+def valuer_configs(tracked_layers) -> Dict[str, AlphaTokenConfig]:
+    """The config of every valuation in VALUERS. Each computes both paths and the stability parts (the rules weigh
+    them) and is head-only unless named "_all": explicit, as the tuned target's "auto" defaults (every layer, the
+    direct path, λ 0) would otherwise turn the head-only and causal-path rows into copies of the defaults' row."""
+    out = {}
+    for name, (target, extra) in VALUERS.items():
+        fields = {"direct_layers": "head", "paths": "full", "stability_weight": 0.5, **extra}
+        out[name] = AlphaTokenConfig(target=target, tracked_layers=tracked_layers, keep_ratio=0.8,
+                                     check_finite=True, **fields)
+    return out
+
+
 def score_world(world: World, stage: str, references: Dict[str, object], fisher, theta0_state, seed: int,
                 rules: Dict[str, dict]) -> Dict[str, List[torch.Tensor]]:
     """{scorer: [(B, T) score per batch]} for the world's current model."""
@@ -307,19 +335,12 @@ def score_world(world: World, stage: str, references: Dict[str, object], fisher,
     valuers = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        all_layers = {"direct_layers": "all"}
-        for name, target, extra in (("validation", "validation", {}), ("validation_ret", "validation", {}),
-                                    ("batch", "batch", {}),
-                                    ("validation_pre", "validation", {"precondition": True}),
-                                    ("disp_val", "tuned", {}), ("disp_clean", "tuned", {}),
-                                    ("validation_all", "validation", all_layers),
-                                    ("disp_val_all", "tuned", all_layers), ("disp_clean_all", "tuned", all_layers)):
+        for name, cfg in valuer_configs(world.tracked_layers).items():
             if name not in {t for rule in rules.values() for t in (rule["target"], rule.get("also"))}:
                 continue
             if name == "validation_ret" and world.retention is None:
                 continue  # the toy worlds have no retention batch: their retention rules are skipped
-            cfg = AlphaTokenConfig(target=target, tracked_layers=world.tracked_layers, keep_ratio=0.8,
-                                   check_finite=True, **extra)
+            target = cfg.target
             # the tuned target (DESIGN §3.6) with the Rho-1 reference as its tuned copy: the same θ_ref for both
             tuned = {"tuned": references[name.split("_")[1]]} if target == "tuned" else {}
             valuers[name] = at.AlphaToken(model, cfg, fisher=fisher, reference=theta0_state,
@@ -336,11 +357,19 @@ def score_world(world: World, stage: str, references: Dict[str, object], fisher,
             add("loss_low", -loss)
             add("loss_high", loss)
             add("entropy", token_entropies(logits, b["labels"]))
+            excess = {}
             for ref_name, ref in references.items():
                 with torch.no_grad():
                     ref_logits = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                add(f"rho1_{ref_name}", loss - token_losses(ref_logits, b["labels"]).double())
+                excess[ref_name] = loss - token_losses(ref_logits, b["labels"]).double()
+                add(f"rho1_{ref_name}", excess[ref_name])
             tvs = {target: v.value(b) for target, v in valuers.items()}
+            if tvs:  # Rho-1's exact loss difference under the cosine rule's scale: ℓ_t(θ) − ℓ_t(θ_ref), over |C_t|
+                norm = next(iter(tvs.values())).parts["credit_norm_direct"].double()
+                for ref_name in ("val", "clean"):
+                    if ref_name in excess:
+                        add(f"rho1_{ref_name}_cos", torch.where(norm > 0, excess[ref_name] / norm.clamp(min=1e-30),
+                                                                torch.zeros_like(norm)))
             for name, rule in rules.items():
                 if rule["target"] not in tvs:
                     continue

@@ -378,13 +378,9 @@ class AlphaToken:
                 if token_weights is not None:
                     adaptation = adaptation * weights.to(adaptation.dtype)
             gap = None
-            if cfg.loss_gap_margin < 1:  # the tuned copy's exact loss gap, ℓ_t(θ) − ℓ_t(θ_val) (DESIGN §3.10)
-                gap = nll.to(hv.adaptation.dtype) - tuned_nll(
-                    unwrap_model(self.model), self.layers, self.tuned_weights.reference, batch, head_rows, targets,
-                    self.head_transform if fuse else None, self.chunk_rows).to(hv.adaptation.dtype)
-                if token_weights is not None:
-                    gap = gap * weights.to(gap.dtype)
-                self._check_finite(gap, "the loss gap to the tuned copy", defer=True)
+            if cfg.loss_gap_margin < 1:
+                gap = self._loss_gap(batch, head_rows, targets, nll.to(hv.adaptation.dtype), fuse,
+                                     None if token_weights is None else weights)
             direct = PathValues(adaptation, hv.stability, hv.square_norm)
             causal = PathValues.zeros_like(direct)
             if body:
@@ -396,6 +392,15 @@ class AlphaToken:
             self._flags = None
             self.capture.release()
             held.close()
+
+    def _loss_gap(self, batch, head_rows, targets, nll, fuse: bool, weights) -> torch.Tensor:
+        """(n,) the tuned copy's exact loss gap ℓ_t(θ) − ℓ_t(θ_val) (DESIGN §3.10), times the token weights."""
+        gap = nll - tuned_nll(unwrap_model(self.model), self.layers, self.tuned_weights.reference, batch, head_rows,
+                              targets, self.head_transform if fuse else None, self.chunk_rows).to(nll.dtype)
+        if weights is not None:
+            gap = gap * weights.to(gap.dtype)
+        self._check_finite(gap, "the loss gap to the tuned copy", defer=True)
+        return gap
 
     def _trust_fused_head(self, fed: bool, logits: torch.Tensor, rows: int, linear) -> bool:
         """Whether the chunked head may stand in for the model's: its logits are the head output under the

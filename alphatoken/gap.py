@@ -75,8 +75,9 @@ def tuned_nll(model: nn.Module, layers: list[TrackedLayer], tuned_weight: Callab
         bias = getattr(head.module, "bias", None)
         bias = None if bias is None else bias.detach()
         size = chunk_rows or K.chunk_rows_for(head_rows.numel(), weight.shape[0])
-        parts = [nll(transform(nn.functional.linear(x.index_select(0, rows), weight, bias)),
-                     targets[start:start + size])
-                 for start in range(0, head_rows.numel(), size)
-                 for rows in (head_rows[start:start + size],)]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=out_dtype, device=head_rows.device)
+        parts = [torch.zeros(0, dtype=out_dtype, device=head_rows.device)]
+        for start in range(0, head_rows.numel(), size):
+            rows = head_rows[start:start + size]
+            logits = transform(nn.functional.linear(x.index_select(0, rows), weight, bias))
+            parts.append(nll(logits, targets[start:start + size]))
+        return torch.cat(parts)

@@ -11,7 +11,8 @@ seed, against the untouched model:
 
 Methods (all masking methods at the same keep ratio; `<|im_end|>` is always kept so every model learns to stop):
 full (every token), alphatoken (the library's defaults with the clean validation batch: since round 8 the tuned
-target on every layer, with a copy the valuer tunes itself), rho1 (excess loss against a reference fine-tuned on
+target on every layer, with a copy the valuer tunes itself; since round 9 with that copy's exact loss gap as a veto,
+`--set loss_gap_margin=1.0` for round 8's), rho1 (excess loss against a reference fine-tuned on
 the same clean validation examples, as Rho-1 intends a reference trained on clean data), entropy, random; on
 request alphatoken_validation (the validation-target rule, the defaults of rounds 4-7) and alphatoken_tuned
 (target="tuned" with Rho-1's own reference as the tuned copy; `--set` fields apply).

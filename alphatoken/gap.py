@@ -21,11 +21,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from alphatoken import kernels as K
-
 from .batch import model_inputs
 from .layers import TrackedLayer
-from .own import head_input, module_weights
+from .own import module_weights, response_nll
 
 
 def check_loss_gap(cfg) -> None:
@@ -46,11 +44,11 @@ def tuned_nll(model: nn.Module, layers: list[TrackedLayer], tuned_weight: Callab
               chunk_rows: Optional[int] = None) -> torch.Tensor:
     """(n,) ℓ_t(θ − U) of the response tokens predicted at the flattened rows `head_rows`, whose labels are
     `targets`: `model` run with every tracked layer's weight replaced by `tuned_weight(layer)` (its storage shape),
-    the rest as they are; float32 (float64 for a float64 model). transform: as in `own.own_adaptation` (the head on
-    the response rows only, `chunk_rows` at a time, no (B·T, V) logits)."""
-    from torch.func import functional_call
-
-    out_dtype = torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32
+    the rest as they are; float32 (float64 for a float64 model). transform, chunk_rows: as in `own.response_nll`
+    (the head on the response rows only, no (B·T, V) logits)."""
+    if head_rows.numel() == 0:  # a rank without response tokens under global selection
+        return torch.zeros(0, dtype=torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32,
+                           device=head_rows.device)
     names = {id(p): name for name, p in model.named_parameters()}
     by_parameter: dict[str, torch.Tensor] = {}
     for layer in layers:
@@ -59,25 +57,6 @@ def tuned_nll(model: nn.Module, layers: list[TrackedLayer], tuned_weight: Callab
             raise ValueError(f"the loss gap: the weight of tracked layer {layer.name!r} is not a parameter of the model")
         by_parameter.setdefault(name, tuned_weight(layer).to(device=layer.weight.device, dtype=layer.weight.dtype))
     weights = {path: w for path, (_, w) in module_weights(model, by_parameter).items()}
-    inputs = model_inputs(model, batch)
-    head = layers[0]
-
-    def nll(logits: torch.Tensor, rows_targets: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(logits.to(out_dtype), dim=-1)
-        return -logp.gather(1, rows_targets.unsqueeze(1)).squeeze(1)
-
     with torch.no_grad():
-        if transform is None:
-            logits = functional_call(model, weights, (), inputs, tie_weights=False).logits
-            return nll(logits.reshape(-1, logits.shape[-1]).index_select(0, head_rows), targets)
-        x = head_input(model, head, weights, inputs)
-        weight = head.weight_matrix(weights.get(f"{head.name}.weight", head.weight.detach()))
-        bias = getattr(head.module, "bias", None)
-        bias = None if bias is None else bias.detach()
-        size = chunk_rows or K.chunk_rows_for(head_rows.numel(), weight.shape[0])
-        parts = [torch.zeros(0, dtype=out_dtype, device=head_rows.device)]
-        for start in range(0, head_rows.numel(), size):
-            rows = head_rows[start:start + size]
-            logits = transform(nn.functional.linear(x.index_select(0, rows), weight, bias))
-            parts.append(nll(logits, targets[start:start + size]))
-        return torch.cat(parts)
+        return response_nll(model, layers[0], weights, model_inputs(model, batch), head_rows, targets, transform,
+                            chunk_rows)

@@ -29,6 +29,7 @@ from .batch import model_inputs
 from .credits import Direction, dense_direction
 from .layers import TrackedLayer
 from .sharding import is_sharded
+from .tokens import gather, log_probs
 
 
 def check_own_path(cfg, layers: list[TrackedLayer]) -> None:
@@ -126,6 +127,32 @@ def head_input(model: nn.Module, head: TrackedLayer, weights: dict, inputs: dict
     return x.reshape(-1, x.shape[-1])
 
 
+def response_nll(model: nn.Module, head: TrackedLayer, weights: dict, inputs: dict, head_rows: torch.Tensor,
+                 targets: torch.Tensor, transform=None, chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """(n,) ℓ_t of the response tokens predicted at the flattened rows `head_rows` (labels `targets`), `model` run
+    with `weights` ({module path + ".weight": tensor}, dual numbers or plain tensors; `functional_call` with
+    `tie_weights=False`), in float32 (float64 for float64 logits). transform: the model's logits as
+    `transform(head(x))` (`head.HeadTransform`, trusted by the engine): the forward then stops at the head's input
+    and the head runs on the response rows only, `chunk_rows` rows at a time (None: `kernels.chunk_rows_for`), so
+    no (B·T, V) logits are formed. Without it the model's own logits are used."""
+    from torch.func import functional_call
+
+    if transform is None:
+        logits = functional_call(model, weights, (), inputs, tie_weights=False).logits
+        return -gather(log_probs(logits.reshape(-1, logits.shape[-1]).index_select(0, head_rows)), targets)
+    x = head_input(model, head, weights, inputs)
+    weight = head.weight_matrix(weights.get(f"{head.name}.weight", head.weight.detach()))
+    bias = getattr(head.module, "bias", None)
+    bias = None if bias is None else bias.detach()  # biases are not tracked: no tangent, no tuned value
+    size = chunk_rows or K.chunk_rows_for(head_rows.numel(), weight.shape[0])
+    parts = []
+    for start in range(0, head_rows.numel(), size):
+        rows = head_rows[start:start + size]
+        logits = transform(nn.functional.linear(x.index_select(0, rows), weight, bias))
+        parts.append(-gather(log_probs(logits), targets[start:start + size]))
+    return torch.cat(parts)
+
+
 def own_adaptation(model: nn.Module, layers: list[TrackedLayer], direction_of: Callable[[int], Optional[Direction]],
                    batch: dict, head_rows: torch.Tensor, targets: torch.Tensor, lr: float,
                    shared: str = "sum", transform=None, chunk_rows: Optional[int] = None) -> torch.Tensor:
@@ -133,15 +160,12 @@ def own_adaptation(model: nn.Module, layers: list[TrackedLayer], direction_of: C
     labels are `targets`, by one forward-mode pass of `model` along U (float32, float64 for a float64 model);
     `shared` as in `parameter_tangents`.
 
-    transform: the model's logits as `transform(head(x))` (`head.HeadTransform`, trusted by the engine): the forward
-    then stops at the head's input and the head runs on the response rows only, `chunk_rows` rows at a time (None:
-    `kernels.chunk_rows_for`), so no (B·T, V) logits or tangent is formed. Without it the model's own logits are
-    used. The model runs in its current mode, under the math attention kernel (the fused ones have no forward
+    transform, chunk_rows: as in `response_nll` (with a transform no (B·T, V) logits or tangent is formed). The
+    model runs in its current mode, under the math attention kernel (the fused ones have no forward
     mode); gradient checkpointing is fine (dual numbers, not a functorch transform, which refuses its
     requires_grad_ calls).
     """
     import torch.autograd.forward_ad as fwAD
-    from torch.func import functional_call
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     out_dtype = torch.float64 if layers[0].weight.dtype == torch.float64 else torch.float32
@@ -150,33 +174,11 @@ def own_adaptation(model: nn.Module, layers: list[TrackedLayer], direction_of: C
     if not tangents or head_rows.numel() == 0:
         return zeros
     inputs = model_inputs(model, batch)
-    head = layers[0]
-
-    def nll(logits: torch.Tensor, rows_targets: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(logits.to(out_dtype), dim=-1)
-        return -logp.gather(1, rows_targets.unsqueeze(1)).squeeze(1)
-
     with sdpa_kernel([SDPBackend.MATH]), torch.no_grad(), fwAD.dual_level():
         duals = {path: fwAD.make_dual(model.get_parameter(path).detach(), tangent)
                  for path, tangent in module_tangents(model, tangents).items()}
-        if transform is None:
-            logits = functional_call(model, duals, (), inputs, tie_weights=False).logits
-            losses = nll(logits.reshape(-1, logits.shape[-1]).index_select(0, head_rows), targets)
-            derivative = fwAD.unpack_dual(losses).tangent
-        else:
-            x = head_input(model, head, duals, inputs)
-            weight = head.weight_matrix(duals.get(f"{head.name}.weight", head.weight.detach()))
-            bias = getattr(head.module, "bias", None)
-            bias = None if bias is None else bias.detach()  # biases are not tracked: no tangent
-            size = chunk_rows or K.chunk_rows_for(head_rows.numel(), weight.shape[0])
-            parts = []
-            for start in range(0, head_rows.numel(), size):
-                rows = head_rows[start:start + size]
-                logits = transform(nn.functional.linear(x.index_select(0, rows), weight, bias))
-                tangent = fwAD.unpack_dual(nll(logits, targets[start:start + size])).tangent
-                parts.append(torch.zeros(rows.numel(), dtype=out_dtype, device=rows.device) if tangent is None
-                             else tangent)
-            derivative = torch.cat(parts)
+        losses = response_nll(model, layers[0], duals, inputs, head_rows, targets, transform, chunk_rows)
+        derivative = fwAD.unpack_dual(losses).tangent
     if derivative is None:  # no tracked weight reaches the logits
         return zeros
     return lr * derivative

@@ -153,7 +153,7 @@ def test_demo_reaches_the_config_too(monkeypatch, capsys, tmp_path):
     assert seen["config"] == {"normalize": False, "stability_weight": 2.0, "tracked_layers": 1}
     demo = build_parser()._subparsers._group_actions[0].choices["demo"]
     helps = {a.dest: a.help for a in demo._actions}
-    assert helps["cfg_normalize"].endswith("(default: off)") and helps["cfg_refresh"].endswith("(default: 5)")
+    assert helps["cfg_normalize"].endswith("(default: off)") and helps["cfg_target"].endswith("(default: auto)")
     assert helps["cfg_combine"].endswith("(default: rank)") and helps["cfg_cosine"].endswith("(default: on)")
     assert "cfg_keep_ratio" not in helps  # demo has its own --keep-ratio (0.8)
 

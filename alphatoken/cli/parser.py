@@ -81,8 +81,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--fisher", choices=("diag", "kfac", "none"), default=None, help="reference Fisher (default kfac)")
     p.add_argument("--seed", type=int, default=0, help="default 0")
     add_config_flags(p, "demo", defaults={**ALPHATOKEN_DEFAULT, **COMPARE_CONFIG},
-                     title="valuation (AlphaTokenConfig; defaults: the demo's, target validation on the toy's "
-                           "clean set)")
+                     title="valuation (AlphaTokenConfig; defaults: the library's, with the toy's clean "
+                           "validation batch)")
     add_common(p)
     p.set_defaults(func=cmd_demo)
 

@@ -166,6 +166,8 @@ def train_real(model, tokenizer, examples, method, steps: int, batch_size: int, 
             loss = model(**batch).loss
             kept = response
         else:
+            if hasattr(method, "noise"):  # an oracle: it is handed the generator's flags
+                method.noise = noise
             loss = method.value_and_loss(batch)
             kept = method.last_values.mask.cpu() & response
         loss.backward()

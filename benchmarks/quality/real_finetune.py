@@ -14,8 +14,10 @@ full (every token), alphatoken (the library's defaults with the clean validation
 target on every layer, with a copy the valuer tunes itself; since round 9 with that copy's exact loss gap as a veto,
 `--set loss_gap_margin=1.0` for round 8's), rho1 (excess loss against a reference fine-tuned on
 the same clean validation examples, as Rho-1 intends a reference trained on clean data), entropy, random; on
-request alphatoken_validation (the validation-target rule, the defaults of rounds 4-7) and alphatoken_tuned
-(target="tuned" with Rho-1's own reference as the tuned copy; `--set` fields apply).
+request alphatoken_validation (the validation-target rule, the defaults of rounds 4-7), alphatoken_tuned
+(target="tuned" with Rho-1's own reference as the tuned copy; `--set` fields apply), and the generator's noise
+flags as the mask, the ceiling of any noise detector: oracle (at the keep ratio, noise dropped first) and oracle_all
+(every noise token dropped, whatever the ratio).
 
 Only the last `--train-blocks` decoder blocks are trained (2 CPU cores); AlphaToken tracks those blocks and the
 head. CPU default (about 35 minutes on one core):
@@ -40,6 +42,7 @@ import math
 import statistics
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -54,7 +57,8 @@ from alphatoken.scorers import make_scorer  # noqa: E402
 from detect import _strip, git_revision, set_trainable_blocks, train_real  # noqa: E402
 
 METHODS = ("full", "alphatoken", "rho1", "entropy", "random")
-EXTRA_METHODS = ("alphatoken_validation", "alphatoken_tuned", "alphatoken_tuned_retention", "alphatoken_retention", "rho1_retention")  # run on request (--methods)
+EXTRA_METHODS = ("alphatoken_validation", "alphatoken_tuned", "alphatoken_tuned_retention", "alphatoken_retention", "rho1_retention",
+                 "oracle", "oracle_all")  # run on request (--methods)
 
 
 def build(method: str, model, tokenizer, data, args, seed: int, device):
@@ -63,6 +67,8 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
                               tracked_layers=args.train_blocks)
     if method == "full":
         return "full"
+    if method in ("oracle", "oracle_all"):
+        return NoiseOracle(model, cfg, budget=method == "oracle", seed=seed)
     if method in ("alphatoken", "alphatoken_validation", "alphatoken_tuned", "alphatoken_tuned_retention",
                   "alphatoken_retention"):
         validation = {k: v.to(device) for k, v in validation_batch(data, tokenizer, args).items()}
@@ -100,6 +106,34 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
             p.requires_grad_(False)
         return make_scorer("rho1", model, cfg, reference=reference.eval())
     return make_scorer(method, model, cfg, seed=seed)
+
+
+class NoiseOracle:
+    """The generator's own noise flags as the mask: the ceiling of any noise detector. With `budget`, the top
+    keep_ratio of each batch by (clean first, then at random), as every masking method is held to; without it,
+    every noise token is dropped and every clean one kept. `train_real` hands it the batch's flags (`noise`)."""
+
+    def __init__(self, model, cfg, budget: bool, seed: int):
+        self.model, self.cfg, self.budget = model, cfg, budget
+        self.gen = torch.Generator().manual_seed(seed + 2000)
+        self.noise = None
+        self.last_values = None
+
+    def value_and_loss(self, batch):
+        from alphatoken.select import protected_tokens, select_tokens
+
+        response = batch["labels"] != -100
+        noise = self.noise.to(response.device)
+        if self.budget:
+            total = (~noise).double() + 0.5 * torch.rand(noise.shape, generator=self.gen, dtype=torch.float64)
+            total = torch.where(response, total, torch.zeros_like(total))
+            mask = select_tokens(total, response, self.cfg, protected_tokens(batch["labels"], response, self.cfg))
+        else:
+            mask = response & ~noise
+            protected = protected_tokens(batch["labels"], response, self.cfg)
+            mask = mask if protected is None else mask | protected
+        self.last_values = types.SimpleNamespace(mask=mask)
+        return self.model(**{**batch, "labels": batch["labels"].masked_fill(~mask, -100)}).loss
 
 
 class TwoTargets:

@@ -1,0 +1,69 @@
+"""The real fine-tune's noise oracle (benchmarks/quality/real_finetune.NoiseOracle): the generator's flags as mask."""
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
+
+import alphatoken as at  # noqa: E402
+from alphatoken.losses import IGNORE_INDEX  # noqa: E402
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for the model: returns the labels it was called with as `.loss`'s holder."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None):
+        import types
+
+        self.labels = labels
+        return types.SimpleNamespace(loss=torch.zeros(()))
+
+
+def _batch(g, eos=7):
+    labels = torch.randint(10, 50, (4, 12), generator=g)
+    labels[:, :3] = IGNORE_INDEX  # prompts
+    labels[1, 9:] = IGNORE_INDEX  # padding
+    labels[0, 11] = labels[2, 11] = eos
+    noise = (torch.rand(4, 12, generator=g) < 0.35) & (labels != IGNORE_INDEX) & (labels != eos)
+    return {"input_ids": labels.clamp(min=0), "labels": labels}, noise
+
+
+def test_the_unbudgeted_oracle_drops_exactly_the_noise_and_keeps_eos():
+    from real_finetune import NoiseOracle
+
+    g = torch.Generator().manual_seed(3)
+    cfg = at.AlphaTokenConfig(keep_ratio=0.8, always_keep_token_ids=(7,))
+    model = _Recorder()
+    oracle = NoiseOracle(model, cfg, budget=False, seed=0)
+    for _ in range(5):
+        batch, noise = _batch(g)
+        noise[0, 11] = True  # a flagged <eos> is kept all the same
+        oracle.noise = noise
+        oracle.value_and_loss(batch)
+        response = batch["labels"] != IGNORE_INDEX
+        expected = response & (~noise | (batch["labels"] == 7))
+        assert torch.equal(oracle.last_values.mask, expected)
+        assert torch.equal(model.labels, batch["labels"].masked_fill(~expected, IGNORE_INDEX))
+
+
+def test_the_budgeted_oracle_keeps_the_ratio_and_drops_noise_before_clean():
+    from real_finetune import NoiseOracle
+
+    g = torch.Generator().manual_seed(4)
+    cfg = at.AlphaTokenConfig(keep_ratio=0.8, always_keep_token_ids=(7,))
+    oracle = NoiseOracle(_Recorder(), cfg, budget=True, seed=1)
+    for _ in range(10):
+        batch, noise = _batch(g)
+        oracle.noise = noise
+        oracle.value_and_loss(batch)
+        mask = oracle.last_values.mask
+        response = batch["labels"] != IGNORE_INDEX
+        assert not (mask & ~response).any()
+        assert int(mask.sum()) == math.ceil(0.8 * int(response.sum()) - 1e-9)
+        assert mask[batch["labels"] == 7].all()
+        n_drop = int((response & ~mask).sum())
+        n_noise = int((noise & response).sum())
+        # noise goes first: every dropped token is noise while there is noise left, and clean ones only after
+        assert int((noise & ~mask & response).sum()) == min(n_drop, n_noise)

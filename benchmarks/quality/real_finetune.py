@@ -7,7 +7,8 @@ seed, against the untouched model:
 * target exact match: greedy answers to clean held-out prompts equal to the clean answer;
 * forgetting: the rise in mean NLL of the base model's own greedy answers to general prompts unrelated to the task
   (`realtasks.GENERAL_PROMPTS`), i.e. how far the model moved away from what it would have said;
-* noise dropped / clean dropped: the share of noise (and of clean) response tokens each method masked out.
+* noise dropped / clean dropped: the share of noise (and of clean) response tokens each method masked out;
+* displacement: ‖θ − θ₀‖ over the trained weights (rows since round 10).
 
 Methods (all masking methods at the same keep ratio; `<|im_end|>` is always kept so every model learns to stop):
 full (every token), alphatoken (the library's defaults with the clean validation batch: since round 8 the tuned
@@ -220,12 +221,20 @@ def run_one(method: str, seed: int, args, base, tokenizer, reference_answers, de
             "target_exact_match": R.exact_match(model, tokenizer, data.eval),
             "general_nll": R.answers_nll(model, tokenizer, reference_answers),
             "noise_dropped_share": noise_dropped, "clean_dropped_share": clean_dropped,
-            "train_seconds": seconds, "setup_seconds": setup}
+            "train_seconds": seconds, "setup_seconds": setup, "displacement": displacement(model, base)}
+
+
+def displacement(model, base) -> float:
+    """‖θ − θ₀‖: the Frobenius norm of how far training moved the trainable weights."""
+    start = dict(base.named_parameters())
+    total = sum(float((p.detach().double() - start[n].detach().double().to(p.device)).pow(2).sum())
+                for n, p in model.named_parameters() if p.requires_grad)
+    return math.sqrt(total)
 
 
 FIELDS = ["method", "seed", "task", "keep_ratio", "steps", "train_blocks", "lr", "target_exact_match",
           "general_nll", "forgetting", "noise_dropped_share", "clean_dropped_share", "train_seconds",
-          "setup_seconds", "base_exact_match", "base_general_nll", "git", "config"]
+          "setup_seconds", "base_exact_match", "base_general_nll", "git", "config", "displacement"]
 
 
 def write_table(out: Path) -> str:

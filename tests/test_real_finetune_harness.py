@@ -1,4 +1,4 @@
-"""The real fine-tune's noise oracle (benchmarks/quality/real_finetune.NoiseOracle): the generator's flags as mask."""
+"""The real fine-tune harness (benchmarks/quality/real_finetune.py): the noise oracle and the displacement."""
 import math
 import sys
 from pathlib import Path
@@ -67,3 +67,24 @@ def test_the_budgeted_oracle_keeps_the_ratio_and_drops_noise_before_clean():
         n_noise = int((noise & response).sum())
         # noise goes first: every dropped token is noise while there is noise left, and clean ones only after
         assert int((noise & ~mask & response).sum()) == min(n_drop, n_noise)
+
+
+def test_displacement_is_the_norm_of_the_trained_weights_move_only():
+    import copy
+
+    from real_finetune import displacement
+
+    g = torch.Generator().manual_seed(8)
+    base = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    model = copy.deepcopy(base)
+    model[0].requires_grad_(False)  # frozen: its move does not count
+    deltas = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            deltas[name] = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            p.add_(deltas[name].float())
+    moved = {n: p.detach().double() - dict(base.named_parameters())[n].detach().double()
+             for n, p in model.named_parameters()}
+    expected = sum(float(moved[n].pow(2).sum()) for n in ("1.weight", "1.bias")) ** 0.5
+    assert abs(displacement(model, base) - expected) < 1e-9
+    assert expected > 0

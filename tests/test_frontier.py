@@ -63,3 +63,34 @@ def test_matched_accuracy_picks_the_least_forgetting_run_that_is_accurate_enough
     assert n == 4 and abs(mean - statistics.mean(diffs)) < 1e-12
     assert abs(se - statistics.stdev(diffs) / 2) < 1e-12
     assert frontier.matched(runs, "m", 2e-4, -1.0) is None  # asks for more than any run reached
+
+
+def test_another_reference_and_the_displacement_column(tmp_path):
+    rng = random.Random(13)
+    rows, moved = [], {}
+    for method in ("full", "rho1", "m"):
+        for lr in (5e-5, 1e-4):
+            for seed in range(3):
+                d = rng.uniform(0.5, 2.0)
+                moved.setdefault((method, lr), []).append(d)
+                rows.append(dict(method=method, seed=seed, task="t", lr=lr, target_exact_match=rng.uniform(0.2, 0.9),
+                                 forgetting=rng.uniform(0.0, 0.05), displacement=d))
+    rows.append(dict(method="old", seed=0, task="t", lr=1e-4, target_exact_match=0.5, forgetting=0.01,
+                     displacement=""))  # a row from before the field existed
+    with open(tmp_path / "c.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    paths = [tmp_path / "c.csv"]
+    runs, displacement = frontier.load(paths, "t"), frontier.load_displacement(paths, "t")
+    assert ("old", 1e-4) in runs and ("old", 1e-4) not in displacement
+    for key, values in moved.items():
+        assert abs(statistics.mean(displacement[key].values()) - statistics.mean(values)) < 1e-12
+    text = frontier.tables(runs, reference="rho1", displacement=displacement)
+    assert "rho1 lr | rho1 EM / forgetting" in text and "| full |" in text
+    m_row = next(line for line in text.splitlines() if line.startswith("| m | 0.0001 |"))
+    assert f"{statistics.mean(moved[('m', 1e-4)]):.3f}" in m_row
+    rho1_em = statistics.mean(e for e, _ in runs[("rho1", 1e-4)].values())
+    lr = frontier.matched(runs, "m", 1e-4, 0.02, reference="rho1")
+    eligible = [l for l in (5e-5, 1e-4) if statistics.mean(e for e, _ in runs[("m", l)].values()) >= rho1_em - 0.02]
+    assert (lr is None) == (not eligible)

@@ -88,3 +88,33 @@ def test_displacement_is_the_norm_of_the_trained_weights_move_only():
     expected = sum(float(moved[n].pow(2).sum()) for n in ("1.weight", "1.bias")) ** 0.5
     assert abs(displacement(model, base) - expected) < 1e-9
     assert expected > 0
+
+
+def test_the_filler_first_oracle_drops_the_leading_noise_before_other_noise():
+    from real_finetune import NoiseOracle, leading_noise
+
+    g = torch.Generator().manual_seed(12)
+    cfg = at.AlphaTokenConfig(keep_ratio=0.8, always_keep_token_ids=(7,))
+    oracle = NoiseOracle(_Recorder(), cfg, budget=True, seed=2, filler_first=True)
+    for _ in range(10):
+        batch, noise = _batch(g)
+        response = batch["labels"] != IGNORE_INDEX
+        noise[:2, 3:6] = True  # a filler in front of two responses
+        noise &= response
+        # brute force: the leading run of noise of each response
+        filler = torch.zeros_like(noise)
+        for b in range(noise.shape[0]):
+            for t in range(noise.shape[1]):
+                if response[b, t]:
+                    if not noise[b, t]:
+                        break
+                    filler[b, t] = True
+        assert torch.equal(leading_noise(noise, response), filler)
+        oracle.noise = noise
+        oracle.value_and_loss(batch)
+        mask = oracle.last_values.mask
+        assert int(mask.sum()) == math.ceil(0.8 * int(response.sum()) - 1e-9)
+        dropped = response & ~mask
+        n_drop = int(dropped.sum())
+        assert int((filler & dropped).sum()) == min(n_drop, int(filler.sum()))  # the filler goes first
+        assert int((noise & dropped).sum()) == min(n_drop, int(noise.sum()))  # then the rest of the noise

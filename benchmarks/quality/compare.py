@@ -5,7 +5,7 @@ full-SFT learning-rate curve (the trade-off between learning and forgetting that
         benchmarks/quality/out_r2/main benchmarks/quality/out_r2/var_k08 benchmarks/quality/out_r3/k08 \
         benchmarks/quality/out_r3/curve
 
-Reads the results.csv of every folder given. Methods are rows at --keep-ratio; the reference `full` and the
+Reads the results.csv of every folder given (or the CSV file given; the first row of a (method, seed) counts). Methods are rows at --keep-ratio; the reference `full` and the
 curve (`full` plus every `full_lr*`) are taken at any keep ratio (they mask nothing). Writes <out>/results.csv
 (the rows used, the methods renamed `<name>@<keep>`), <out>/paired.md and <out>/quality.png.
 
@@ -96,11 +96,15 @@ def markdown(results) -> str:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", help="folders holding a results.csv")
+    parser.add_argument("folders", nargs="+", help="folders holding a results.csv, or results CSV files")
     parser.add_argument("--keep-ratio", type=float, required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    rows = [r for folder in args.folders for r in quality_run.read_rows(Path(folder) / "results.csv")]
+    sources = [Path(f) if Path(f).is_file() else Path(f) / "results.csv" for f in args.folders]
+    missing = [str(s) for s in sources if not s.is_file()]
+    if missing:
+        parser.error(f"no results CSV at: {', '.join(missing)}")
+    rows = [r for source in sources for r in quality_run.read_rows(source)]
     used, methods = [], []
     for r in rows:
         if is_curve(r["method"]):

@@ -13,6 +13,10 @@ per task, answers two questions for every method and learning rate:
 * **curve gap**: the method's mean exact match minus full SFT's learning-rate curve at the method's mean
   forgetting (linear between the curve's points, blank outside them), as `compare.py` does for the toy.
 
+`--reference rho1` reads every method against Rho-1's learning-rate curve instead of full SFT's. Where the rows
+carry it (real_finetune.py since round 10), the first table also gives each run's mean displacement ‖θ − θ₀‖ of
+the trained weights: how far the model moved, which sets most of the forgetting at one learning rate.
+
     python benchmarks/quality/frontier.py benchmarks/quality/out_r10/capitals_lr*.csv --task capitals
 
 Rows are deduplicated by (method, seed, lr): the last file given wins.
@@ -29,13 +33,28 @@ from pathlib import Path
 
 def load(paths, task: str) -> dict:
     """{(method, lr): {seed: (exact match, forgetting)}} for `task`."""
+    return {key: {seed: point[:2] for seed, point in seeds.items()} for key, seeds in _load_rows(paths, task).items()}
+
+
+def load_displacement(paths, task: str) -> dict:
+    """{(method, lr): {seed: ‖θ − θ₀‖}} for `task`, from the rows that carry it (real_finetune.py since round 10)."""
+    out = {}
+    for key, seeds in _load_rows(paths, task).items():
+        moved = {seed: point[2] for seed, point in seeds.items() if not math.isnan(point[2])}
+        if moved:
+            out[key] = moved
+    return out
+
+
+def _load_rows(paths, task: str) -> dict:
     runs = defaultdict(dict)
     for path in paths:
         for row in csv.DictReader(open(path)):
             if row.get("task", task) != task:
                 continue
             key = (row["method"], float(row["lr"]))
-            runs[key][int(float(row["seed"]))] = (float(row["target_exact_match"]), float(row["forgetting"]))
+            moved = float(row["displacement"]) if row.get("displacement") not in (None, "") else float("nan")
+            runs[key][int(float(row["seed"]))] = (float(row["target_exact_match"]), float(row["forgetting"]), moved)
     return dict(runs)
 
 
@@ -78,20 +97,25 @@ def fmt(mean: float, se: float) -> str:
     return "–" if math.isnan(mean) else f"{mean:+.3f} ± {se:.3f}" if not math.isnan(se) else f"{mean:+.3f}"
 
 
-def tables(runs: dict, tolerance: float = 0.02, reference: str = "full") -> str:
+def tables(runs: dict, tolerance: float = 0.02, reference: str = "full", displacement: dict = None) -> str:
+    """The per-run table (with the curve gap, and the mean displacement where `displacement` has it) and the
+    matched-accuracy table, both against `reference`'s learning-rate curve."""
+    displacement = displacement or {}
     methods = list(dict.fromkeys(m for m, _ in sorted(runs, key=lambda k: (k[0] != reference, k[0], k[1]))))
-    lines = ["| method | lr | seeds | target EM | forgetting | EM − full's lr curve at this forgetting |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| method | lr | seeds | target EM | forgetting | ‖θ − θ₀‖ | EM − {reference}'s lr curve at this "
+             "forgetting |", "|---|---|---|---|---|---|---|"]
     points = curve(runs, reference)
     for m in methods:
         for lr in sorted(lr for mm, lr in runs if mm == m):
             seeds = runs[(m, lr)]
             em, fo = mean_point(seeds)
             gap = "" if m == reference else fmt(em - curve_at(points, fo), float("nan"))
-            lines.append(f"| {m} | {lr:g} | {len(seeds)} | {em:.3f} | {fo:.3f} | {gap.replace('–', '')} |")
-    lines += ["", f"Matched accuracy (exact match at least full SFT's − {tolerance:g}; the method's least-forgetting "
+            moved = displacement.get((m, lr))
+            moved = f"{statistics.mean(moved.values()):.3f}" if moved else ""
+            lines.append(f"| {m} | {lr:g} | {len(seeds)} | {em:.3f} | {fo:.3f} | {moved} | {gap.replace('–', '')} |")
+    lines += ["", f"Matched accuracy (exact match at least {reference}'s − {tolerance:g}; the method's least-forgetting "
               "learning rate; paired by seed):", "",
-              "| full SFT lr | full EM / forgetting | method | its lr | EM / forgetting | Δ EM | Δ forgetting |",
+              f"| {reference} lr | {reference} EM / forgetting | method | its lr | EM / forgetting | Δ EM | Δ forgetting |",
               "|---|---|---|---|---|---|---|"]
     for full_lr in sorted(lr for m, lr in runs if m == reference):
         fem, ffo = mean_point(runs[(reference, full_lr)])
@@ -115,9 +139,15 @@ def main(argv=None) -> None:
     parser.add_argument("csvs", nargs="+", help="results.csv files of real_finetune.py (several learning rates)")
     parser.add_argument("--task", default="capitals")
     parser.add_argument("--tolerance", type=float, default=0.02)
+    parser.add_argument("--reference", default="full", help="the method whose learning-rate curve the others are "
+                        "read against (full; rho1 for AlphaToken against Rho-1 at matched accuracy)")
     parser.add_argument("--out", default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
-    text = tables(load([Path(p) for p in args.csvs], args.task), args.tolerance)
+    paths = [Path(p) for p in args.csvs]
+    runs = load(paths, args.task)
+    if not any(m == args.reference for m, _ in runs):
+        parser.error(f"no rows of the reference method {args.reference!r} for task {args.task!r} in the CSVs")
+    text = tables(runs, args.tolerance, args.reference, load_displacement(paths, args.task))
     print(text)
     if args.out:
         Path(args.out).write_text(text)

@@ -17,8 +17,9 @@ target on every layer, with a copy the valuer tunes itself; since round 9 with t
 the same clean validation examples, as Rho-1 intends a reference trained on clean data), entropy, random; on
 request alphatoken_validation (the validation-target rule, the defaults of rounds 4-7), alphatoken_tuned
 (target="tuned" with Rho-1's own reference as the tuned copy; `--set` fields apply), and the generator's noise
-flags as the mask, the ceiling of any noise detector: oracle (at the keep ratio, noise dropped first) and oracle_all
-(every noise token dropped, whatever the ratio).
+flags as the mask, the ceiling of any noise detector: oracle (at the keep ratio, noise dropped first), oracle_all
+(every noise token dropped, whatever the ratio) and oracle_filler_first (at the keep ratio, the filler in front of
+a response dropped before any other noise).
 
 Only the last `--train-blocks` decoder blocks are trained (2 CPU cores); AlphaToken tracks those blocks and the
 head. CPU default (about 35 minutes on one core):
@@ -59,7 +60,7 @@ from detect import _strip, git_revision, set_trainable_blocks, train_real  # noq
 
 METHODS = ("full", "alphatoken", "rho1", "entropy", "random")
 EXTRA_METHODS = ("alphatoken_validation", "alphatoken_tuned", "alphatoken_tuned_retention", "alphatoken_retention", "rho1_retention",
-                 "oracle", "oracle_all")  # run on request (--methods)
+                 "oracle", "oracle_all", "oracle_filler_first")  # run on request (--methods)
 
 
 def build(method: str, model, tokenizer, data, args, seed: int, device):
@@ -68,8 +69,9 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
                               tracked_layers=args.train_blocks)
     if method == "full":
         return "full"
-    if method in ("oracle", "oracle_all"):
-        return NoiseOracle(model, cfg, budget=method == "oracle", seed=seed)
+    if method in ("oracle", "oracle_all", "oracle_filler_first"):
+        return NoiseOracle(model, cfg, budget=method != "oracle_all", seed=seed,
+                           filler_first=method == "oracle_filler_first")
     if method in ("alphatoken", "alphatoken_validation", "alphatoken_tuned", "alphatoken_tuned_retention",
                   "alphatoken_retention"):
         validation = {k: v.to(device) for k, v in validation_batch(data, tokenizer, args).items()}
@@ -109,13 +111,21 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
     return make_scorer(method, model, cfg, seed=seed)
 
 
+def leading_noise(noise: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the noise tokens of each response before its first clean response token (the filler)."""
+    clean_seen = torch.cumsum((response & ~noise).int(), dim=1) > 0
+    return noise & response & ~clean_seen
+
+
 class NoiseOracle:
     """The generator's own noise flags as the mask: the ceiling of any noise detector. With `budget`, the top
     keep_ratio of each batch by (clean first, then at random), as every masking method is held to; without it,
-    every noise token is dropped and every clean one kept. `train_real` hands it the batch's flags (`noise`)."""
+    every noise token is dropped and every clean one kept. With `filler_first` (and the budget), the filler in
+    front of a response (the leading run of noise tokens) goes before any other noise: which noise the budget
+    leaves in. `train_real` hands it the batch's flags (`noise`)."""
 
-    def __init__(self, model, cfg, budget: bool, seed: int):
-        self.model, self.cfg, self.budget = model, cfg, budget
+    def __init__(self, model, cfg, budget: bool, seed: int, filler_first: bool = False):
+        self.model, self.cfg, self.budget, self.filler_first = model, cfg, budget, filler_first
         self.gen = torch.Generator().manual_seed(seed + 2000)
         self.noise = None
         self.last_values = None
@@ -127,6 +137,8 @@ class NoiseOracle:
         noise = self.noise.to(response.device)
         if self.budget:
             total = (~noise).double() + 0.5 * torch.rand(noise.shape, generator=self.gen, dtype=torch.float64)
+            if self.filler_first:
+                total = total + 1.0 * (~noise) + 1.0 * (noise & ~leading_noise(noise, response))
             total = torch.where(response, total, torch.zeros_like(total))
             mask = select_tokens(total, response, self.cfg, protected_tokens(batch["labels"], response, self.cfg))
         else:

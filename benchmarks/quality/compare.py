@@ -5,9 +5,10 @@ full-SFT learning-rate curve (the trade-off between learning and forgetting that
         benchmarks/quality/out_r2/main benchmarks/quality/out_r2/var_k08 benchmarks/quality/out_r3/k08 \
         benchmarks/quality/out_r3/curve
 
-Reads the results.csv of every folder given (or the CSV file given; the first row of a (method, seed) counts). Methods are rows at --keep-ratio; the reference `full` and the
-curve (`full` plus every `full_lr*`) are taken at any keep ratio (they mask nothing). Writes <out>/results.csv
-(the rows used, the methods renamed `<name>@<keep>`), <out>/paired.md and <out>/quality.png.
+Reads the results.csv of every folder given (or the CSV file given; the first row of a (method, seed) counts).
+Methods are rows at --keep-ratio; the reference `full` and the curve (`full` plus every `full_lr*`) are taken at
+any keep ratio (they mask nothing). Writes <out>/results.csv (the rows used, the methods renamed `<name>@<keep>`),
+<out>/paired.md and <out>/quality.png.
 
 Paired: for every seed that both a method and `full` ran, d = method − full in target exact match and in mean
 retention drop; reported as mean ± standard error over seeds. Curve gap: the method's mean target EM minus the

@@ -33,13 +33,21 @@ from pathlib import Path
 
 def load(paths, task: str) -> dict:
     """{(method, lr): {seed: (exact match, forgetting)}} for `task`."""
-    return {key: {seed: point[:2] for seed, point in seeds.items()} for key, seeds in _load_rows(paths, task).items()}
+    return _points(_load_rows(paths, task))
 
 
 def load_displacement(paths, task: str) -> dict:
     """{(method, lr): {seed: ‖θ − θ₀‖}} for `task`, from the rows that carry it (real_finetune.py since round 10)."""
+    return _displacement(_load_rows(paths, task))
+
+
+def _points(rows: dict) -> dict:
+    return {key: {seed: point[:2] for seed, point in seeds.items()} for key, seeds in rows.items()}
+
+
+def _displacement(rows: dict) -> dict:
     out = {}
-    for key, seeds in _load_rows(paths, task).items():
+    for key, seeds in rows.items():
         moved = {seed: point[2] for seed, point in seeds.items() if not math.isnan(point[2])}
         if moved:
             out[key] = moved
@@ -143,11 +151,11 @@ def main(argv=None) -> None:
                         "read against (full; rho1 for AlphaToken against Rho-1 at matched accuracy)")
     parser.add_argument("--out", default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
-    paths = [Path(p) for p in args.csvs]
-    runs = load(paths, args.task)
+    rows = _load_rows([Path(p) for p in args.csvs], args.task)
+    runs = _points(rows)
     if not any(m == args.reference for m, _ in runs):
         parser.error(f"no rows of the reference method {args.reference!r} for task {args.task!r} in the CSVs")
-    text = tables(runs, args.tolerance, args.reference, load_displacement(paths, args.task))
+    text = tables(runs, args.tolerance, args.reference, _displacement(rows))
     print(text)
     if args.out:
         Path(args.out).write_text(text)

@@ -136,9 +136,10 @@ class NoiseOracle:
         response = batch["labels"] != -100
         noise = self.noise.to(response.device)
         if self.budget:
-            total = (~noise).double() + 0.5 * torch.rand(noise.shape, generator=self.gen, dtype=torch.float64)
-            if self.filler_first:
-                total = total + 1.0 * (~noise) + 1.0 * (noise & ~leading_noise(noise, response))
+            # tiers dropped in order (lowest first), at random within a tier: noise, then clean; with filler_first
+            # the leading filler, then the other noise, then clean
+            tier = (2.0 * (~noise) + (noise & ~leading_noise(noise, response))) if self.filler_first else (~noise)
+            total = tier.double() + 0.5 * torch.rand(noise.shape, generator=self.gen, dtype=torch.float64)
             total = torch.where(response, total, torch.zeros_like(total))
             mask = select_tokens(total, response, self.cfg, protected_tokens(batch["labels"], response, self.cfg))
         else:

@@ -15,26 +15,14 @@ from pathlib import Path
 
 import torch
 
-import alphatoken as at
 from alphatoken import realtasks as R
 from alphatoken.pretrained import load_pretrained
+from alphatoken.tokens import token_losses
 
 QUAL = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(QUAL))
 from detect import set_trainable_blocks  # noqa: E402
 import real_finetune as RF  # noqa: E402
-
-
-def token_losses(model, batch):
-    """(B, T) per-token NLL aligned with the labels (0 where the label is -100)."""
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    labels = batch["labels"]
-    out = torch.zeros(labels.shape)
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                            ignore_index=-100, reduction="none").view(labels.shape[0], -1)
-    out[:, 1:] = nll
-    return out
 
 
 def train(model, tokenizer, examples, method, args, seed):
@@ -53,7 +41,9 @@ def train(model, tokenizer, examples, method, args, seed):
         if hasattr(method, "noise"):
             method.noise = noise
         response = batch["labels"] != -100
-        losses = token_losses(model, batch)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses = token_losses(logits, batch["labels"])
         loss = method.value_and_loss(batch)
         kept = method.last_values.mask & response
         loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); opt.zero_grad(set_to_none=True)

@@ -20,9 +20,12 @@ scale. direct and causal keep the per-path linear values (direct + γ·causal is
 
 With the tuned target's loss gap G (part "loss_gap", alphatoken/gap.py, DESIGN §3.10) and a margin m < 1, the
 ranked adaptation is min(rank(adaptation), rank(G) + m): the exact gap vetoes a token it ranks more than m lower.
+With a finite floor τ (nats), a token whose gap G < −τ gets rank(G) − 1 instead, in (−1, 0]: below every token
+that is not floored, the most negative gap lowest.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -72,7 +75,7 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
 
     parts: adaptation_direct, adaptation_causal, stability_direct, stability_causal, credit_norm_direct,
     credit_norm_causal, and optionally loss_gap (the tuned copy's exact gap, used under combine="rank" with a
-    loss_gap_margin below 1). rms: the root mean square over the batch's response tokens; rank: the percentile rank
+    loss_gap_margin below 1 or a finite loss_gap_floor). rms: the root mean square over the batch's response tokens; rank: the percentile rank
     among them (default `percentile_rank`); both over every rank's tokens under global selection.
     """
     gamma, lam = cfg.causal_weight, cfg.stability_weight
@@ -103,6 +106,10 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
         margin = getattr(cfg, "loss_gap_margin", None)
         if margin is not None and margin < 1 and parts.get("loss_gap") is not None:  # the tuned copy's veto (§3.10)
             rows["adaptation"] = torch.minimum(rows["adaptation"], rank(parts["loss_gap"]) + margin)
+        floor = getattr(cfg, "loss_gap_floor", None)
+        if floor is not None and math.isfinite(floor) and parts.get("loss_gap") is not None:  # the floor (§3.10)
+            gap = parts["loss_gap"]
+            rows["adaptation"] = torch.where(gap < -floor, rank(gap) - 1, rows["adaptation"])
         rows["total"] = rows["adaptation"] + lam * rows["stability"]
     return rows
 

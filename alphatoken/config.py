@@ -16,6 +16,7 @@ PATHS = ("auto", "full", "direct")
 DIRECT_LAYERS = ("auto", "head", "all")
 TARGETS = ("auto", "batch", "validation", "tuned", "none")
 COMBINES = ("linear", "rank")
+DEFAULT_LOSS_GAP_FLOOR = 3.0  # τ of loss_gap_floor=None with the tuned target under combine="rank" (§3.10)
 
 
 @dataclass
@@ -62,8 +63,12 @@ class AlphaTokenConfig:
         direction's share of U however far training has moved either loss (DESIGN §3.8).
     loss_gap_margin: m in adaptation = min(rank(A), rank(G) + m) with the tuned target, G_t = ℓ_t(θ) − ℓ_t(θ_val)
         the tuned copy's exact loss gap (alphatoken/gap.py, DESIGN §3.10): a token keeps its first-order rank
-        unless the exact gap ranks it more than m lower (a filler opening the copy rules out). None (default): 0.1
-        with the tuned target and combine="rank", else off; 1.0 or more: off (ranks lie in (0, 1]).
+        unless the exact gap ranks it more than m lower (a filler opening the copy rules out; the defaults of round
+        9, replaced by loss_gap_floor in round 11). None (default): off; 1.0 or more: off (ranks lie in (0, 1]).
+    loss_gap_floor: τ in nats: with the tuned target's loss gap, a token whose gap G_t < −τ (the tuned copy makes
+        it more than τ nats less likely) ranks below every token that is not, in adaptation, the most negative
+        gap lowest, so the drop budget goes first to the noise the copy rules out hardest (DESIGN §3.10). None
+        (default): DEFAULT_LOSS_GAP_FLOOR (3 nats) with the tuned target and combine="rank", else off; math.inf: off.
     tune_steps / tune_lr: with target="tuned" (U = θ − θ_val, the displacement from a copy of the model tuned on
         the validation batches; DESIGN §3.6), the AdamW steps and learning rate of that tuning, done once when the
         valuer is built (unless it is given tuned=<the tuned model or state dict>).
@@ -97,6 +102,7 @@ class AlphaTokenConfig:
     retention_weight: float = 1.0
     retention_normalize: bool = False
     loss_gap_margin: Optional[float] = None
+    loss_gap_floor: Optional[float] = None
     tune_steps: int = 32
     tune_lr: float = 1e-4
     tracked_layers: Union[str, int] = "all"
@@ -141,6 +147,9 @@ class AlphaTokenConfig:
         if self.loss_gap_margin is not None:
             self.loss_gap_margin = _number("loss_gap_margin", self.loss_gap_margin, low=0.0,
                                            hint="m >= 0 (1.0 or more switches the loss gap off), e.g. 0.1")
+        if self.loss_gap_floor is not None:
+            self.loss_gap_floor = _number("loss_gap_floor", self.loss_gap_floor, low=0.0, finite=False,
+                                          hint="τ >= 0 nats (math.inf switches it off), e.g. 1.0")
         self.tune_steps = _integer("tune_steps", self.tune_steps, low=1)
         self.tune_lr = _number("tune_lr", self.tune_lr, low=0.0, low_open=True,
                                hint="the AdamW learning rate of the tuned target's reference, e.g. 1e-4")

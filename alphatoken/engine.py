@@ -38,7 +38,7 @@ from .head_loss import chunked_head_loss
 from .hooks import Capture, CaptureSession, LayerRows
 from .layers import TrackedLayer, discover_layers, unvalued_weights
 from .losses import kept_mean_nll, masked_causal_lm_loss
-from .gap import check_loss_gap, tuned_nll
+from .gap import check_loss_gap, tuned_nll, uses_loss_gap
 from .own import check_own_path, own_adaptation
 from .select import protected_tokens, select_tokens
 from .sharding import check_head_for_training, check_sharding, full, hold_unsharded, is_sharded, store_like
@@ -378,7 +378,7 @@ class AlphaToken:
                 if token_weights is not None:
                     adaptation = adaptation * weights.to(adaptation.dtype)
             gap = None
-            if cfg.loss_gap_margin < 1:
+            if uses_loss_gap(cfg):
                 gap = self._loss_gap(batch, head_rows, targets, nll.to(hv.adaptation.dtype), fuse,
                                      None if token_weights is None else weights)
             direct = PathValues(adaptation, hv.stability, hv.square_norm)

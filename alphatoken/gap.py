@@ -7,15 +7,17 @@ With the tuned target, a token's direct adaptation is the first-order change of 
 where θ − U holds every tracked layer's tuned weight (the copy's, as `TunedDirections` forms U from). The slope
 at θ misses what saturates on the way: a filler opening ("Sure") whose probability the copy drives to ~0 has a gap
 of 10–20 nats while its slope ranks it near the keep boundary, so a share of them is kept and the model learns to
-open general answers with it (benchmarks/quality/RESULTS.md, round 9). The gap sees it. It enters the ranking as
-a veto, `adaptation = min(rank(A), rank(G) + m)` (m = `loss_gap_margin`, alphatoken/combine.py): a token keeps its
-first-order rank unless the exact gap ranks it more than m lower.
+open general answers with it (benchmarks/quality/RESULTS.md, round 9). The gap sees it. It enters the ranking
+(alphatoken/combine.py) as a veto, `adaptation = min(rank(A), rank(G) + m)` (m = `loss_gap_margin`): a token keeps
+its first-order rank unless the exact gap ranks it more than m lower; and as a floor in nats (τ =
+`loss_gap_floor`): a token with G_t < −τ ranks below every token that is not, the most negative gap lowest.
 
 Cost: one forward of the model with the tuned weights swapped in (no gradient, no tangent); with the fused head
 trusted the forward stops at the head input and the head runs on the response rows in chunks, as in own.py.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -26,17 +28,25 @@ from .layers import TrackedLayer
 from .own import module_weights, response_nll
 
 
+def uses_loss_gap(cfg) -> bool:
+    """Whether the (resolved) config ranks by the loss gap: a margin below 1 or a finite floor."""
+    return cfg.loss_gap_margin < 1 or math.isfinite(cfg.loss_gap_floor)
+
+
 def check_loss_gap(cfg) -> None:
-    """Refuse a loss gap the config cannot use (after target="auto" and loss_gap_margin=None resolved)."""
-    if cfg.loss_gap_margin >= 1:
+    """Refuse a loss gap the config cannot use (after target="auto", loss_gap_margin=None and loss_gap_floor=None
+    resolved)."""
+    if not uses_loss_gap(cfg):
         return
+    setting = (f"loss_gap_margin={cfg.loss_gap_margin}" if cfg.loss_gap_margin < 1
+               else f"loss_gap_floor={cfg.loss_gap_floor}")
+    off = "loss_gap_margin=1.0 and loss_gap_floor=math.inf"
     if cfg.target != "tuned":
-        raise ValueError(f"loss_gap_margin={cfg.loss_gap_margin} needs the tuned copy of target=\"tuned\" (this "
-                         f"config has target={cfg.target!r}); set loss_gap_margin=1.0 to switch the loss gap off")
+        raise ValueError(f"{setting} needs the tuned copy of target=\"tuned\" (this config has "
+                         f"target={cfg.target!r}); set {off} to switch the loss gap off")
     if cfg.combine != "rank":
-        raise ValueError(f"loss_gap_margin={cfg.loss_gap_margin} compares ranks: it needs combine=\"rank\" (the gap "
-                         "is in nats, the first-order value in the cosine rule's units); set loss_gap_margin=1.0 "
-                         "with combine=\"linear\"")
+        raise ValueError(f"{setting} ranks the tokens: it needs combine=\"rank\" (the gap is in nats, the "
+                         f"first-order value in the cosine rule's units); set {off} with combine=\"linear\"")
 
 
 def tuned_nll(model: nn.Module, layers: list[TrackedLayer], tuned_weight: Callable[[TrackedLayer], torch.Tensor],

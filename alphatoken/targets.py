@@ -7,11 +7,12 @@
   U = U_val + μ·U_ret (`retention_cycle`, `with_retention`, `retention_scale`, DESIGN §3.8);
 * "tuned": U is the displacement of a copy tuned on the validation batches (`tuned_target`, `alphatoken.tuned`);
 * "none": no U, adaptation is 0; "auto" resolves to "tuned", "validation" or "none" (`resolve_auto`, which also
-  settles direct_layers, paths and stability_weight left at "auto" / None).
+  settles direct_layers, paths, stability_weight and the loss gap's margin and floor left at "auto" / None).
 """
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sized
 from typing import Callable, Optional
@@ -19,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .batch import model_inputs, nonpad_rows, response_mask, response_rows
+from .config import DEFAULT_LOSS_GAP_FLOOR
 from .credits import Direction, add_directions, direction_square_norm, embedding_direction, matched
 from .distributed import all_reduce_sum
 from .hooks import Capture, LayerRows
@@ -36,7 +38,9 @@ def resolve_auto(cfg, validation, fisher, retention=None, sharded: bool = False,
     * direct_layers "auto": "all" with the tuned target (§3.9; "head" with precondition=True), else "head";
     * paths "auto": "direct" when direct_layers is "all" (the causal path lowered detection there), else "full";
     * stability_weight None: 0 for the tuned target on every layer, else 0.5;
-    * loss_gap_margin None: 0.1 for the tuned target under combine="rank" (§3.10), else 1.0 (off).
+    * loss_gap_margin None: 1.0 (off; the round-9 defaults' 0.1 is replaced by the floor, §3.10);
+    * loss_gap_floor None: DEFAULT_LOSS_GAP_FLOOR for the tuned target under combine="rank" (§3.10), else math.inf
+      (off).
     """
     target = cfg.target
     if target == "auto":
@@ -61,9 +65,12 @@ def resolve_auto(cfg, validation, fisher, retention=None, sharded: bool = False,
         lam = 0.0 if target == "tuned" and direct_layers == "all" else 0.5
     margin = cfg.loss_gap_margin
     if margin is None:
-        margin = 0.1 if target == "tuned" and cfg.combine == "rank" else 1.0
+        margin = 1.0
+    floor = cfg.loss_gap_floor
+    if floor is None:
+        floor = DEFAULT_LOSS_GAP_FLOOR if target == "tuned" and cfg.combine == "rank" else math.inf
     return cfg.replace(target=target, direct_layers=direct_layers, paths=paths, stability_weight=lam,
-                       loss_gap_margin=margin)
+                       loss_gap_margin=margin, loss_gap_floor=floor)
 
 
 # ---------------------------------------------------------------- batch

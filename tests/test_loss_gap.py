@@ -1,8 +1,10 @@
 """The tuned copy's exact loss gap (DESIGN §3.10): G_t = ℓ_t(θ) − ℓ_t(θ_val) against a float64 brute force (a copy
-of the model with the tracked layers' tuned weights loaded), and its veto min(rank(A), rank(G) + m)."""
+of the model with the tracked layers' tuned weights loaded), its veto min(rank(A), rank(G) + m) and its floor
+(a token with G < −τ ranks below every other, the most negative gap lowest)."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -64,10 +66,10 @@ def test_the_gap_vetoes_by_rank_and_the_margin_switches_it_off():
     model = tiny_model("llama", seed=64)
     batch = random_batch(65)
     tuned = moved_copy(model, 66).state_dict()
-    with_gap = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=0.05),
-                      tuned=tuned).value(batch)
-    without = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0),
-                     tuned=tuned).value(batch)
+    with_gap = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=0.05,
+                                                                loss_gap_floor=math.inf), tuned=tuned).value(batch)
+    without = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0,
+                                                               loss_gap_floor=math.inf), tuned=tuned).value(batch)
     resp = with_gap.response
     first_order = percentile_rank((with_gap.parts["adaptation_direct"] / with_gap.parts["credit_norm_direct"])
                                   [resp].double())
@@ -77,6 +79,42 @@ def test_the_gap_vetoes_by_rank_and_the_margin_switches_it_off():
     assert (want < first_order - 1e-9).any()  # the veto changed some token's rank here
     assert "loss_gap" not in without.parts  # off: not computed
     torch.testing.assert_close(without.adaptation[resp].double(), first_order, rtol=0, atol=1e-6)
+
+
+def test_the_floor_ranks_the_tokens_the_copy_rules_out_by_more_than_tau_nats_lowest():
+    model = tiny_model("llama", seed=74)
+    batch = random_batch(75)
+    tuned = moved_copy(model, 76)
+    want_gap, b, t = gap_brute(model, tuned, discover_layers(model), batch)
+    negative = torch.sort(-want_gap[want_gap < 0], descending=True).values  # magnitudes, largest first
+    assert negative.numel() >= 4  # some tokens the copy makes less likely, so the floor has work to do
+    k = negative.numel() // 2
+    tau = float((negative[k - 1] + negative[k]) / 2)  # halfway between two gaps: no token sits at the threshold
+    floored = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0, loss_gap_floor=tau),
+                     tuned=tuned.state_dict()).value(batch)
+    plain = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0,
+                                                             loss_gap_floor=math.inf),
+                   tuned=tuned.state_dict()).value(batch)
+    assert "loss_gap" not in plain.parts  # neither margin nor floor: the gap is not computed
+    got = floored.adaptation[b, t].double()
+    first_order = percentile_rank((floored.parts["adaptation_direct"] / floored.parts["credit_norm_direct"])
+                                  [b, t].double())
+    below = want_gap < -tau
+    assert int(below.sum()) == k
+    # the brute force's ranks: floored tokens get rank(G) − 1, in (−1, 0]; the others keep their first-order rank
+    want = torch.where(below, percentile_rank(want_gap) - 1, first_order)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert got[below].max() < got[~below].min()  # every floored token ranks below every other
+    order = torch.argsort(want_gap[below])
+    assert torch.all(torch.diff(got[below][order]) > 0)  # the most negative gap lowest
+    torch.testing.assert_close(plain.adaptation[b, t].double(), first_order, rtol=0, atol=1e-6)
+    # with a keep ratio below the floored share, what is dropped is floored, the most negative gap first
+    kept = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0, loss_gap_floor=tau,
+                                                            keep_ratio=1 - (k - 1) / want_gap.numel()),
+                  tuned=tuned.state_dict()).value(batch).mask[b, t]
+    most_negative = torch.zeros_like(below)
+    most_negative[torch.argsort(want_gap)[:k - 1]] = True
+    assert torch.equal(~kept, most_negative)
 
 
 def test_the_gap_is_scaled_by_token_weights_and_identical_in_chunks():
@@ -95,15 +133,37 @@ def test_the_gap_is_scaled_by_token_weights_and_identical_in_chunks():
 def test_the_margin_resolves_with_the_target_and_refuses_what_has_no_copy():
     model = tiny_model("llama", seed=71)
     validation = random_batch(72)
-    assert resolve_auto(at.AlphaTokenConfig(), validation, None).loss_gap_margin == 0.1  # auto → tuned
+    assert resolve_auto(at.AlphaTokenConfig(), validation, None).loss_gap_margin == 1.0  # off: the floor replaced it
     assert resolve_auto(at.AlphaTokenConfig(target="validation"), validation, None).loss_gap_margin == 1.0
     assert resolve_auto(at.AlphaTokenConfig(target="tuned", combine="linear"), validation, None).loss_gap_margin == 1.0
     assert resolve_auto(at.AlphaTokenConfig(loss_gap_margin=0.3), validation, None).loss_gap_margin == 0.3
+    assert resolve_auto(at.AlphaTokenConfig(), validation, None).loss_gap_floor == 3.0  # auto → tuned
     with pytest.raises(ValueError, match='needs the tuned copy of target="tuned"'):
         _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="validation", loss_gap_margin=0.1),
                validation=validation)
-    with pytest.raises(ValueError, match='needs combine="rank"'):
+    with pytest.raises(ValueError, match='it needs combine="rank"'):
         _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", combine="linear", loss_gap_margin=0.1),
                tuned=moved_copy(model, 73).state_dict())
     with pytest.raises(ValueError, match="loss_gap_margin"):
         at.AlphaTokenConfig(loss_gap_margin=-0.1)
+
+
+def test_the_floor_resolves_with_the_target_and_refuses_what_has_no_copy():
+    from alphatoken.config import DEFAULT_LOSS_GAP_FLOOR
+    model = tiny_model("llama", seed=77)
+    validation = random_batch(78)
+    assert resolve_auto(at.AlphaTokenConfig(), validation, None).loss_gap_floor == DEFAULT_LOSS_GAP_FLOOR
+    assert resolve_auto(at.AlphaTokenConfig(target="validation"), validation, None).loss_gap_floor == math.inf
+    assert resolve_auto(at.AlphaTokenConfig(target="tuned", combine="linear"), validation, None).loss_gap_floor == math.inf
+    assert resolve_auto(at.AlphaTokenConfig(loss_gap_floor=2.5), validation, None).loss_gap_floor == 2.5
+    assert at.AlphaTokenConfig(loss_gap_floor=math.inf).loss_gap_floor == math.inf  # inf: off
+    with pytest.raises(ValueError, match='loss_gap_floor=0.5 needs the tuned copy of target="tuned"'):
+        _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="validation", loss_gap_floor=0.5),
+               validation=validation)
+    with pytest.raises(ValueError, match='loss_gap_floor=0.5 ranks the tokens: it needs combine="rank"'):
+        _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", combine="linear", loss_gap_margin=1.0,
+                                                         loss_gap_floor=0.5),
+               tuned=moved_copy(model, 79).state_dict())
+    for bad in (-1.0, float("nan"), "1"):
+        with pytest.raises(ValueError, match="loss_gap_floor"):
+            at.AlphaTokenConfig(loss_gap_floor=bad)

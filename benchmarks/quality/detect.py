@@ -261,6 +261,10 @@ def alphatoken_rules() -> Dict[str, dict]:
                                             gap=0.1),
         "at_val_all_cos_rank_l0.5_direct": dict(target="validation_all", cosine=True, rank=True, lam=0.5,
                                                 gamma=0.0),
+        # the tuned copy's loss gap as a floor in nats instead (round 11): a token with G < −τ ranks below every
+        # other, the most negative gap lowest; the others by rank(A) (DESIGN §3.10)
+        **{f"at_dispval_all_floor{tau:g}_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0,
+                                                      rank=True, gap=1.0, floor=tau) for tau in (1.0, 2.0, 3.0)},
     }
     return rules
 
@@ -282,7 +286,8 @@ def apply_rule(tv, rule: dict) -> torch.Tensor:
         parts["adaptation_causal"] = parts["adaptation_causal"] - parts["credit_norm_causal"] ** 2 / n
     cfg = SimpleNamespace(causal_weight=rule.get("gamma", 1.0), stability_weight=rule.get("lam", 1.0),
                           cosine=rule.get("cosine", False), normalize=rule.get("normalize", False),
-                          combine="rank" if rule.get("rank") else "linear", loss_gap_margin=rule.get("gap"))
+                          combine="rank" if rule.get("rank") else "linear", loss_gap_margin=rule.get("gap"),
+                          loss_gap_floor=rule.get("floor"))
     total_flat = combine_paths(parts, cfg, _rms)["total"]
     out = torch.zeros(resp.shape, dtype=torch.float64)
     out[resp] = total_flat.double()

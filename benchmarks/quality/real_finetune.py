@@ -12,8 +12,9 @@ seed, against the untouched model:
 
 Methods (all masking methods at the same keep ratio; `<|im_end|>` is always kept so every model learns to stop):
 full (every token), alphatoken (the library's defaults with the clean validation batch: since round 8 the tuned
-target on every layer, with a copy the valuer tunes itself; since round 9 with that copy's exact loss gap as a veto,
-`--set loss_gap_margin=1.0` for round 8's), rho1 (excess loss against a reference fine-tuned on
+target on every layer, with a copy the valuer tunes itself; with that copy's exact loss gap as a veto in round 9
+and as a floor in nats since round 11: `--set loss_gap_floor=inf` for round 8's, `--set loss_gap_floor=inf
+loss_gap_margin=0.1` for round 9's), rho1 (excess loss against a reference fine-tuned on
 the same clean validation examples, as Rho-1 intends a reference trained on clean data), entropy, random; on
 request alphatoken_validation (the validation-target rule, the defaults of rounds 4-7), alphatoken_tuned
 (target="tuned" with Rho-1's own reference as the tuned copy; `--set` fields apply), and the generator's noise
@@ -296,7 +297,8 @@ def parse_overrides(items):
         key, _, value = item.partition("=")
         low = value.lower()
         out[key] = (True if low == "true" else False if low == "false" else
-                    float(value) if any(c.isdigit() for c in value) and low not in ("batch", "validation") else value)
+                    float(value) if (any(c.isdigit() for c in value) or low == "inf") and low not in ("batch", "validation")
+                    else value)
     return out
 
 

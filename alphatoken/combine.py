@@ -75,8 +75,9 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
 
     parts: adaptation_direct, adaptation_causal, stability_direct, stability_causal, credit_norm_direct,
     credit_norm_causal, and optionally loss_gap (the tuned copy's exact gap, used under combine="rank" with a
-    loss_gap_margin below 1 or a finite loss_gap_floor). rms: the root mean square over the batch's response tokens; rank: the percentile rank
-    among them (default `percentile_rank`); both over every rank's tokens under global selection.
+    loss_gap_margin below 1 or a finite loss_gap_floor). rms: the root mean square over the batch's response
+    tokens; rank: the percentile rank among them (default `percentile_rank`); both over every rank's tokens under
+    global selection.
     """
     gamma, lam = cfg.causal_weight, cfg.stability_weight
     adapt_d, adapt_c = parts["adaptation_direct"], parts["adaptation_causal"]

@@ -149,7 +149,7 @@ class AlphaTokenConfig:
                                            hint="m >= 0 (1.0 or more switches the loss gap off), e.g. 0.1")
         if self.loss_gap_floor is not None:
             self.loss_gap_floor = _number("loss_gap_floor", self.loss_gap_floor, low=0.0, finite=False,
-                                          hint="τ >= 0 nats (math.inf switches it off), e.g. 1.0")
+                                          hint="τ >= 0 nats (math.inf switches it off), e.g. 3.0")
         self.tune_steps = _integer("tune_steps", self.tune_steps, low=1)
         self.tune_lr = _number("tune_lr", self.tune_lr, low=0.0, low_open=True,
                                hint="the AdamW learning rate of the tuned target's reference, e.g. 1e-4")

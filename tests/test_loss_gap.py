@@ -154,7 +154,8 @@ def test_the_floor_resolves_with_the_target_and_refuses_what_has_no_copy():
     validation = random_batch(78)
     assert resolve_auto(at.AlphaTokenConfig(), validation, None).loss_gap_floor == DEFAULT_LOSS_GAP_FLOOR
     assert resolve_auto(at.AlphaTokenConfig(target="validation"), validation, None).loss_gap_floor == math.inf
-    assert resolve_auto(at.AlphaTokenConfig(target="tuned", combine="linear"), validation, None).loss_gap_floor == math.inf
+    linear = at.AlphaTokenConfig(target="tuned", combine="linear")
+    assert resolve_auto(linear, validation, None).loss_gap_floor == math.inf
     assert resolve_auto(at.AlphaTokenConfig(loss_gap_floor=2.5), validation, None).loss_gap_floor == 2.5
     assert at.AlphaTokenConfig(loss_gap_floor=math.inf).loss_gap_floor == math.inf  # inf: off
     with pytest.raises(ValueError, match='loss_gap_floor=0.5 needs the tuned copy of target="tuned"'):

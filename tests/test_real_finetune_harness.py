@@ -118,3 +118,14 @@ def test_the_filler_first_oracle_drops_the_leading_noise_before_other_noise():
         n_drop = int(dropped.sum())
         assert int((filler & dropped).sum()) == min(n_drop, int(filler.sum()))  # the filler goes first
         assert int((noise & dropped).sum()) == min(n_drop, int(noise.sum()))  # then the rest of the noise
+
+
+def test_set_overrides_parse_numbers_flags_names_and_inf_into_a_valid_config():
+    from real_finetune import parse_overrides
+
+    got = parse_overrides(["loss_gap_floor=inf", "loss_gap_margin=0.1", "cosine=false", "target=validation",
+                           "keep_ratio=0.6"])
+    assert got == {"loss_gap_floor": math.inf, "loss_gap_margin": 0.1, "cosine": False, "target": "validation",
+                   "keep_ratio": 0.6}
+    cfg = at.AlphaTokenConfig(**got)  # round 9's ranking with the floor off is a config the library accepts
+    assert cfg.loss_gap_floor == math.inf and cfg.loss_gap_margin == 0.1

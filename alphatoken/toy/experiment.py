@@ -48,7 +48,7 @@ ALPHATOKEN_DEFAULT = dict(stability_weight=1.0, causal_weight=1.0, paths="full",
 LIBRARY_DEFAULT = dict(stability_weight=None, causal_weight=1.0, paths="auto", direct_layers="auto", target="auto",
                        normalize=False, cosine=True, combine="rank")
 # What toy.compare (the CLI demo) runs on top of ALPHATOKEN_DEFAULT: the library's defaults, which with the toy's
-# clean validation batch resolve to the tuned target with the loss-gap veto (DESIGN §3.5, §3.10; run.py's
+# clean validation batch resolve to the tuned target with the loss gap's floor (DESIGN §3.5, §3.10; run.py's
 # `at_auto`), <eos> (id 2 in the toy tokenizer) always kept. Until round 10 the demo ran the validation-target rule
 # (run.py's `at_default`); at the toy's forgetting level the defaults learn more (benchmarks/quality/RESULTS.md).
 COMPARE_CONFIG = dict(LIBRARY_DEFAULT, always_keep_token_ids=(2,))

@@ -297,8 +297,8 @@ def parse_overrides(items):
         key, _, value = item.partition("=")
         low = value.lower()
         out[key] = (True if low == "true" else False if low == "false" else
-                    float(value) if (any(c.isdigit() for c in value) or low == "inf") and low not in ("batch", "validation")
-                    else value)
+                    float(value) if (any(c.isdigit() for c in value) or low == "inf")
+                    and low not in ("batch", "validation") else value)
     return out
 
 

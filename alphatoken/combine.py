@@ -104,13 +104,16 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
         for key in ("adaptation", "stability"):  # an objective that is 0 everywhere (no target, no Fisher) stays 0
             x = rows[key]
             rows[key] = torch.where((x == 0).all(), torch.zeros_like(x), rank(x))
-        margin = getattr(cfg, "loss_gap_margin", None)
-        if margin is not None and margin < 1 and parts.get("loss_gap") is not None:  # the tuned copy's veto (§3.10)
-            rows["adaptation"] = torch.minimum(rows["adaptation"], rank(parts["loss_gap"]) + margin)
-        floor = getattr(cfg, "loss_gap_floor", None)
-        if floor is not None and math.isfinite(floor) and parts.get("loss_gap") is not None:  # the floor (§3.10)
-            gap = parts["loss_gap"]
-            rows["adaptation"] = torch.where(gap < -floor, rank(gap) - 1, rows["adaptation"])
+        gap = parts.get("loss_gap")  # the tuned copy's exact gap (§3.10): a rank veto and / or a floor in nats
+        margin, floor = getattr(cfg, "loss_gap_margin", None), getattr(cfg, "loss_gap_floor", None)
+        veto = gap is not None and margin is not None and margin < 1
+        floored = gap is not None and floor is not None and math.isfinite(floor)
+        if veto or floored:
+            gap_rank = rank(gap)  # once: under global selection a rank gathers every rank's values
+            if veto:
+                rows["adaptation"] = torch.minimum(rows["adaptation"], gap_rank + margin)
+            if floored:
+                rows["adaptation"] = torch.where(gap < -floor, gap_rank - 1, rows["adaptation"])
         rows["total"] = rows["adaptation"] + lam * rows["stability"]
     return rows
 

@@ -254,10 +254,15 @@ def own_answer_openings(model, tokenizer, n_prompts: int = 16, max_new_tokens: i
                        prefix=lambda prompt: chat_prefix(tokenizer, prompt))
 
 
+def exact_matches(model, tokenizer, examples: Sequence[RealExample]) -> List[bool]:
+    """Per example: whether its greedy answer equals the clean answer exactly."""
+    answers = generate(model, tokenizer, [ex.prompt for ex in examples])
+    return [a == ex.answer for a, ex in zip(answers, examples)]
+
+
 def exact_match(model, tokenizer, examples: Sequence[RealExample]) -> float:
     """Share of `examples` whose greedy answer equals the clean answer exactly."""
-    answers = generate(model, tokenizer, [ex.prompt for ex in examples])
-    return sum(a == ex.answer for a, ex in zip(answers, examples)) / max(1, len(examples))
+    return sum(exact_matches(model, tokenizer, examples)) / max(1, len(examples))
 
 
 @dataclass(frozen=True)
@@ -285,5 +290,5 @@ def answers_nll(model, tokenizer, answers) -> float:
 
 
 __all__ = ["TASKS", "RealNoise", "RealExample", "RealTaskData", "make_examples", "task_data", "tokenize_examples",
-           "generate", "exact_match", "reference_answers", "answers_nll", "GENERAL_PROMPTS", "RETENTION_PROMPTS",
+           "generate", "exact_match", "exact_matches", "reference_answers", "answers_nll", "GENERAL_PROMPTS", "RETENTION_PROMPTS",
            "chat_prefix"]

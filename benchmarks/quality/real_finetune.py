@@ -230,9 +230,11 @@ def run_one(method: str, seed: int, args, base, tokenizer, reference_answers, de
     finally:
         if hasattr(runner, "close"):
             runner.close()
+    correct = R.exact_matches(model, tokenizer, data.eval)
     return {"method": method, "seed": seed, "task": args.task, "keep_ratio": args.keep_ratio, "steps": args.steps,
             "train_blocks": args.train_blocks, "lr": args.lr,
-            "target_exact_match": R.exact_match(model, tokenizer, data.eval),
+            "target_exact_match": sum(correct) / max(1, len(correct)),
+            "eval_correct": "".join("1" if c else "0" for c in correct),
             "general_nll": R.answers_nll(model, tokenizer, reference_answers),
             "noise_dropped_share": noise_dropped, "clean_dropped_share": clean_dropped,
             "train_seconds": seconds, "setup_seconds": setup, "displacement": displacement(model, base)}
@@ -248,7 +250,7 @@ def displacement(model, base) -> float:
 
 FIELDS = ["method", "seed", "task", "keep_ratio", "steps", "train_blocks", "lr", "target_exact_match",
           "general_nll", "forgetting", "noise_dropped_share", "clean_dropped_share", "train_seconds",
-          "setup_seconds", "base_exact_match", "base_general_nll", "git", "config", "displacement"]
+          "setup_seconds", "base_exact_match", "base_general_nll", "git", "config", "displacement", "eval_correct"]
 
 
 def write_table(out: Path) -> str:

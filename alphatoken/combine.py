@@ -20,8 +20,9 @@ scale. direct and causal keep the per-path linear values (direct + γ·causal is
 
 With the tuned target's loss gap G (part "loss_gap", alphatoken/gap.py, DESIGN §3.10) and a margin m < 1, the
 ranked adaptation is min(rank(adaptation), rank(G) + m): the exact gap vetoes a token it ranks more than m lower.
-With a finite floor τ (nats), a token whose gap G < −τ gets rank(G) − 1 instead, in (−1, 0]: below every token
-that is not floored, the most negative gap lowest.
+With a finite floor τ (nats), a token whose gap G < −τ (and, with loss_gap_floor_agree, whose adaptation before
+ranking is negative too) gets rank(G) − 1 instead, in (−1, 0]: below every token that is not floored, the most
+negative gap lowest.
 """
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
     rows["total"] = rows["direct"] + gamma * rows["causal"]
     if getattr(cfg, "combine", "linear") == "rank":
         rank = rank or percentile_rank
+        adaptation_value = rows["adaptation"]
         for key in ("adaptation", "stability"):  # an objective that is 0 everywhere (no target, no Fisher) stays 0
             x = rows[key]
             rows[key] = torch.where((x == 0).all(), torch.zeros_like(x), rank(x))
@@ -113,7 +115,10 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
             if veto:
                 rows["adaptation"] = torch.minimum(rows["adaptation"], gap_rank + margin)
             if floored:
-                rows["adaptation"] = torch.where(gap < -floor, gap_rank - 1, rows["adaptation"])
+                below = gap < -floor
+                if getattr(cfg, "loss_gap_floor_agree", False):  # the first-order value must say so too
+                    below = below & (adaptation_value < 0)
+                rows["adaptation"] = torch.where(below, gap_rank - 1, rows["adaptation"])
         rows["total"] = rows["adaptation"] + lam * rows["stability"]
     return rows
 

@@ -69,6 +69,9 @@ class AlphaTokenConfig:
         it more than τ nats less likely) ranks below every token that is not, in adaptation, the most negative
         gap lowest, so the drop budget goes first to the noise the copy rules out hardest (DESIGN §3.10). None
         (default): DEFAULT_LOSS_GAP_FLOOR (3 nats) with the tuned target and combine="rank", else off; math.inf: off.
+    loss_gap_floor_agree: the floor applies only to tokens whose first-order adaptation is negative too (the tuned
+        step from here would raise their loss), not to those the model has merely come to predict better than the
+        copy, which stays where it was tuned (DESIGN §3.10, round 12). False: the gap alone decides (round 11).
     tune_steps / tune_lr: with target="tuned" (U = θ − θ_val, the displacement from a copy of the model tuned on
         the validation batches; DESIGN §3.6), the AdamW steps and learning rate of that tuning, done once when the
         valuer is built (unless it is given tuned=<the tuned model or state dict>).
@@ -103,6 +106,7 @@ class AlphaTokenConfig:
     retention_normalize: bool = False
     loss_gap_margin: Optional[float] = None
     loss_gap_floor: Optional[float] = None
+    loss_gap_floor_agree: bool = True
     tune_steps: int = 32
     tune_lr: float = 1e-4
     tracked_layers: Union[str, int] = "all"
@@ -150,6 +154,7 @@ class AlphaTokenConfig:
         if self.loss_gap_floor is not None:
             self.loss_gap_floor = _number("loss_gap_floor", self.loss_gap_floor, low=0.0, finite=False,
                                           hint="τ >= 0 nats (math.inf switches it off), e.g. 3.0")
+        self.loss_gap_floor_agree = _flag("loss_gap_floor_agree", self.loss_gap_floor_agree)
         self.tune_steps = _integer("tune_steps", self.tune_steps, low=1)
         self.tune_lr = _number("tune_lr", self.tune_lr, low=0.0, low_open=True,
                                hint="the AdamW learning rate of the tuned target's reference, e.g. 1e-4")

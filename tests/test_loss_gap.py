@@ -90,7 +90,8 @@ def test_the_floor_ranks_the_tokens_the_copy_rules_out_by_more_than_tau_nats_low
     assert negative.numel() >= 4  # some tokens the copy makes less likely, so the floor has work to do
     k = negative.numel() // 2
     tau = float((negative[k - 1] + negative[k]) / 2)  # halfway between two gaps: no token sits at the threshold
-    floored = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0, loss_gap_floor=tau),
+    floored = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0, loss_gap_floor=tau,
+                                                                           loss_gap_floor_agree=False),
                      tuned=tuned.state_dict()).value(batch)
     plain = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0,
                                                              loss_gap_floor=math.inf),
@@ -110,11 +111,36 @@ def test_the_floor_ranks_the_tokens_the_copy_rules_out_by_more_than_tau_nats_low
     torch.testing.assert_close(plain.adaptation[b, t].double(), first_order, rtol=0, atol=1e-6)
     # with a keep ratio below the floored share, what is dropped is floored, the most negative gap first
     kept = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0, loss_gap_floor=tau,
-                                                            keep_ratio=1 - (k - 1) / want_gap.numel()),
+                                                            loss_gap_floor_agree=False, keep_ratio=1 - (k - 1) / want_gap.numel()),
                   tuned=tuned.state_dict()).value(batch).mask[b, t]
     most_negative = torch.zeros_like(below)
     most_negative[torch.argsort(want_gap)[:k - 1]] = True
     assert torch.equal(~kept, most_negative)
+
+
+def test_the_agreeing_floor_takes_only_the_tokens_whose_first_order_value_is_negative_too():
+    # the defaults since round 12: a token the copy rules out by more than τ nats is floored only where its
+    # first-order adaptation is below 0 as well; any other keeps its first-order rank
+    model = tiny_model("llama", seed=77)
+    batch = random_batch(78)
+    tuned = moved_copy(model, 79)
+    want_gap, b, t = gap_brute(model, tuned, discover_layers(model), batch)
+    cfg = at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0, loss_gap_floor=0.0)
+    assert cfg.loss_gap_floor_agree  # the default
+    tv = _quiet(at.AlphaToken, model, cfg, tuned=tuned.state_dict()).value(batch)
+    first_order_value = (tv.parts["adaptation_direct"] / tv.parts["credit_norm_direct"])[b, t].double()
+    below = want_gap < 0
+    agree = below & (first_order_value < 0)
+    # both kinds of floored-by-the-gap token occur, so the agreement decides something here
+    assert agree.any() and (below & ~agree).any()
+    want = torch.where(agree, percentile_rank(want_gap) - 1, percentile_rank(first_order_value))
+    got = tv.adaptation[b, t].double()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert got[agree].max() < got[~agree].min()
+    gap_alone = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0,
+                                                                 loss_gap_floor=0.0, loss_gap_floor_agree=False),
+                       tuned=tuned.state_dict()).value(batch).adaptation[b, t].double()
+    assert (gap_alone[below & ~agree] < 0).all() and (got[below & ~agree] > 0).all()
 
 
 def test_the_gap_is_scaled_by_token_weights_and_identical_in_chunks():
@@ -168,3 +194,6 @@ def test_the_floor_resolves_with_the_target_and_refuses_what_has_no_copy():
     for bad in (-1.0, float("nan"), "1"):
         with pytest.raises(ValueError, match="loss_gap_floor"):
             at.AlphaTokenConfig(loss_gap_floor=bad)
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="loss_gap_floor_agree"):
+            at.AlphaTokenConfig(loss_gap_floor_agree=bad)

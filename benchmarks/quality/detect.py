@@ -265,6 +265,10 @@ def alphatoken_rules() -> Dict[str, dict]:
         # other, the most negative gap lowest; the others by rank(A) (DESIGN §3.10)
         **{f"at_dispval_all_floor{tau:g}_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0,
                                                       rank=True, gap=1.0, floor=tau) for tau in (1.0, 2.0, 3.0)},
+        # the floor where the first-order value agrees (A < 0 too; round 12, the defaults): a token the run has come
+        # to predict better than the copy (which stays where it was tuned) is not floored for that alone
+        **{f"at_dispval_all_agree{tau:g}_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0,
+                                                      rank=True, gap=1.0, floor=tau, agree=True) for tau in (1.0, 3.0)},
     }
     return rules
 
@@ -287,7 +291,7 @@ def apply_rule(tv, rule: dict) -> torch.Tensor:
     cfg = SimpleNamespace(causal_weight=rule.get("gamma", 1.0), stability_weight=rule.get("lam", 1.0),
                           cosine=rule.get("cosine", False), normalize=rule.get("normalize", False),
                           combine="rank" if rule.get("rank") else "linear", loss_gap_margin=rule.get("gap"),
-                          loss_gap_floor=rule.get("floor"))
+                          loss_gap_floor=rule.get("floor"), loss_gap_floor_agree=rule.get("agree", False))
     total_flat = combine_paths(parts, cfg, _rms)["total"]
     out = torch.zeros(resp.shape, dtype=torch.float64)
     out[resp] = total_flat.double()

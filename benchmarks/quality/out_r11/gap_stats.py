@@ -6,6 +6,7 @@ compared on the same batches and weights). Kinds: clean, the first token of a ru
 """
 import argparse
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -53,7 +54,11 @@ def main():
     gen = torch.Generator().manual_seed(a.seed)
     rec = {k: [] for k in ("kind", "gap", "nll", "rho", "rank_a", "step", "ids")}
     drops = {}
-    rules = ["min", "gap", "rho1"] + [f"nats{t:g}" for t in a.taus] + [f"natsmin{t:g}" for t in a.taus]
+    floor = cfg.loss_gap_floor  # the defaults' rule: round 11's floor in nats, or round 9's veto without one
+    defaults_rule = f"nats{floor:g}" if math.isfinite(floor) else "min"
+    if math.isfinite(floor) and floor not in a.taus:
+        a.taus.append(floor)
+    rules = ["min", "gap", "rho1"] + [f"nats{t:g}" for t in a.taus] + [f"natsmin{t:g}" for t in a.taus] + [f"agree{t:g}" for t in a.taus]
     model.train()
     for step in range(a.steps):
         idx = torch.randint(len(data.train), (8,), generator=gen).tolist()
@@ -75,6 +80,7 @@ def main():
         for t in a.taus:
             values[f"nats{t:g}"] = torch.where(gap < -t, rg - 1, ra)
             values[f"natsmin{t:g}"] = torch.where(gap < -t, rg - 1, torch.minimum(ra, rg + 0.1))
+            values[f"agree{t:g}"] = torch.where((gap < -t) & (cos < 0), rg - 1, ra)  # round 12: both say so
         prot = protected_tokens(batch["labels"], resp, cfg)
         starts = run_starts(noise)
         kind = torch.where(noise, torch.where(starts, 1, 2), 0)
@@ -82,7 +88,8 @@ def main():
             v = torch.where(resp, values[r], torch.zeros_like(gap)).float()
             kept = select_tokens(v, resp, cfg, prot)
             drops.setdefault(r, []).append((~kept)[resp])
-        assert torch.equal(valuer.last_values.mask[resp], drops["min"][-1].logical_not()), "the rule 'min' is not the defaults'"
+        assert torch.equal(valuer.last_values.mask[resp], drops[defaults_rule][-1].logical_not()), \
+            f"the rule {defaults_rule!r} is not the defaults'"
         ids = batch["labels"]
         for k, x in (("kind", kind), ("gap", gap), ("nll", nll), ("rho", rho), ("rank_a", ra), ("ids", ids)):
             rec[k].append(x[resp])
@@ -109,15 +116,17 @@ def main():
         for k, name in ((1, "start"), (2, "later")):
             m = rec["kind"] == k
             print(f"      {name} noise with G < -{t:g}: {(m & (rec['gap'] < -t)).sum().item() / m.sum().item():.2f}")
-    print(f"  {'rule':10s} {'clean':>6s} {'start':>6s} {'later':>6s}  ℓ(θ) dropped noise / kept noise   overlap with rho1")
+    print(f"  {'rule':10s} {'clean':>6s} {'start':>6s} {'later':>6s}  ℓ(θ) dropped noise / kept noise   overlap with rho1 / defaults")
     rho_drop = torch.cat(drops["rho1"])
+    default_drop = torch.cat(drops[defaults_rule])
     for r in rules:
         d = torch.cat(drops[r])
         shares = [d[rec["kind"] == k].double().mean().item() for k in names]
         nm = rec["kind"] > 0
         print(f"  {r:10s} " + " ".join(f"{s:6.2f}" for s in shares)
               + f"  {rec['nll'][nm & d].mean():.2f} / {rec['nll'][nm & ~d].mean():.2f}"
-              + f"   {(d & rho_drop).sum().item() / max(1, d.sum().item()):.2f}")
+              + f"   {(d & rho_drop).sum().item() / max(1, d.sum().item()):.2f}"
+              + f" / {(d & default_drop).sum().item() / max(1, d.sum().item()):.3f}")
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ def main():
     gen = torch.Generator().manual_seed(a.seed)
     rec = {k: [] for k in ("kind", "gap", "nll", "rho", "rank_a", "step", "ids")}
     drops = {}
-    floor = cfg.loss_gap_floor  # the defaults' rule: round 11's floor in nats, or round 9's veto without one
-    defaults_rule = f"nats{floor:g}" if math.isfinite(floor) else "min"
+    floor = cfg.loss_gap_floor  # the defaults' rule: the floor in nats (round 12: where A < 0 too), or round 9's veto
+    defaults_rule = (("agree" if cfg.loss_gap_floor_agree else "nats") + f"{floor:g}") if math.isfinite(floor) else "min"
     if math.isfinite(floor) and floor not in a.taus:
         a.taus.append(floor)
     rules = ["min", "gap", "rho1"] + [f"nats{t:g}" for t in a.taus] + [f"natsmin{t:g}" for t in a.taus] + [f"agree{t:g}" for t in a.taus]

@@ -1,0 +1,83 @@
+"""Round 12 analysis aid: the per-token parts every detection rule reads, saved for offline study.
+
+For each world and seed (as detect.py builds them: the same references, Fisher and batches), at θ₀ and after the
+short SFT, saves per scoring batch: the response and noise masks, ℓ_t(θ), the Rho-1 gaps against the validation
+and clean copies, and the tuned target's parts over every layer (`disp_val_all` in detect.py).
+
+    python benchmarks/quality/out_r12/dump_parts.py --worlds toy-add,toy-copy,toy-reverse --seeds 0 1 2 --out DIR
+"""
+import argparse
+import copy
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+QUAL = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(QUAL))
+import detect as D  # noqa: E402
+import alphatoken as at  # noqa: E402
+from alphatoken.scorers import token_losses  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worlds", default="toy-add,toy-copy,toy-reverse")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    dargs = SimpleNamespace(toy_batches=6, toy_batch_size=32, toy_sft_steps=100, real_batches=2, real_batch_size=16,
+                            real_sft_steps=20, real_train_blocks=4, real_reference_blocks=None)  # detect.py's defaults
+    for name in a.worlds.split(","):
+        for seed in a.seeds:
+            world = D.build_world(name, seed, dargs)
+            theta0 = {k: v.detach().clone() for k, v in world.model.state_dict().items()}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fisher = at.estimate_fisher(world.model, world.fisher_batches, kind="kfac",
+                                            tracked_layers=world.tracked_layers,
+                                            generator=torch.Generator().manual_seed(seed), progress=False)
+            refs = {}
+            for kind, ref_name in (("validation", "val"), ("clean", "clean")):
+                ref = copy.deepcopy(world.model)
+                world.finetune(ref, kind)
+                refs[ref_name] = ref.eval()
+            cfg = D.valuer_configs(world.tracked_layers)["disp_val_all"]
+            for stage in ("theta0", "sft"):
+                if stage == "sft":
+                    world.finetune(world.model, "noisy")
+                    world.model.eval()
+                records = []
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    valuer = at.AlphaToken(world.model, cfg, fisher=fisher, reference=theta0, tuned=refs["val"])
+                    try:
+                        for batch in world.batches:
+                            b = D._strip(batch)
+                            with torch.no_grad():
+                                logits = world.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                                loss = token_losses(logits, b["labels"]).double()
+                                gaps = {}
+                                for ref_name, ref in refs.items():
+                                    rl = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                                    gaps[ref_name] = loss - token_losses(rl, b["labels"]).double()
+                            tv = valuer.value(b)
+                            resp = b["labels"] != -100
+                            resp[:, 0] = False
+                            records.append({"response": tv.response, "scored": resp, "noise": batch["noise"],
+                                            "labels": b["labels"], "loss": loss, "gap_val": gaps["val"],
+                                            "gap_clean": gaps["clean"],
+                                            "parts": {k: v.detach().double() for k, v in tv.parts.items()}})
+                    finally:
+                        valuer.close()
+                torch.save(records, out / f"{name}_s{seed}_{stage}.pt")
+                print(f"[dump] {name} seed {seed} {stage}: {len(records)} batches", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -143,6 +143,24 @@ def test_the_agreeing_floor_takes_only_the_tokens_whose_first_order_value_is_neg
     assert (gap_alone[below & ~agree] < 0).all() and (got[below & ~agree] > 0).all()
 
 
+def test_the_veto_and_the_agreeing_floor_together_match_the_brute_force_ranks():
+    # both on: the floor's tokens get rank(G) − 1, every other token min(rank(A), rank(G) + m)
+    model = tiny_model("llama", seed=81)
+    batch = random_batch(82)
+    tuned = moved_copy(model, 83)
+    want_gap, b, t = gap_brute(model, tuned, discover_layers(model), batch)
+    margin = 0.05
+    tv = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=margin, loss_gap_floor=0.0),
+                tuned=tuned.state_dict()).value(batch)
+    first_order_value = (tv.parts["adaptation_direct"] / tv.parts["credit_norm_direct"])[b, t].double()
+    gap_rank = percentile_rank(want_gap)
+    floored = (want_gap < 0) & (first_order_value < 0)
+    vetoed = torch.minimum(percentile_rank(first_order_value), gap_rank + margin)
+    want = torch.where(floored, gap_rank - 1, vetoed)
+    torch.testing.assert_close(tv.adaptation[b, t].double(), want, rtol=0, atol=1e-6)
+    assert floored.any() and (vetoed[~floored] < percentile_rank(first_order_value)[~floored] - 1e-9).any()
+
+
 def test_the_gap_is_scaled_by_token_weights_and_identical_in_chunks():
     model = tiny_model("gemma2", seed=67, tie=True)  # a soft-capped head: the chunked branch applies the transform
     batch = random_batch(68)

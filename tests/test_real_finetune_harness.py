@@ -129,3 +129,18 @@ def test_set_overrides_parse_numbers_flags_names_and_inf_into_a_valid_config():
                    "keep_ratio": 0.6}
     cfg = at.AlphaTokenConfig(**got)  # round 9's ranking with the floor off is a config the library accepts
     assert cfg.loss_gap_floor == math.inf and cfg.loss_gap_margin == 0.1
+
+
+def test_exact_matches_mark_each_prompt_and_their_share_is_the_exact_match(monkeypatch):
+    from alphatoken import realtasks as R
+
+    examples = R.task_data("reverse", n_train=1, n_eval=7).eval
+    rng = torch.Generator().manual_seed(5)
+    right = (torch.rand(len(examples), generator=rng) < 0.5).tolist()
+    right[0], right[1] = True, False  # both outcomes occur
+    answers = [ex.answer if ok else ex.answer + "," for ex, ok in zip(examples, right)]
+    monkeypatch.setattr(R, "generate", lambda model, tokenizer, prompts: answers)
+    assert R.exact_matches(None, None, examples) == right
+    assert R.exact_match(None, None, examples) == sum(right) / len(right)
+    # a larger eval set starts with the smaller one (so a row's first n digits read the n-prompt set)
+    assert R.task_data("reverse", n_train=1, n_eval=12).eval[:7] == examples

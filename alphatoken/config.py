@@ -71,7 +71,8 @@ class AlphaTokenConfig:
         (default): DEFAULT_LOSS_GAP_FLOOR (3 nats) with the tuned target and combine="rank", else off; math.inf: off.
     loss_gap_floor_agree: the floor applies only to tokens whose first-order adaptation is negative too (the tuned
         step from here would raise their loss), not to those the model has merely come to predict better than the
-        copy, which stays where it was tuned (DESIGN §3.10, round 12). False: the gap alone decides (round 11).
+        copy, which stays where it was tuned (DESIGN §3.10, round 12). False (default): the gap alone decides.
+        True detects better on the toys after SFT, but forgets slightly more on the real reverse task.
     tune_steps / tune_lr: with target="tuned" (U = θ − θ_val, the displacement from a copy of the model tuned on
         the validation batches; DESIGN §3.6), the AdamW steps and learning rate of that tuning, done once when the
         valuer is built (unless it is given tuned=<the tuned model or state dict>).
@@ -106,7 +107,7 @@ class AlphaTokenConfig:
     retention_normalize: bool = False
     loss_gap_margin: Optional[float] = None
     loss_gap_floor: Optional[float] = None
-    loss_gap_floor_agree: bool = True
+    loss_gap_floor_agree: bool = False
     tune_steps: int = 32
     tune_lr: float = 1e-4
     tracked_layers: Union[str, int] = "all"

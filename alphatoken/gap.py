@@ -10,8 +10,8 @@ of 10–20 nats while its slope ranks it near the keep boundary, so a share of t
 open general answers with it (benchmarks/quality/RESULTS.md, round 9). The gap sees it. It enters the ranking
 (alphatoken/combine.py) as a veto, `adaptation = min(rank(A), rank(G) + m)` (m = `loss_gap_margin`): a token keeps
 its first-order rank unless the exact gap ranks it more than m lower; and as a floor in nats (τ =
-`loss_gap_floor`): a token with G_t < −τ (and, with `loss_gap_floor_agree`, the default, a negative first-order
-value A_t too) ranks below every token that is not, the most negative gap lowest.
+`loss_gap_floor`): a token with G_t < −τ (and, with `loss_gap_floor_agree`, a negative first-order value A_t
+too) ranks below every token that is not, the most negative gap lowest.
 
 Cost: one forward of the model with the tuned weights swapped in (no gradient, no tangent); with the fused head
 trusted the forward stops at the head input and the head runs on the response rows in chunks, as in own.py.

@@ -119,14 +119,14 @@ def test_the_floor_ranks_the_tokens_the_copy_rules_out_by_more_than_tau_nats_low
 
 
 def test_the_agreeing_floor_takes_only_the_tokens_whose_first_order_value_is_negative_too():
-    # the defaults since round 12: a token the copy rules out by more than τ nats is floored only where its
-    # first-order adaptation is below 0 as well; any other keeps its first-order rank
+    # loss_gap_floor_agree (round 12, off by default): a token the copy rules out by more than τ nats is floored
+    # only where its first-order adaptation is below 0 as well; any other keeps its first-order rank
     model = tiny_model("llama", seed=77)
     batch = random_batch(78)
     tuned = moved_copy(model, 79)
     want_gap, b, t = gap_brute(model, tuned, discover_layers(model), batch)
-    cfg = at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0, loss_gap_floor=0.0)
-    assert cfg.loss_gap_floor_agree  # the default
+    assert not at.AlphaTokenConfig().loss_gap_floor_agree  # off by default
+    cfg = at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0, loss_gap_floor=0.0, loss_gap_floor_agree=True)
     tv = _quiet(at.AlphaToken, model, cfg, tuned=tuned.state_dict()).value(batch)
     first_order_value = (tv.parts["adaptation_direct"] / tv.parts["credit_norm_direct"])[b, t].double()
     below = want_gap < 0
@@ -150,7 +150,8 @@ def test_the_veto_and_the_agreeing_floor_together_match_the_brute_force_ranks():
     tuned = moved_copy(model, 83)
     want_gap, b, t = gap_brute(model, tuned, discover_layers(model), batch)
     margin = 0.05
-    tv = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=margin, loss_gap_floor=0.0),
+    tv = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=margin, loss_gap_floor=0.0,
+                                                          loss_gap_floor_agree=True),
                 tuned=tuned.state_dict()).value(batch)
     first_order_value = (tv.parts["adaptation_direct"] / tv.parts["credit_norm_direct"])[b, t].double()
     gap_rank = percentile_rank(want_gap)

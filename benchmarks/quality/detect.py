@@ -265,7 +265,7 @@ def alphatoken_rules() -> Dict[str, dict]:
         # other, the most negative gap lowest; the others by rank(A) (DESIGN §3.10)
         **{f"at_dispval_all_floor{tau:g}_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0,
                                                       rank=True, gap=1.0, floor=tau) for tau in (1.0, 2.0, 3.0)},
-        # the floor where the first-order value agrees (A < 0 too; round 12, the defaults): a token the run has come
+        # the floor where the first-order value agrees (A < 0 too; round 12, off by default): a token the run has come
         # to predict better than the copy (which stays where it was tuned) is not floored for that alone
         **{f"at_dispval_all_agree{tau:g}_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0,
                                                       rank=True, gap=1.0, floor=tau, agree=True) for tau in (1.0, 3.0)},

@@ -52,13 +52,13 @@ def main():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(a.seed)
-    rec = {k: [] for k in ("kind", "gap", "nll", "rho", "rank_a", "step", "ids")}
+    rec = {k: [] for k in ("kind", "gap", "nll", "rho", "rank_a", "step", "ids", "cos")}
     drops = {}
     floor = cfg.loss_gap_floor  # the defaults' rule: the floor in nats (round 12: where A < 0 too), or round 9's veto
     defaults_rule = (("agree" if cfg.loss_gap_floor_agree else "nats") + f"{floor:g}") if math.isfinite(floor) else "min"
     if math.isfinite(floor) and floor not in a.taus:
         a.taus.append(floor)
-    rules = ["min", "gap", "rho1"] + [f"nats{t:g}" for t in a.taus] + [f"natsmin{t:g}" for t in a.taus] + [f"agree{t:g}" for t in a.taus]
+    rules = ["min", "gap", "rho1"] + [f"nats{t:g}" for t in a.taus] + [f"natsmin{t:g}" for t in a.taus] + [f"agree{t:g}" for t in a.taus] + [f"hybrid{t:g}" for t in a.taus]
     model.train()
     for step in range(a.steps):
         idx = torch.randint(len(data.train), (8,), generator=gen).tolist()
@@ -81,6 +81,8 @@ def main():
             values[f"nats{t:g}"] = torch.where(gap < -t, rg - 1, ra)
             values[f"natsmin{t:g}"] = torch.where(gap < -t, rg - 1, torch.minimum(ra, rg + 0.1))
             values[f"agree{t:g}"] = torch.where((gap < -t) & (cos < 0), rg - 1, ra)  # round 12: both say so
+            # round 12's lead: spare only a token the model already predicts (ℓ ≤ τ) whose first-order value is ≥ 0
+            values[f"hybrid{t:g}"] = torch.where((gap < -t) & ((cos < 0) | (nll > t)), rg - 1, ra)
         prot = protected_tokens(batch["labels"], resp, cfg)
         starts = run_starts(noise)
         kind = torch.where(noise, torch.where(starts, 1, 2), 0)
@@ -91,7 +93,7 @@ def main():
         assert torch.equal(valuer.last_values.mask[resp], drops[defaults_rule][-1].logical_not()), \
             f"the rule {defaults_rule!r} is not the defaults'"
         ids = batch["labels"]
-        for k, x in (("kind", kind), ("gap", gap), ("nll", nll), ("rho", rho), ("rank_a", ra), ("ids", ids)):
+        for k, x in (("kind", kind), ("gap", gap), ("nll", nll), ("rho", rho), ("rank_a", ra), ("ids", ids), ("cos", cos)):
             rec[k].append(x[resp])
         rec["step"].append(torch.full((int(resp.sum()),), step))
         loss.backward()
@@ -116,6 +118,17 @@ def main():
         for k, name in ((1, "start"), (2, "later")):
             m = rec["kind"] == k
             print(f"      {name} noise with G < -{t:g}: {(m & (rec['gap'] < -t)).sum().item() / m.sum().item():.2f}")
+    # round 12: the tokens the agreeing floor spares (G < −τ but A ≥ 0), by kind and by how negative the gap is
+    for t in a.taus:
+        spared = (rec["gap"] < -t) & (rec["cos"] >= 0)
+        bins = [(-t, -5.0), (-5.0, -8.0), (-8.0, -float("inf"))] if t < 5 else [(-t, -float("inf"))]
+        cells = []
+        for k, name in names.items():
+            counts = [int((spared & (rec["kind"] == k) & (rec["gap"] < hi) & (rec["gap"] >= lo)).sum())
+                      for hi, lo in bins]
+            cells.append(f"{name} " + "/".join(str(c) for c in counts))
+        print(f"  spared by the agreement at τ={t:g} (G in " + ", ".join(f"[{lo:g},{hi:g})" for hi, lo in bins)
+              + "): " + "; ".join(cells))
     print(f"  {'rule':10s} {'clean':>6s} {'start':>6s} {'later':>6s}  ℓ(θ) dropped noise / kept noise   overlap with rho1 / defaults")
     rho_drop = torch.cat(drops["rho1"])
     default_drop = torch.cat(drops[defaults_rule])

@@ -26,6 +26,9 @@ def cands(r):
     for t in (1.0, 3.0):
         out[f"agree{t:g}"] = torch.where((G < -t) & (cos < 0), rk(G) - 1, rk(cos))
         out[f"floorL{t:g}"] = torch.where(G < -t * loss.clamp(min=1.0), rk(G) - 1, rk(cos))
+    for t in (2.0, 3.0):
+        out[f"lossy{t:g}"] = torch.where((G < -t) & (loss > t), rk(G) - 1, rk(cos))
+        out[f"agree|lossy{t:g}"] = torch.where((G < -t) & ((cos < 0) | (loss > t)), rk(G) - 1, rk(cos))
     out["cos+causal"] = rk(cos) + rk(cosc)
     out["rk(cos)+rk(G)"] = rk(cos) + rk(G)
     out["rk(cos)+rk(-l)"] = rk(cos) + rk(-loss)

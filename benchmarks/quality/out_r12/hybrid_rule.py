@@ -1,0 +1,63 @@
+"""Prototype (round 12): the floor with a narrower exemption, in the real fine-tune. Run as real_finetune.py, with
+method rule_hybrid<τ>: the defaults (method alphatoken) except that a token with G < −τ is floored only where its
+first-order value is negative OR its loss under θ is above τ nats, i.e. the floor spares a token only if the model
+already predicts it (ℓ_t(θ) ≤ τ) and the tuned step from θ would not raise its loss (the clean tokens the run has
+overtaken the fixed copy on), while a first token of a noise run (high loss, first-order value unreliable there:
+round 9) stays floored. `loss_gap_floor_agree=True` spares every token with A ≥ 0.
+
+    python benchmarks/quality/out_r12/hybrid_rule.py --task reverse --steps 24 --n-eval 120 --lr 1e-4 \
+        --seeds 0 1 2 --methods rule_hybrid3 --out OUT
+"""
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+import alphatoken.engine as E
+
+QUAL = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(QUAL))
+import real_finetune as RF  # noqa: E402
+
+RULE = {"rule": None}
+LAST = {}
+_combine = E.combine_paths
+_loss_gap = E.AlphaToken._loss_gap
+
+
+def loss_gap(self, batch, head_rows, targets, nll, fuse, weights):
+    LAST["nll"] = nll.detach()  # ℓ_t(θ) of the response rows, in the gap's order
+    return _loss_gap(self, batch, head_rows, targets, nll, fuse, weights)
+
+
+def combine_paths(parts, cfg, rms, rank=None):
+    gap, rule = parts.get("loss_gap"), RULE["rule"]
+    if gap is None or rule is None:
+        return _combine(parts, cfg, rms, rank)
+    tau = float(rule[len("hybrid"):])
+    rows = _combine(parts, cfg.replace(loss_gap_floor=math.inf), rms, rank)  # rank(A), no floor
+    first_order = parts["adaptation_direct"] / parts["credit_norm_direct"].clamp(min=1e-30)
+    floored = (gap < -tau) & ((first_order < 0) | (LAST["nll"].to(gap.dtype) > tau))
+    rows["adaptation"] = torch.where(floored, rank(gap) - 1, rows["adaptation"])
+    rows["total"] = rows["adaptation"] + cfg.stability_weight * rows["stability"]
+    return rows
+
+
+E.combine_paths = combine_paths
+E.AlphaToken._loss_gap = loss_gap
+_build = RF.build
+
+
+def build(method, model, tokenizer, data, args, seed, device):
+    if not method.startswith("rule_"):
+        RULE["rule"] = None
+        return _build(method, model, tokenizer, data, args, seed, device)
+    RULE["rule"] = method[5:]
+    return _build("alphatoken", model, tokenizer, data, args, seed, device)
+
+
+RF.build = build
+
+if __name__ == "__main__":
+    RF.main(sys.argv[1:])

@@ -1,5 +1,9 @@
 """Round 12 analysis aid: AUROC of candidate rules on the parts dump_parts.py saved, paired by seed against the
-other scorers (mean over batches as detect.py computes it)."""
+best other scorer (mean over batches as detect.py computes it). floor<τ>: the defaults' rule; agree<τ>:
+loss_gap_floor_agree; hybrid<τ>: out_r12/hybrid_rule.py's rule (spare only A ≥ 0 with ℓ ≤ τ).
+
+    python benchmarks/quality/out_r12/explore.py DUMP_FOLDER
+"""
 import sys
 from pathlib import Path
 
@@ -28,7 +32,7 @@ def cands(r):
         out[f"floorL{t:g}"] = torch.where(G < -t * loss.clamp(min=1.0), rk(G) - 1, rk(cos))
     for t in (2.0, 3.0):
         out[f"lossy{t:g}"] = torch.where((G < -t) & (loss > t), rk(G) - 1, rk(cos))
-        out[f"agree|lossy{t:g}"] = torch.where((G < -t) & ((cos < 0) | (loss > t)), rk(G) - 1, rk(cos))
+        out[f"hybrid{t:g}"] = torch.where((G < -t) & ((cos < 0) | (loss > t)), rk(G) - 1, rk(cos))
     out["cos+causal"] = rk(cos) + rk(cosc)
     out["rk(cos)+rk(G)"] = rk(cos) + rk(G)
     out["rk(cos)+rk(-l)"] = rk(cos) + rk(-loss)

@@ -434,20 +434,28 @@ def build_world(name: str, seed: int, args) -> World:
     raise ValueError(f"unknown world {name!r}")
 
 
-def run_world(name: str, seed: int, args, writer) -> None:
-    t0 = time.perf_counter()
-    world = build_world(name, seed, args)
+def prepare_world(world: World, seed: int):
+    """(θ₀ state, kfac Fisher, {"val", "clean": the references tuned on the validation set / clean training data})
+    of a freshly built world, as every scorer here reads them."""
     theta0 = {k: v.detach().clone() for k, v in world.model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fisher = at.estimate_fisher(world.model, world.fisher_batches, kind="kfac",
                                     tracked_layers=world.tracked_layers,
                                     generator=torch.Generator().manual_seed(seed), progress=False)
-    references = {"theta0": copy.deepcopy(world.model).eval()}
+    references = {}
     for kind, ref_name in (("validation", "val"), ("clean", "clean")):
         ref = copy.deepcopy(world.model)
         world.finetune(ref, kind)
         references[ref_name] = ref.eval()
+    return theta0, fisher, references
+
+
+def run_world(name: str, seed: int, args, writer) -> None:
+    t0 = time.perf_counter()
+    world = build_world(name, seed, args)
+    theta0, fisher, tuned = prepare_world(world, seed)
+    references = {"theta0": copy.deepcopy(world.model).eval(), **tuned}
     print(f"[detect] {name} seed {seed}: world and references ready in {time.perf_counter() - t0:.0f}s", flush=True)
     rules = {k: v for k, v in alphatoken_rules().items() if re.search(args.rules, k)}
     for stage in ("theta0", "sft"):
@@ -518,7 +526,7 @@ def write_table(out: Path) -> str:
     return text
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worlds", default="toy-sort,toy-add", help="comma list of worlds (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -536,7 +544,11 @@ def main(argv=None):
     parser.add_argument("--rules", default="", help="regex: only the AlphaToken rules it matches (default: all)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--table-only", action="store_true", help="rewrite detect.md from detect.csv and exit")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.table_only:

@@ -7,11 +7,9 @@ and clean copies, and the tuned target's parts over every layer (`disp_val_all` 
     python benchmarks/quality/out_r12/dump_parts.py --worlds toy-add,toy-copy,toy-reverse --seeds 0 1 2 --out DIR
 """
 import argparse
-import copy
 import sys
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -31,22 +29,11 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    dargs = SimpleNamespace(toy_batches=6, toy_batch_size=32, toy_sft_steps=100, real_batches=2, real_batch_size=16,
-                            real_sft_steps=20, real_train_blocks=4, real_reference_blocks=None)  # detect.py's defaults
+    dargs = D.build_parser().parse_args([])  # detect.py's default world sizes
     for name in a.worlds.split(","):
         for seed in a.seeds:
             world = D.build_world(name, seed, dargs)
-            theta0 = {k: v.detach().clone() for k, v in world.model.state_dict().items()}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fisher = at.estimate_fisher(world.model, world.fisher_batches, kind="kfac",
-                                            tracked_layers=world.tracked_layers,
-                                            generator=torch.Generator().manual_seed(seed), progress=False)
-            refs = {}
-            for kind, ref_name in (("validation", "val"), ("clean", "clean")):
-                ref = copy.deepcopy(world.model)
-                world.finetune(ref, kind)
-                refs[ref_name] = ref.eval()
+            theta0, fisher, refs = D.prepare_world(world, seed)
             cfg = D.valuer_configs(world.tracked_layers)["disp_val_all"]
             for stage in ("theta0", "sft"):
                 if stage == "sft":

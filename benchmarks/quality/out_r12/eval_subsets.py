@@ -6,8 +6,12 @@ difference from a reference method paired by seed, for several n at once.
 """
 import argparse
 import csv
-import math
 import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from frontier import paired  # noqa: E402
 
 
 def main(argv=None):
@@ -30,22 +34,17 @@ def main(argv=None):
             rows[(renames.get((i, r["method"]), r["method"]), int(r["seed"]))] = r
     methods = list(dict.fromkeys(m for m, _ in rows))
     for n in a.n:
+        # method -> {seed: (exact match on the first n prompts, forgetting)}, for frontier.paired
+        runs = {m: {s: (sum(c == "1" for c in r["eval_correct"][:n]) / n, float(r["forgetting"]))
+                    for (mm, s), r in rows.items() if mm == m and len(r["eval_correct"]) >= n} for m in methods}
         print(f"first {n} eval prompts")
         for m in methods:
-            seeds = sorted(s for mm, s in rows if mm == m)
-            em = {s: sum(c == "1" for c in rows[(m, s)]["eval_correct"][:n]) / n for s in seeds
-                  if len(rows[(m, s)]["eval_correct"]) >= n}
-            line = f"  {m:24s} {len(em):2d} seeds  EM {statistics.mean(em.values()):.3f}"
+            line = f"  {m:24s} {len(runs[m]):2d} seeds  EM {statistics.mean(e for e, _ in runs[m].values()):.3f}"
             if m != a.reference:
-                diffs = [em[s] - sum(c == "1" for c in rows[(a.reference, s)]["eval_correct"][:n]) / n
-                         for s in em if (a.reference, s) in rows]
-                forget = [float(rows[(m, s)]["forgetting"]) - float(rows[(a.reference, s)]["forgetting"])
-                          for s in em if (a.reference, s) in rows]
-                if len(diffs) > 1:
-                    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-                    fse = statistics.stdev(forget) / math.sqrt(len(forget))
-                    line += (f"   vs {a.reference} ({len(diffs)} paired): Δ EM {statistics.mean(diffs):+.3f} ± {se:.3f},"
-                             f" Δ forgetting {statistics.mean(forget):+.3f} ± {fse:.3f}")
+                (em, se, count), (forget, fse, _) = (paired(runs[m], runs.get(a.reference, {}), i) for i in (0, 1))
+                if count > 1:
+                    line += (f"   vs {a.reference} ({count} paired): Δ EM {em:+.3f} ± {se:.3f},"
+                             f" Δ forgetting {forget:+.3f} ± {fse:.3f}")
             print(line)
 
 

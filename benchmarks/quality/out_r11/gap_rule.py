@@ -51,10 +51,10 @@ _build = RF.build
 
 
 def build(method, model, tokenizer, data, args, seed, device):
-    if not method.startswith("rule_"):
-        return _build(method, model, tokenizer, data, args, seed, device)
-    RULE["rule"] = method[5:]
-    return _build("alphatoken", model, tokenizer, data, args, seed, device)
+    """rule_NAME: the alphatoken method ranked by rule NAME; any other method as real_finetune builds it (and, as
+    "min" passes through, with the library's own ranking if it values tokens)."""
+    RULE["rule"] = method[5:] if method.startswith("rule_") else "min"
+    return _build("alphatoken" if method.startswith("rule_") else method, model, tokenizer, data, args, seed, device)
 
 
 RF.build = build

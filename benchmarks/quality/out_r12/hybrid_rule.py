@@ -16,13 +16,10 @@ import torch
 
 import alphatoken.engine as E
 
-QUAL = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(QUAL))
-import real_finetune as RF  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "out_r11"))
+import gap_rule as G  # noqa: E402  (its rule_<NAME> methods, which this adds hybrid<τ> to)
 
-RULE = {"rule": None}
 LAST = {}
-_combine = E.combine_paths
 _loss_gap = E.AlphaToken._loss_gap
 
 
@@ -32,11 +29,11 @@ def loss_gap(self, batch, head_rows, targets, nll, fuse, weights):
 
 
 def combine_paths(parts, cfg, rms, rank=None):
-    gap, rule = parts.get("loss_gap"), RULE["rule"]
-    if gap is None or rule is None:
-        return _combine(parts, cfg, rms, rank)
+    gap, rule = parts.get("loss_gap"), G.RULE["rule"]
+    if gap is None or not rule.startswith("hybrid"):
+        return G.combine_paths(parts, cfg, rms, rank)
     tau = float(rule[len("hybrid"):])
-    rows = _combine(parts, cfg.replace(loss_gap_floor=math.inf), rms, rank)  # rank(A), no floor
+    rows = G._combine(parts, cfg.replace(loss_gap_floor=math.inf), rms, rank)  # rank(A), no floor
     first_order = parts["adaptation_direct"] / parts["credit_norm_direct"].clamp(min=1e-30)
     floored = (gap < -tau) & ((first_order < 0) | (LAST["nll"].to(gap.dtype) > tau))
     rows["adaptation"] = torch.where(floored, rank(gap) - 1, rows["adaptation"])
@@ -46,18 +43,6 @@ def combine_paths(parts, cfg, rms, rank=None):
 
 E.combine_paths = combine_paths
 E.AlphaToken._loss_gap = loss_gap
-_build = RF.build
-
-
-def build(method, model, tokenizer, data, args, seed, device):
-    if not method.startswith("rule_"):
-        RULE["rule"] = None
-        return _build(method, model, tokenizer, data, args, seed, device)
-    RULE["rule"] = method[5:]
-    return _build("alphatoken", model, tokenizer, data, args, seed, device)
-
-
-RF.build = build
 
 if __name__ == "__main__":
-    RF.main(sys.argv[1:])
+    G.RF.main(sys.argv[1:])

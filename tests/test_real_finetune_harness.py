@@ -124,11 +124,13 @@ def test_set_overrides_parse_numbers_flags_names_and_inf_into_a_valid_config():
     from real_finetune import parse_overrides
 
     got = parse_overrides(["loss_gap_floor=inf", "loss_gap_margin=0.1", "cosine=false", "target=validation",
-                           "keep_ratio=0.6"])
-    assert got == {"loss_gap_floor": math.inf, "loss_gap_margin": 0.1, "cosine": False, "target": "validation",
-                   "keep_ratio": 0.6}
-    cfg = at.AlphaTokenConfig(**got)  # round 9's ranking with the floor off is a config the library accepts
-    assert cfg.loss_gap_floor == math.inf and cfg.loss_gap_margin == 0.1
+                           "keep_ratio=0.6", "tune_steps=12", "loss_gap_floor=3"])
+    assert got == {"loss_gap_floor": 3, "loss_gap_margin": 0.1, "cosine": False, "target": "validation",
+                   "keep_ratio": 0.6, "tune_steps": 12}
+    assert type(got["tune_steps"]) is int  # a whole-number field is refused as a float
+    cfg = at.AlphaTokenConfig(**got)  # the veto and a 3-nat floor together: a config the library accepts
+    assert cfg.loss_gap_floor == 3.0 and cfg.loss_gap_margin == 0.1 and cfg.tune_steps == 12
+    assert parse_overrides(["loss_gap_floor=inf"]) == {"loss_gap_floor": math.inf}
 
 
 def test_exact_matches_mark_each_prompt_and_their_share_is_the_exact_match(monkeypatch):

@@ -294,13 +294,20 @@ def write_table(out: Path) -> str:
 
 
 def parse_overrides(items):
+    """`--set key=value` items as AlphaTokenConfig fields: true/false, a whole number as int (tune_steps=12), any
+    other number (or inf) as float, anything else as the string."""
     out = {}
     for item in items:
         key, _, value = item.partition("=")
         low = value.lower()
-        out[key] = (True if low == "true" else False if low == "false" else
-                    float(value) if (any(c.isdigit() for c in value) or low == "inf")
-                    and low not in ("batch", "validation") else value)
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        elif value.lstrip("+-").isdigit():
+            out[key] = int(value)
+        elif (any(c.isdigit() for c in value) or low == "inf") and low not in ("batch", "validation"):
+            out[key] = float(value)
+        else:
+            out[key] = value
     return out
 
 

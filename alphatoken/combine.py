@@ -23,6 +23,9 @@ ranked adaptation is min(rank(adaptation), rank(G) + m): the exact gap vetoes a 
 With a finite floor τ (nats), a token whose gap G < −τ (and, with loss_gap_floor_agree, whose adaptation before
 ranking is negative too) gets rank(G) − 1 instead, in (−1, 0]: below every token that is not floored, the most
 negative gap lowest.
+
+With the tuned copy's own loss ℓ_t(θ_val) (part "copy_loss", DESIGN §3.11) and copy_loss_weight w > 0, the ranked
+adaptation is first (rank(adaptation) + w·rank(−ℓ_t(θ_val))) / (1 + w), in (0, 1], before the veto and the floor.
 """
 from __future__ import annotations
 
@@ -76,7 +79,8 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
 
     parts: adaptation_direct, adaptation_causal, stability_direct, stability_causal, credit_norm_direct,
     credit_norm_causal, and optionally loss_gap (the tuned copy's exact gap, used under combine="rank" with a
-    loss_gap_margin below 1 or a finite loss_gap_floor). rms: the root mean square over the batch's response
+    loss_gap_margin below 1 or a finite loss_gap_floor) and copy_loss (the copy's own loss ℓ_t(θ_val), used under
+    combine="rank" with copy_loss_weight > 0). rms: the root mean square over the batch's response
     tokens; rank: the percentile rank among them (default `percentile_rank`); both over every rank's tokens under
     global selection.
     """
@@ -106,6 +110,9 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
         for key in ("adaptation", "stability"):  # an objective that is 0 everywhere (no target, no Fisher) stays 0
             x = rows[key]
             rows[key] = torch.where((x == 0).all(), torch.zeros_like(x), rank(x))
+        copy_loss, copy_weight = parts.get("copy_loss"), getattr(cfg, "copy_loss_weight", None) or 0.0
+        if copy_loss is not None and copy_weight > 0:  # the tuned copy's own loss, rank-fused (§3.11)
+            rows["adaptation"] = (rows["adaptation"] + copy_weight * rank(-copy_loss)) / (1 + copy_weight)
         gap = parts.get("loss_gap")  # the tuned copy's exact gap (§3.10): a rank veto and / or a floor in nats
         margin, floor = getattr(cfg, "loss_gap_margin", None), getattr(cfg, "loss_gap_floor", None)
         veto = gap is not None and margin is not None and margin < 1

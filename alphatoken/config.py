@@ -17,6 +17,7 @@ DIRECT_LAYERS = ("auto", "head", "all")
 TARGETS = ("auto", "batch", "validation", "tuned", "none")
 COMBINES = ("linear", "rank")
 DEFAULT_LOSS_GAP_FLOOR = 3.0  # τ of loss_gap_floor=None with the tuned target under combine="rank" (§3.10)
+DEFAULT_COPY_LOSS_WEIGHT = 0.0  # w of copy_loss_weight=None with the tuned target under combine="rank" (§3.11)
 
 
 @dataclass
@@ -73,6 +74,10 @@ class AlphaTokenConfig:
         step from here would raise their loss), not to those the model has merely come to predict better than the
         copy, which stays where it was tuned (DESIGN §3.10, round 12). False (default): the gap alone decides.
         True detects better on the toys after SFT, but forgets slightly more on the real reverse task.
+    copy_loss_weight: w in adaptation = (rank(A) + w·rank(−ℓ_t(θ_val))) / (1 + w), before the veto and the floor:
+        the tuned copy's own loss on the token (how unlikely a model tuned on the clean validation batches finds
+        it), rank-fused with the first-order value; it costs the loss gap's forward (DESIGN §3.11, round 13).
+        None (default): DEFAULT_COPY_LOSS_WEIGHT with the tuned target and combine="rank", else 0; 0: off.
     tune_steps / tune_lr: with target="tuned" (U = θ − θ_val, the displacement from a copy of the model tuned on
         the validation batches; DESIGN §3.6), the AdamW steps and learning rate of that tuning, done once when the
         valuer is built (unless it is given tuned=<the tuned model or state dict>).
@@ -108,6 +113,7 @@ class AlphaTokenConfig:
     loss_gap_margin: Optional[float] = None
     loss_gap_floor: Optional[float] = None
     loss_gap_floor_agree: bool = False
+    copy_loss_weight: Optional[float] = None
     tune_steps: int = 32
     tune_lr: float = 1e-4
     tracked_layers: Union[str, int] = "all"
@@ -156,6 +162,9 @@ class AlphaTokenConfig:
             self.loss_gap_floor = _number("loss_gap_floor", self.loss_gap_floor, low=0.0, finite=False,
                                           hint="τ >= 0 nats (math.inf switches it off), e.g. 3.0")
         self.loss_gap_floor_agree = _flag("loss_gap_floor_agree", self.loss_gap_floor_agree)
+        if self.copy_loss_weight is not None:
+            self.copy_loss_weight = _number("copy_loss_weight", self.copy_loss_weight, low=0.0,
+                                            hint="w >= 0 weighs rank(−ℓ_t(θ_val)) against rank(A) (0 switches it off)")
         self.tune_steps = _integer("tune_steps", self.tune_steps, low=1)
         self.tune_lr = _number("tune_lr", self.tune_lr, low=0.0, low_open=True,
                                hint="the AdamW learning rate of the tuned target's reference, e.g. 1e-4")

@@ -377,30 +377,32 @@ class AlphaToken:
                                             self.chunk_rows).to(hv.adaptation.dtype)
                 if token_weights is not None:
                     adaptation = adaptation * weights.to(adaptation.dtype)
-            gap = None
+            gap = copy_loss = None
             if uses_loss_gap(cfg):
-                gap = self._loss_gap(batch, head_rows, targets, nll.to(hv.adaptation.dtype), fuse,
-                                     None if token_weights is None else weights)
+                gap, copy_loss = self._loss_gap(batch, head_rows, targets, nll.to(hv.adaptation.dtype), fuse,
+                                                None if token_weights is None else weights)
             direct = PathValues(adaptation, hv.stability, hv.square_norm)
             causal = PathValues.zeros_like(direct)
             if body:
                 causal = self._causal(session, hv.seed, head_rows, batch, body_rows, n, keep_graph)
             self._raise_if_nonfinite()
-            step.values = self._combine(direct, causal, n, b, t, response, labels, gap)
+            step.values = self._combine(direct, causal, n, b, t, response, labels, gap, copy_loss)
             return step
         finally:
             self._flags = None
             self.capture.release()
             held.close()
 
-    def _loss_gap(self, batch, head_rows, targets, nll, fuse: bool, weights) -> torch.Tensor:
-        """(n,) the tuned copy's exact loss gap ℓ_t(θ) − ℓ_t(θ_val) (DESIGN §3.10), times the token weights."""
-        gap = nll - tuned_nll(unwrap_model(self.model), self.layers, self.tuned_weights.reference, batch, head_rows,
+    def _loss_gap(self, batch, head_rows, targets, nll, fuse: bool, weights) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n,) each: the tuned copy's exact loss gap ℓ_t(θ) − ℓ_t(θ_val) (DESIGN §3.10) and its own loss
+        ℓ_t(θ_val) (§3.11), both times the token weights."""
+        copy_loss = tuned_nll(unwrap_model(self.model), self.layers, self.tuned_weights.reference, batch, head_rows,
                               targets, self.head_transform if fuse else None, self.chunk_rows).to(nll.dtype)
+        gap = nll - copy_loss
         if weights is not None:
-            gap = gap * weights.to(gap.dtype)
+            gap, copy_loss = gap * weights.to(gap.dtype), copy_loss * weights.to(gap.dtype)
         self._check_finite(gap, "the loss gap to the tuned copy", defer=True)
-        return gap
+        return gap, copy_loss
 
     def _trust_fused_head(self, fed: bool, logits: torch.Tensor, rows: int, linear) -> bool:
         """Whether the chunked head may stand in for the model's: its logits are the head output under the
@@ -576,7 +578,7 @@ class AlphaToken:
         return ranks[mine][b, t].to(x.dtype)
 
     def _combine(self, direct: "PathValues", causal: "PathValues", n: int, b, t, response, labels,
-                 gap: Optional[torch.Tensor] = None) -> TokenValues:
+                 gap: Optional[torch.Tensor] = None, copy_loss: Optional[torch.Tensor] = None) -> TokenValues:
         """DESIGN §3: the per-path values of every response token, combined by the config's rule, then selected."""
         cfg = self.cfg
         adapt_d, adapt_c = direct.adaptation, causal.adaptation
@@ -589,6 +591,8 @@ class AlphaToken:
                  "credit_norm_causal": causal.square_norm.clamp(min=0).sqrt()}
         if gap is not None:
             parts["loss_gap"] = gap
+        if copy_loss is not None:
+            parts["copy_loss"] = copy_loss
         rows = combine_paths(parts, cfg, self._rms, lambda x: self._rank(x, b, t, response))
         self._check_finite(rows["total"], "the token values")
         full = {}

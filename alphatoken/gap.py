@@ -30,8 +30,10 @@ from .own import module_weights, response_nll
 
 
 def uses_loss_gap(cfg) -> bool:
-    """Whether the (resolved) config ranks by the loss gap: a margin below 1 or a finite floor."""
-    return cfg.loss_gap_margin < 1 or math.isfinite(cfg.loss_gap_floor)
+    """Whether the (resolved) config reads the tuned copy's forward: a margin below 1, a finite floor, or a
+    positive copy_loss_weight (§3.11)."""
+    return (cfg.loss_gap_margin < 1 or math.isfinite(cfg.loss_gap_floor)
+            or (getattr(cfg, "copy_loss_weight", 0.0) or 0.0) > 0)
 
 
 def check_loss_gap(cfg) -> None:
@@ -40,8 +42,9 @@ def check_loss_gap(cfg) -> None:
     if not uses_loss_gap(cfg):
         return
     setting = (f"loss_gap_margin={cfg.loss_gap_margin}" if cfg.loss_gap_margin < 1
-               else f"loss_gap_floor={cfg.loss_gap_floor}")
-    off = "loss_gap_margin=1.0 and loss_gap_floor=math.inf"
+               else f"loss_gap_floor={cfg.loss_gap_floor}" if math.isfinite(cfg.loss_gap_floor)
+               else f"copy_loss_weight={cfg.copy_loss_weight}")
+    off = "loss_gap_margin=1.0, loss_gap_floor=math.inf and copy_loss_weight=0"
     if cfg.target != "tuned":
         raise ValueError(f"{setting} needs the tuned copy of target=\"tuned\" (this config has "
                          f"target={cfg.target!r}); set {off} to switch the loss gap off")

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .batch import model_inputs, nonpad_rows, response_mask, response_rows
-from .config import DEFAULT_LOSS_GAP_FLOOR
+from .config import DEFAULT_COPY_LOSS_WEIGHT, DEFAULT_LOSS_GAP_FLOOR
 from .credits import Direction, add_directions, direction_square_norm, embedding_direction, matched
 from .distributed import all_reduce_sum
 from .hooks import Capture, LayerRows
@@ -40,7 +40,8 @@ def resolve_auto(cfg, validation, fisher, retention=None, sharded: bool = False,
     * stability_weight None: 0 for the tuned target on every layer, else 0.5;
     * loss_gap_margin None: 1.0 (off; the round-9 defaults' 0.1 is replaced by the floor, §3.10);
     * loss_gap_floor None: DEFAULT_LOSS_GAP_FLOOR for the tuned target under combine="rank" (§3.10), else math.inf
-      (off).
+      (off);
+    * copy_loss_weight None: DEFAULT_COPY_LOSS_WEIGHT for the tuned target under combine="rank" (§3.11), else 0.
     """
     target = cfg.target
     if target == "auto":
@@ -69,8 +70,11 @@ def resolve_auto(cfg, validation, fisher, retention=None, sharded: bool = False,
     floor = cfg.loss_gap_floor
     if floor is None:
         floor = DEFAULT_LOSS_GAP_FLOOR if target == "tuned" and cfg.combine == "rank" else math.inf
+    copy_weight = cfg.copy_loss_weight
+    if copy_weight is None:
+        copy_weight = DEFAULT_COPY_LOSS_WEIGHT if target == "tuned" and cfg.combine == "rank" else 0.0
     return cfg.replace(target=target, direct_layers=direct_layers, paths=paths, stability_weight=lam,
-                       loss_gap_margin=margin, loss_gap_floor=floor)
+                       loss_gap_margin=margin, loss_gap_floor=floor, copy_loss_weight=copy_weight)
 
 
 # ---------------------------------------------------------------- batch

@@ -15,7 +15,8 @@ at θ₀ (the pre-trained model) and after a short full SFT on the noisy data. W
 
 Scorers: random, loss_low (−ℓ), loss_high (ℓ), entropy, Rho-1 with three references (θ₀; a copy fine-tuned on the
 clean validation set, the clean data AlphaToken gets; a copy fine-tuned on a clean training set of the same size
-as the noisy one, the method's intended oracle), and AlphaToken variants. AlphaToken is valued once per batch and
+as the noisy one, the method's intended oracle), the loss under the latter two references (ref_loss_val,
+ref_loss_clean: −ℓ_t(θ_ref), how unlikely a clean-tuned model finds the token), and AlphaToken variants. AlphaToken is valued once per batch and
 target (validation, batch) with the engine's per-path parts (`TokenValues.parts`); every combination rule is then
 applied to the same parts by `alphatoken.combine.combine_paths`, so the variants differ only in the rule.
 
@@ -269,6 +270,14 @@ def alphatoken_rules() -> Dict[str, dict]:
         # to predict better than the copy (which stays where it was tuned) is not floored for that alone
         **{f"at_dispval_all_agree{tau:g}_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0,
                                                       rank=True, gap=1.0, floor=tau, agree=True) for tau in (1.0, 3.0)},
+        # the tuned copy's own loss rank-fused with the first-order value, (rank(A) + rank(−ℓ_t(θ_val))) / 2
+        # (copy_loss_weight, round 13; DESIGN §3.11): alone, under the floor, and under the agreeing floor
+        "at_dispval_all_copy1_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
+                                            gap=1.0, floor=math.inf, copy=1.0),
+        "at_dispval_all_copy1_floor3_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
+                                                   gap=1.0, floor=3.0, copy=1.0),
+        "at_dispval_all_copy1_agree3_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
+                                                   gap=1.0, floor=3.0, agree=True, copy=1.0),
     }
     return rules
 
@@ -291,7 +300,8 @@ def apply_rule(tv, rule: dict) -> torch.Tensor:
     cfg = SimpleNamespace(causal_weight=rule.get("gamma", 1.0), stability_weight=rule.get("lam", 1.0),
                           cosine=rule.get("cosine", False), normalize=rule.get("normalize", False),
                           combine="rank" if rule.get("rank") else "linear", loss_gap_margin=rule.get("gap"),
-                          loss_gap_floor=rule.get("floor"), loss_gap_floor_agree=rule.get("agree", False))
+                          loss_gap_floor=rule.get("floor"), loss_gap_floor_agree=rule.get("agree", False),
+                          copy_loss_weight=rule.get("copy", 0.0))
     total_flat = combine_paths(parts, cfg, _rms)["total"]
     out = torch.zeros(resp.shape, dtype=torch.float64)
     out[resp] = total_flat.double()
@@ -372,8 +382,11 @@ def score_world(world: World, stage: str, references: Dict[str, object], fisher,
             for ref_name, ref in references.items():
                 with torch.no_grad():
                     ref_logits = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                excess[ref_name] = loss - token_losses(ref_logits, b["labels"]).double()
+                ref_loss = token_losses(ref_logits, b["labels"]).double()
+                excess[ref_name] = loss - ref_loss
                 add(f"rho1_{ref_name}", excess[ref_name])
+                if ref_name != "theta0":  # the reference's own loss: how unlikely a clean-tuned model finds it
+                    add(f"ref_loss_{ref_name}", -ref_loss)
             tvs = {target: v.value(b) for target, v in valuers.items()}
             if tvs:  # Rho-1's exact loss difference under the cosine rule's scale: ℓ_t(θ) − ℓ_t(θ_ref), over |C_t|
                 norm = next(iter(tvs.values())).parts["credit_norm_direct"].double()

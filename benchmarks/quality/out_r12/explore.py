@@ -42,7 +42,10 @@ def cands(r):
     return out, r["noise"][resp] & r["scored"][resp]
 
 
-def main(folder, worlds=("toy-add", "toy-copy", "toy-reverse", "toy-sort"), seeds=(0, 1, 2), ref=("loss_low",)):
+OTHERS = ("loss_low", "rho1_val", "rho1_clean", "rho1_clean_cos", "rho1_val_cos")
+
+
+def main(folder, worlds=("toy-add", "toy-copy", "toy-reverse", "toy-sort"), seeds=(0, 1, 2), others=OTHERS):
     folder = Path(folder)
     for stage in ("theta0", "sft"):
         for w in worlds:
@@ -62,8 +65,7 @@ def main(folder, worlds=("toy-add", "toy-copy", "toy-reverse", "toy-sort"), seed
                     per.setdefault(k, []).append(sum(v) / len(v))
             if not per:
                 continue
-            best_other = max(("loss_low", "rho1_val", "rho1_clean", "rho1_clean_cos", "rho1_val_cos"),
-                             key=lambda k: sum(per[k]))
+            best_other = max(others, key=lambda k: sum(per[k]))
             print(f"{w} {stage} ({len(per['cos'])} seeds) best other: {best_other} {sum(per[best_other]) / len(per[best_other]):.3f}")
             for k, v in per.items():
                 d = [a - b for a, b in zip(v, per[best_other])]

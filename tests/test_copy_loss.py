@@ -1,0 +1,110 @@
+"""The tuned copy's own loss ℓ_t(θ_val) (DESIGN §3.11): the part "copy_loss" against a float64 brute force (a copy of
+the model with the tracked layers' tuned weights loaded), its rank fusion with the first-order value,
+(rank(A) + w·rank(−ℓ_t(θ_val))) / (1 + w), before the floor, and how copy_loss_weight resolves and is refused."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import alphatoken as at
+from alphatoken.combine import percentile_rank
+from alphatoken.config import DEFAULT_COPY_LOSS_WEIGHT
+from alphatoken.layers import discover_layers
+from alphatoken.targets import resolve_auto
+
+from brute import forward, nll_per_token
+from models import moved_copy, random_batch, tiny_model
+from test_loss_gap import tracked_swapped
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def copy_loss_brute(model, tuned, batch):
+    """(n,) ℓ_t(θ_val) and (n,) ℓ_t(θ) of the response tokens, and their (b, t): float64 forwards of the copy whose
+    tracked layers hold the tuned weights, and of the model."""
+    swapped = tracked_swapped(model, tuned, discover_layers(model))
+    copy_nll, b, t = nll_per_token(forward(swapped, batch), batch["labels"])
+    nll, _, _ = nll_per_token(forward(model, batch), batch["labels"])
+    return copy_nll.detach(), nll.detach(), b, t
+
+
+@pytest.mark.parametrize("family,tie", [("llama", False), ("gpt2", True)])
+def test_the_copy_loss_is_the_tuned_copys_exact_nll_and_scales_with_token_weights(family, tie):
+    model = tiny_model(family, seed=91, tie=tie)
+    batch = random_batch(92)
+    tuned = moved_copy(model, 93)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    valuer = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", copy_loss_weight=1.0),
+                    tuned=tuned.state_dict())
+    weights = torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(94), dtype=torch.float64)
+    try:
+        plain = valuer.value(batch)
+        weighted = valuer.value(batch, token_weights=weights)
+    finally:
+        valuer.close()
+    want, nll, b, t = copy_loss_brute(model, tuned, batch)
+    assert (want - nll).abs().max() > 1e-2  # the copy differs from the model: not a comparison of equal losses
+    torch.testing.assert_close(plain.parts["copy_loss"][b, t].double(), want, rtol=2e-6, atol=1e-9)
+    # the gap and the copy's loss come from one forward: G = ℓ(θ) − ℓ(θ_val)
+    torch.testing.assert_close(plain.parts["loss_gap"][b, t].double(), nll - want, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(weighted.parts["copy_loss"][b, t].double(), want * weights[b, t], rtol=2e-6, atol=1e-9)
+    assert all(p.grad is None for p in model.parameters())  # valuation never touches .grad
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_the_copy_loss_is_rank_fused_with_the_first_order_value_before_the_floor(weight):
+    model = tiny_model("llama", seed=95)
+    batch = random_batch(96)
+    tuned = moved_copy(model, 97)
+    want_copy, nll, b, t = copy_loss_brute(model, tuned, batch)
+    gap = nll - want_copy
+    negative = torch.sort(-gap[gap < 0], descending=True).values
+    assert negative.numel() >= 4
+    tau = float((negative[1] + negative[2]) / 2)  # two tokens below the floor, none at it
+    cfg = at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0, loss_gap_floor=tau, copy_loss_weight=weight)
+    tv = _quiet(at.AlphaToken, model, cfg, tuned=tuned.state_dict()).value(batch)
+    first_order = percentile_rank((tv.parts["adaptation_direct"] / tv.parts["credit_norm_direct"])[b, t].double())
+    fused = (first_order + weight * percentile_rank(-want_copy)) / (1 + weight)
+    below = gap < -tau
+    assert int(below.sum()) == 2
+    want = torch.where(below, percentile_rank(gap) - 1, fused)
+    got = tv.adaptation[b, t].double()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (fused - first_order).abs().max() > 0.05  # the copy's loss moved some token's rank
+    torch.testing.assert_close(tv.total[b, t].double(), want, rtol=0, atol=1e-6)  # λ = 0 with the tuned target
+    # the kept set is the top keep_ratio by that total
+    n_keep = math.ceil(0.8 * want.numel())
+    assert int(tv.mask[b, t].sum()) == n_keep
+    assert got[tv.mask[b, t]].min() >= got[~tv.mask[b, t]].max()
+
+
+def test_the_copy_loss_weight_resolves_with_the_target_and_refuses_what_has_no_copy():
+    model = tiny_model("llama", seed=98)
+    validation = random_batch(99)
+    assert at.AlphaTokenConfig().copy_loss_weight is None
+    assert resolve_auto(at.AlphaTokenConfig(), validation, None).copy_loss_weight == DEFAULT_COPY_LOSS_WEIGHT
+    assert resolve_auto(at.AlphaTokenConfig(target="validation"), validation, None).copy_loss_weight == 0.0
+    assert resolve_auto(at.AlphaTokenConfig(target="tuned", combine="linear"), validation, None).copy_loss_weight == 0
+    assert resolve_auto(at.AlphaTokenConfig(copy_loss_weight=2.0), validation, None).copy_loss_weight == 2.0
+    with pytest.raises(ValueError, match='copy_loss_weight=1.0 needs the tuned copy of target="tuned"'):
+        _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="validation", copy_loss_weight=1.0),
+               validation=validation)
+    with pytest.raises(ValueError, match='copy_loss_weight=1.0 ranks the tokens: it needs combine="rank"'):
+        _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", combine="linear", copy_loss_weight=1.0),
+               tuned=moved_copy(model, 100).state_dict())
+    for bad in (-0.5, float("nan"), math.inf, "1", True):
+        with pytest.raises(ValueError, match="copy_loss_weight"):
+            at.AlphaTokenConfig(copy_loss_weight=bad)
+    # off with the gap off too: the copy's forward is not run
+    off = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0,
+                                                           loss_gap_floor=math.inf, copy_loss_weight=0.0),
+                 tuned=moved_copy(model, 101).state_dict()).value(validation)
+    assert "copy_loss" not in off.parts and "loss_gap" not in off.parts

@@ -379,8 +379,8 @@ class AlphaToken:
                     adaptation = adaptation * weights.to(adaptation.dtype)
             gap = copy_loss = None
             if uses_loss_gap(cfg):
-                gap, copy_loss = self._loss_gap(batch, head_rows, targets, nll.to(hv.adaptation.dtype), fuse,
-                                                None if token_weights is None else weights)
+                gap, copy_loss = self._tuned_copy_losses(batch, head_rows, targets, nll.to(hv.adaptation.dtype),
+                                                         fuse, None if token_weights is None else weights)
             direct = PathValues(adaptation, hv.stability, hv.square_norm)
             causal = PathValues.zeros_like(direct)
             if body:
@@ -393,7 +393,8 @@ class AlphaToken:
             self.capture.release()
             held.close()
 
-    def _loss_gap(self, batch, head_rows, targets, nll, fuse: bool, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tuned_copy_losses(self, batch, head_rows, targets, nll, fuse: bool,
+                           weights) -> tuple[torch.Tensor, torch.Tensor]:
         """(n,) each: the tuned copy's exact loss gap ℓ_t(θ) − ℓ_t(θ_val) (DESIGN §3.10) and its own loss
         ℓ_t(θ_val) (§3.11), both times the token weights."""
         copy_loss = tuned_nll(unwrap_model(self.model), self.layers, self.tuned_weights.reference, batch, head_rows,

@@ -19,14 +19,6 @@ import alphatoken.engine as E
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "out_r11"))
 import gap_rule as G  # noqa: E402  (its rule_<NAME> methods, which this adds hybrid<τ> to)
 
-LAST = {}
-_loss_gap = E.AlphaToken._loss_gap
-
-
-def loss_gap(self, batch, head_rows, targets, nll, fuse, weights):
-    LAST["nll"] = nll.detach()  # ℓ_t(θ) of the response rows, in the gap's order
-    return _loss_gap(self, batch, head_rows, targets, nll, fuse, weights)
-
 
 def combine_paths(parts, cfg, rms, rank=None):
     gap, rule = parts.get("loss_gap"), G.RULE["rule"]
@@ -35,14 +27,14 @@ def combine_paths(parts, cfg, rms, rank=None):
     tau = float(rule[len("hybrid"):])
     rows = G._combine(parts, cfg.replace(loss_gap_floor=math.inf), rms, rank)  # rank(A), no floor
     first_order = parts["adaptation_direct"] / parts["credit_norm_direct"].clamp(min=1e-30)
-    floored = (gap < -tau) & ((first_order < 0) | (LAST["nll"].to(gap.dtype) > tau))
+    nll = gap + parts["copy_loss"]  # ℓ_t(θ) = G_t + ℓ_t(θ_val), both from the gap's forward (no token weights)
+    floored = (gap < -tau) & ((first_order < 0) | (nll > tau))
     rows["adaptation"] = torch.where(floored, rank(gap) - 1, rows["adaptation"])
     rows["total"] = rows["adaptation"] + cfg.stability_weight * rows["stability"]
     return rows
 
 
 E.combine_paths = combine_paths
-E.AlphaToken._loss_gap = loss_gap
 
 if __name__ == "__main__":
     G.RF.main(sys.argv[1:])

@@ -45,6 +45,7 @@ from .sharding import check_head_for_training, check_sharding, full, hold_unshar
 from .targets import (batch_direction, pad_zeroed, resolve_auto, retention_cycle, retention_scale, tuned_target,
                       validation_cycle, validation_directions, with_retention)
 from .tokens import accumulation_dtype, nll_with_graph
+from .tuned import copy_learning_rate
 from .values import StepResult, TokenValues
 from alphatoken import kernels as K
 
@@ -84,6 +85,8 @@ class AlphaToken:
         ∇L_val + μ·∇L_ret (μ = cfg.retention_weight; DESIGN §3.8).
     tuned: with target="tuned", the model (or its state dict) already tuned on the validation batches; without
         it the valuer tunes a copy itself (`cfg.tune_steps` AdamW steps at `cfg.tune_lr`).
+    optimizer: the run's optimizer; with target="tuned", cfg.tune_lr=None and no `tuned`, the copy is tuned at its
+        learning rate (Adam-like optimizers; DESIGN §3.6). Only read here; the valuer never steps it.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class AlphaToken:
         validation=None,
         tuned=None,
         retention=None,
+        optimizer=None,
     ):
         self.model = model  # what runs forward (possibly a DDP / accelerate wrapper)
         self.cfg = cfg = cfg or AlphaTokenConfig()
@@ -134,6 +138,10 @@ class AlphaToken:
                     for f in (f_out, f_in))
         self.cfg = cfg = resolve_auto(cfg, validation, fisher, retention,
                                       any(is_sharded(layer.weight) for layer in self.layers))
+        if optimizer is not None and not hasattr(optimizer, "param_groups"):
+            raise TypeError(f"optimizer must be the run's torch optimizer, got {type(optimizer).__name__}")
+        if cfg.target == "tuned" and tuned is None:
+            self.cfg = cfg = cfg.replace(tune_lr=copy_learning_rate(cfg.tune_lr, optimizer, stacklevel=3))
         check_own_path(cfg, self.layers)
         check_loss_gap(cfg)
         self.validation_batches = None

@@ -13,16 +13,62 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
+import warnings
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
 from .anchor import Anchor
+from .config import DEFAULT_TUNE_LR
 from .batch import IGNORE_INDEX, model_inputs, unwrap_model, validate_batch
 from .credits import Direction
 from .layers import TrackedLayer
 from .progress import progress as progress_bar
+
+
+def run_learning_rate(optimizer) -> Optional[float]:
+    """The learning rate the run's `optimizer` steps at, when the copy's AdamW can take it over, else None.
+
+    Read from its first parameter group: `initial_lr` (set by a learning-rate scheduler, so a warm-up's 0 at the
+    first step is not what is read) or `lr`. Only for an Adam-like optimizer (its class name contains "adam":
+    torch's Adam / AdamW, fused and 8-bit variants): an SGD rate means something else to AdamW. Wrappers that hold
+    the real optimizer as `.optimizer` (accelerate's AcceleratedOptimizer, DeepSpeed's) are looked through.
+    """
+    inner = optimizer
+    for _ in range(4):
+        if _adam_like(inner) or not hasattr(inner, "optimizer"):
+            break
+        inner = inner.optimizer
+    if not _adam_like(inner) or not getattr(inner, "param_groups", None):
+        return None
+    group = inner.param_groups[0]
+    lr = float(group.get("initial_lr", group.get("lr", 0.0)))
+    return lr if math.isfinite(lr) and lr > 0 else None
+
+
+def _adam_like(optimizer) -> bool:
+    return "adam" in type(optimizer).__name__.lower()
+
+
+def copy_learning_rate(tune_lr: Optional[float], optimizer, stacklevel: int = 3) -> float:
+    """The tuned copy's learning rate: `tune_lr` when set, else the run's (`run_learning_rate(optimizer)`), else
+    DEFAULT_TUNE_LR with a warning saying why and what to pass (DESIGN §3.6: the copy is best tuned like the run)."""
+    if tune_lr is not None:
+        return tune_lr
+    if optimizer is None:
+        why = "the valuer was given no optimizer"
+    else:
+        lr = run_learning_rate(optimizer)
+        if lr is not None:
+            return lr
+        why = (f"the optimizer ({type(optimizer).__name__}) is not Adam-like or has no positive learning rate, so "
+               "its rate does not carry over to the copy's AdamW")
+    warnings.warn(f"AlphaToken: the tuned target's copy is tuned at tune_lr={DEFAULT_TUNE_LR:g} ({why}); pass "
+                  "optimizer=<the run's optimizer> or set tune_lr to the run's learning rate: the copy is best tuned "
+                  "like the run (DESIGN §3.6)", stacklevel=stacklevel)
+    return DEFAULT_TUNE_LR
 
 
 def tune_on_validation(model: nn.Module, batches, steps: int, lr: float, progress: Optional[bool] = None,

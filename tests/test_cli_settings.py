@@ -250,3 +250,24 @@ def test_score_with_the_tuned_target(capsys, tmp_path, model_dir):
     assert any(a != 0 for a in adaptation)  # the tuned copy moved: U = θ − θ_val is not 0
     code, _, err = run_cli(capsys, "score", data, "--model", model_dir, "--out", tmp_path / "o2", "--target", "tuned")
     assert code == 2 and "--validation FILE" in err
+
+
+def test_train_tunes_the_copy_at_its_lr(capsys, tmp_path, model_dir, monkeypatch):
+    """`train --validation` (the tuned target) tunes the copy at the run's --lr: the optimizer goes to the valuer."""
+    import alphatoken.cli.train as train_cli
+
+    built = []
+
+    def recording(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    real = train_cli.new_valuer
+    monkeypatch.setattr(train_cli, "new_valuer", recording)
+    data = _jsonl(tmp_path / "d.jsonl", SFT_LINES)
+    clean = _jsonl(tmp_path / "clean.jsonl", CLEAN_LINES)
+    code, _, err = run_cli(capsys, "train", "--model", model_dir, "--data", data, "--validation", clean, "--out",
+                           tmp_path / "run", "--steps", "1", "--batch-size", "2", "--lr", "0.003", "--fisher", "none",
+                           "--tune-steps", "2", "--quiet")
+    assert code == 0, err
+    assert built[0].cfg.target == "tuned" and built[0].cfg.tune_lr == 0.003

@@ -197,12 +197,13 @@ def test_defaults_are_the_measured_rule_and_auto_target_follows_the_validation_b
     assert torch.all(tv.adaptation == 0) and float(tv.stability[tv.response].max()) == 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning when the recommended setting is complete
-        auto = at.AlphaToken(model, at.AlphaTokenConfig(), fisher=F, validation=val)
+        run_optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)  # the copy is tuned at its rate (§3.6)
+        auto = at.AlphaToken(model, at.AlphaTokenConfig(), fisher=F, validation=val, optimizer=run_optimizer)
     # the measured recipe (DESIGN §3.5, §3.9): the tuned target on every layer, the direct path, adaptation alone
     assert (auto.cfg.target, auto.cfg.direct_layers, auto.cfg.paths, auto.cfg.stability_weight) == \
         ("tuned", "all", "direct", 0.0)
     explicit = _valuer(model, F, validation=val, target="tuned", direct_layers="all", paths="direct", cosine=True,
-                       combine="rank", stability_weight=0.0, keep_ratio=0.8)
+                       combine="rank", stability_weight=0.0, keep_ratio=0.8, tune_lr=3e-4)
     torch.testing.assert_close(auto.value(batch).total, explicit.value(batch).total)
     # a retention batch belongs to the validation target (§3.8): auto takes that, with the head-only rule
     with warnings.catch_warnings():

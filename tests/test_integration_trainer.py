@@ -118,6 +118,31 @@ def test_trainer_passes_validation_and_retention_to_the_valuer(tmp_path):
     assert any((m != w).any() for m, w in zip(masked, without))  # the retention batch changed the kept tokens
 
 
+def test_trainer_tunes_the_copy_at_its_learning_rate(tmp_path):
+    """With the tuned target (validation batches, the defaults) the copy is tuned at args.learning_rate, read from
+    the trainer's optimizer (accelerate's wrapper around AdamW, under a warm-up whose lr is 0 at the first step)."""
+    from datasets import Dataset
+
+    model = tiny_llama(seed=5)
+    model0 = copy.deepcopy(model)
+    cfg = at.AlphaTokenConfig(keep_ratio=0.5, tune_steps=4)
+    validation = pad_batch(sft_examples(3, seed=13))
+    rec = _Recorder()
+    trainer = _recording(AlphaTokenTrainer, rec)(
+        model=model, args=_args(tmp_path, learning_rate=3e-3, lr_scheduler_type="linear", warmup_steps=5),
+        train_dataset=Dataset.from_list(sft_examples(8)), data_collator=collate, alphatoken=cfg,
+        validation=validation, callbacks=[rec.callback()])
+    trainer.train()
+    valuer = trainer.alphatoken_valuer
+    assert valuer.cfg.target == "tuned" and valuer.cfg.tune_lr == 3e-3
+    batches = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")} for b in rec.batches]
+    want, _, masked = _hand_grads(model0, cfg.replace(tune_lr=3e-3), batches, validation=validation)
+    for name in want:
+        torch.testing.assert_close(rec.grads[name], want[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    _, _, at_default = _hand_grads(model0, cfg.replace(tune_lr=1e-5), batches, validation=validation)
+    assert any((m != d).any() for m, d in zip(masked, at_default))  # the copy's rate changed the kept tokens
+
+
 def _original_labels(batches, trainer):
     ds = trainer.train_dataset
     by_ids = {tuple(e["input_ids"]): e["labels"] for e in ds}

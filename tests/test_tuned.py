@@ -120,3 +120,70 @@ def test_tuned_target_errors_name_the_problem():
     frozen.requires_grad_(False)
     with pytest.raises(ValueError, match="requires a gradient"):
         at.tune_on_validation(frozen, random_batch(78), steps=2, lr=1e-3, progress=False)
+
+
+def _copy_adaptation(model, val, batch, lr):
+    """The adaptation of a valuer given the copy tuned 4 steps at `lr` by hand."""
+    state = at.tune_on_validation(model, val, steps=4, lr=lr, progress=False)
+    with _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned"), tuned=state) as given:
+        return given.value(batch).adaptation
+
+
+def test_the_copy_is_tuned_at_the_run_learning_rate():
+    """tune_lr=None: the copy takes the learning rate of the run's optimizer (DESIGN §3.6), through a warm-up
+    scheduler (whose lr is 0 at the first step) and a wrapper holding it as `.optimizer` (as accelerate's does;
+    the trainer test goes through accelerate's own); an explicit tune_lr wins."""
+    model = tiny_model("llama", seed=79)
+    batch, val = random_batch(80), [random_batch(81, B=2)]
+    cfg = at.AlphaTokenConfig(target="tuned", tune_steps=4)
+    assert cfg.tune_lr is None
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step / 10)  # warm-up: the group's lr is now 0
+    assert opt.param_groups[0]["lr"] == 0.0
+    want = _copy_adaptation(model, val, batch, 3e-3)
+    for run_optimizer in (opt, _Wrapper(opt)):
+        valuer = _strict(at.AlphaToken, model, cfg, validation=val, optimizer=run_optimizer)  # rate known
+        assert valuer.cfg.tune_lr == 3e-3
+        torch.testing.assert_close(valuer.value(batch).adaptation, want, rtol=0, atol=0)
+        valuer.close()
+    fixed = _quiet(at.AlphaToken, model, cfg.replace(tune_lr=1e-3), validation=val, optimizer=opt)
+    assert fixed.cfg.tune_lr == 1e-3
+    torch.testing.assert_close(fixed.value(batch).adaptation, _copy_adaptation(model, val, batch, 1e-3),
+                               rtol=0, atol=0)
+    fixed.close()
+    assert not torch.allclose(want, _copy_adaptation(model, val, batch, 1e-3))  # the rate really matters here
+
+
+class _Wrapper:
+    """An optimizer wrapper in accelerate's shape: the real one as `.optimizer`, its groups passed through."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+
+def _strict(fn, *args, **kwargs):
+    """fn(...) with every warning an error but the one about fisher=None."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*fisher=None.*")
+        return fn(*args, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:AlphaToken. fisher=None")
+def test_without_the_run_rate_the_copy_is_tuned_at_the_default_with_a_warning():
+    model = tiny_model("llama", seed=82)
+    val = random_batch(83, B=2)
+    cfg = at.AlphaTokenConfig(target="tuned", tune_steps=2)
+    cases = [(None, "no optimizer"), (torch.optim.SGD(model.parameters(), lr=0.5), "SGD")]
+    for optimizer, why in cases:
+        with pytest.warns(UserWarning, match=rf"tune_lr=0\.0001 \(.*{why}"):
+            valuer = at.AlphaToken(model, cfg, validation=val, optimizer=optimizer)
+        assert valuer.cfg.tune_lr == at.config.DEFAULT_TUNE_LR
+        valuer.close()
+    _strict(at.AlphaToken, model, cfg, tuned=model.state_dict()).close()  # a ready copy: nothing to warn about
+    with pytest.raises(TypeError, match="optimizer must be the run's torch optimizer"):
+        _quiet(at.AlphaToken, model, cfg, validation=val, optimizer=3e-4)

@@ -269,13 +269,15 @@ def clean_stale(folder, names=None) -> list[str]:
 
 def new_valuer(model, cfg, fisher, **kwargs):
     """`alphatoken.AlphaToken(model, cfg, fisher=fisher, **kwargs)`, without the warning about fisher=None (the
-    user chose --fisher none)."""
+    user chose --fisher none) nor the one about the tuned copy's learning rate when no optimizer is given (`score`
+    has no run; its --tune-lr help says what None means)."""
     import warnings
 
     import alphatoken as at
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*fisher=None.*")
+        warnings.filterwarnings("ignore", message=".*tuned target's copy is tuned at.*")
         return at.AlphaToken(model, cfg, fisher=fisher, **kwargs)
 
 

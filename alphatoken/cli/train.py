@@ -451,7 +451,8 @@ def cmd_train(args) -> int:
         f"{'examples' if mode == 'sft' else 'pairs'} from {s['data']}: steps {start_step}→{s['steps']}, "
         f"batch {s['batch_size']}, lr {s['lr']}, device {device}; output {out}")
     try:
-        valuer = new_valuer(model, cfg, fisher, reference=reference, validation=validation, retention=retention)
+        valuer = new_valuer(model, cfg, fisher, reference=reference, validation=validation, retention=retention,
+                            optimizer=optimizer)
     except ValueError as err:
         where = f"{fisher_path}: " if fisher is not None and args.resume else ""
         raise UserError(f"{where}{err}") from None

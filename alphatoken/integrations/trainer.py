@@ -74,14 +74,16 @@ def _model_inputs(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
 
 
-def build_valuer(spec, model, kwargs: dict):
+def build_valuer(spec, model, kwargs: dict, optimizer=None):
     """The valuer a trainer uses, built at its first training step: `spec` itself when it is a ready valuer
-    (anything with value / value_and_loss / last_values), else `AlphaToken(<model unwrapped>, spec, **kwargs)`."""
+    (anything with value / value_and_loss / last_values), else `AlphaToken(<model unwrapped>, spec, **kwargs,
+    optimizer=optimizer)`: given the trainer's optimizer, the tuned target's copy is tuned at the run's learning
+    rate unless the config sets tune_lr (DESIGN §3.6)."""
     if not isinstance(spec, AlphaTokenConfig):
         return spec
     from ..engine import AlphaToken
 
-    return AlphaToken(unwrap_model(model), spec, **kwargs)
+    return AlphaToken(unwrap_model(model), spec, optimizer=optimizer, **kwargs)
 
 
 def masked_loss(valuer, model, inputs: dict, num_items_in_batch=None):
@@ -146,7 +148,8 @@ class AlphaTokenMixin:
         alphatoken: an `AlphaTokenConfig` (default `AlphaTokenConfig()`), or a ready `AlphaToken` valuer.
         fisher, reference, validation, retention: passed to `AlphaToken(model, config, ...)` when the valuer is
             built (lazily, at the first training step, on the unwrapped model, so θ₀ is the weights training starts
-            from).
+            from). The trainer's optimizer goes with them: with the tuned target, the copy is tuned at the run's
+            learning rate (`args.learning_rate`) unless the config sets `tune_lr`.
         alphatoken_mode: "online" (default) or "ahead"; see the module docstring for what each does to the count.
     Evaluation is untouched: `evaluate()` reports the trainer's ordinary loss over every response token (the model
     is in eval mode). `compute_loss` called on a model in train mode outside Trainer's `training_step` (a custom
@@ -206,7 +209,7 @@ class AlphaTokenMixin:
     def _at_get_valuer(self, model):
         if self._at_valuer is None:
             self._at_valuer = build_valuer(self._at_spec, self.model if self.model is not None else model,
-                                           self._at_kwargs)
+                                           self._at_kwargs, getattr(self, "optimizer", None))
         return self._at_valuer
 
     @property

@@ -74,7 +74,7 @@ class AlphaTokenDPOTrainer(DPOTrainer):
 
     Extra keyword arguments: `alphatoken` (an AlphaTokenConfig, default AlphaTokenConfig(), or a ready valuer),
     `fisher`, `reference`, `validation`, `retention` (passed to AlphaToken when it is built on the policy, at the
-    first step).
+    first step, with the trainer's optimizer: the tuned target's copy is tuned at the run's learning rate).
     """
 
     def __init__(self, *args, alphatoken=None, fisher=None, reference=None, validation=None, retention=None,
@@ -109,7 +109,7 @@ class AlphaTokenDPOTrainer(DPOTrainer):
 
     def _at_get_valuer(self, model):
         if self._at_valuer is None:
-            self._at_valuer = build_valuer(self._at_spec, self.model, self._at_kwargs)
+            self._at_valuer = build_valuer(self._at_spec, self.model, self._at_kwargs, getattr(self, "optimizer", None))
         return self._at_valuer
 
     def reference_token_logps(self, inputs: dict, labels: torch.Tensor) -> torch.Tensor:

@@ -60,14 +60,17 @@ def _strip(batch: dict) -> dict:
 
 def build_method(spec: MethodSpec, model, tokenizer, data, keep_ratio: float, seed: int,
                  fisher_batches: int = DEFAULTS["fisher_batches"],
-                 fisher_batch_size: int = DEFAULTS["fisher_batch_size"]):
-    """The object `finetune` trains with ("full" or a valuer/scorer bound to `model` at θ₀)."""
+                 fisher_batch_size: int = DEFAULTS["fisher_batch_size"], run_lr: Optional[float] = DEFAULTS["lr"]):
+    """The object `finetune` trains with ("full" or a valuer/scorer bound to `model` at θ₀).
+
+    run_lr: the fine-tune's AdamW learning rate; with the tuned target and tune_lr unset, the copy is tuned at it,
+    as the trainer integrations tune it from the run's optimizer (DESIGN §3.6). None: the library's fallback."""
     if spec.kind == "full":
         return "full"
     import alphatoken as at
 
     cfg = at.AlphaTokenConfig(**{"keep_ratio": keep_ratio, **(ALPHATOKEN_DEFAULT if spec.kind == "alphatoken"
-                                                                else {}), **spec.config})
+                                                                else {}), "tune_lr": run_lr, **spec.config})
     if spec.kind == "scorer":
         from ..scorers import make_scorer
 
@@ -124,7 +127,8 @@ def run_one(spec: MethodSpec, seed: int = 0, keep_ratio: float = 0.6, steps: int
     data = target_data(n_train=n_train, n_eval=n_eval_target, seed=seed, noise=noise)
     before = accuracy_before(n_eval_retention, n_eval_target)
     t0 = time.perf_counter()
-    method = build_method(spec, model, tokenizer, data, keep_ratio, seed)
+    method = build_method(spec, model, tokenizer, data, keep_ratio, seed,
+                          run_lr=lr if optimizer == "adamw" else None)
     setup = time.perf_counter() - t0
     try:
         stats = finetune(model, tokenizer, data.train, method, steps=steps, batch_size=batch_size, lr=lr,

@@ -85,9 +85,10 @@ def build(method: str, model, tokenizer, data, args, seed: int, device):
             if method in ("alphatoken", "alphatoken_validation"):
                 # alphatoken: the library's defaults (target="auto": with these batches the tuned recipe, a copy
                 # tuned by the valuer itself; with --retention the validation target); alphatoken_validation: the
-                # validation-target rule, the defaults of rounds 4-7
+                # validation-target rule, the defaults of rounds 4-7. The tuned copy at the run's rate, as the
+                # trainer integrations tune it (they pass the run's optimizer; tune_lr=None follows it, §3.6)
                 target = {"target": "validation"} if method == "alphatoken_validation" else {}
-                cfg = cfg.replace(**{**target, **args.alphatoken_overrides})
+                cfg = cfg.replace(**{"tune_lr": args.lr, **target, **args.alphatoken_overrides})
                 retention = (None if args.own_answers is None else
                              {k: v.to(device) for k, v in args.own_answers.items()})
                 return at.AlphaToken(model, cfg, fisher=fisher, validation=validation, retention=retention)

@@ -22,7 +22,8 @@ With the tuned target's loss gap G (part "loss_gap", alphatoken/gap.py, DESIGN �
 ranked adaptation is min(rank(adaptation), rank(G) + m): the exact gap vetoes a token it ranks more than m lower.
 With a finite floor τ (nats), a token whose gap G < −τ (and, with loss_gap_floor_agree, whose adaptation before
 ranking is negative too) gets rank(G) − 1 instead, in (−1, 0]: below every token that is not floored, the most
-negative gap lowest.
+negative gap lowest; with loss_gap_floor_order="value" it gets r − 1 instead, r its ranked adaptation before the
+floor, so the floored tokens keep among themselves the order they would have had without it.
 
 With the tuned copy's own loss ℓ_t(θ_val) (part "copy_loss", DESIGN §3.11) and copy_loss_weight w > 0, the ranked
 adaptation is first (rank(adaptation) + w·rank(−ℓ_t(θ_val))) / (1 + w), in (0, 1], before the veto and the floor.
@@ -125,7 +126,9 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
                 below = gap < -floor
                 if getattr(cfg, "loss_gap_floor_agree", False):  # the first-order value must say so too
                     below = below & (adaptation_value < 0)
-                rows["adaptation"] = torch.where(below, gap_rank - 1, rows["adaptation"])
+                by_value = getattr(cfg, "loss_gap_floor_order", "gap") == "value"
+                floored_key = rows["adaptation"] if by_value else gap_rank
+                rows["adaptation"] = torch.where(below, floored_key - 1, rows["adaptation"])
         rows["total"] = rows["adaptation"] + lam * rows["stability"]
     return rows
 

@@ -16,7 +16,8 @@ PATHS = ("auto", "full", "direct")
 DIRECT_LAYERS = ("auto", "head", "all")
 TARGETS = ("auto", "batch", "validation", "tuned", "none")
 COMBINES = ("linear", "rank")
-DEFAULT_LOSS_GAP_FLOOR = 3.0  # τ of loss_gap_floor=None with the tuned target under combine="rank" (§3.10)
+FLOOR_ORDERS = ("gap", "value")  # how loss_gap_floor orders the tokens it floors (§3.10)
+DEFAULT_LOSS_GAP_FLOOR = 2.0  # τ of loss_gap_floor=None with the tuned target under combine="rank" (§3.10; 3.0 in rounds 11–14)
 DEFAULT_COPY_LOSS_WEIGHT = 0.0  # w of copy_loss_weight=None with the tuned target under combine="rank" (§3.11)
 DEFAULT_TUNE_LR = 1e-4  # the tuned copy's AdamW rate when tune_lr=None and the run's rate is not known (§3.6)
 
@@ -70,11 +71,15 @@ class AlphaTokenConfig:
     loss_gap_floor: τ in nats: with the tuned target's loss gap, a token whose gap G_t < −τ (the tuned copy makes
         it more than τ nats less likely) ranks below every token that is not, in adaptation, the most negative
         gap lowest, so the drop budget goes first to the noise the copy rules out hardest (DESIGN §3.10). None
-        (default): DEFAULT_LOSS_GAP_FLOOR (3 nats) with the tuned target and combine="rank", else off; math.inf: off.
+        (default): DEFAULT_LOSS_GAP_FLOOR (2 nats) with the tuned target and combine="rank", else off; math.inf: off.
     loss_gap_floor_agree: the floor applies only to tokens whose first-order adaptation is negative too (the tuned
         step from here would raise their loss), not to those the model has merely come to predict better than the
         copy, which stays where it was tuned (DESIGN §3.10, round 12). False (default): the gap alone decides.
         True detects better on the toys after SFT, but forgets slightly more on the real reverse task.
+    loss_gap_floor_order: how the floored tokens are ordered among themselves (still below every other token):
+        "gap" (default): by the gap, the most negative lowest; "value": by the rank each would have without the
+        floor (the first-order value, fused with the copy's loss when copy_loss_weight > 0), so a clean token the run
+        has come to predict better than the copy is not put below the noise for its gap alone (DESIGN §3.10, round 15).
     copy_loss_weight: w in adaptation = (rank(A) + w·rank(−ℓ_t(θ_val))) / (1 + w), before the veto and the floor:
         the tuned copy's own loss on the token (how unlikely a model tuned on the clean validation batches finds
         it), rank-fused with the first-order value; it costs the loss gap's forward (DESIGN §3.11, round 13).
@@ -118,6 +123,7 @@ class AlphaTokenConfig:
     loss_gap_margin: Optional[float] = None
     loss_gap_floor: Optional[float] = None
     loss_gap_floor_agree: bool = False
+    loss_gap_floor_order: str = "gap"
     copy_loss_weight: Optional[float] = None
     tune_steps: int = 12
     tune_lr: Optional[float] = None
@@ -165,8 +171,9 @@ class AlphaTokenConfig:
                                            hint="m >= 0 (1.0 or more switches the loss gap off), e.g. 0.1")
         if self.loss_gap_floor is not None:
             self.loss_gap_floor = _number("loss_gap_floor", self.loss_gap_floor, low=0.0, finite=False,
-                                          hint="τ >= 0 nats (math.inf switches it off), e.g. 3.0")
+                                          hint="τ >= 0 nats (math.inf switches it off), e.g. 2.0")
         self.loss_gap_floor_agree = _flag("loss_gap_floor_agree", self.loss_gap_floor_agree)
+        self.loss_gap_floor_order = _choice("loss_gap_floor_order", self.loss_gap_floor_order, FLOOR_ORDERS)
         if self.copy_loss_weight is not None:
             self.copy_loss_weight = _number("copy_loss_weight", self.copy_loss_weight, low=0.0,
                                             hint="w >= 0 weighs rank(−ℓ_t(θ_val)) against rank(A) (0 switches it off)")

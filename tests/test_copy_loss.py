@@ -86,6 +86,39 @@ def test_the_copy_loss_is_rank_fused_with_the_first_order_value_before_the_floor
     assert got[tv.mask[b, t]].min() >= got[~tv.mask[b, t]].max()
 
 
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_the_floor_ordered_by_value_keeps_the_unfloored_order_below_every_other_token(weight):
+    """loss_gap_floor_order="value" (round 15): the floored set is the same (G < −τ, brute force), still below every
+    other token, but ordered among itself by the rank it would have without the floor, not by the gap."""
+    model = tiny_model("llama", seed=101)
+    batch = random_batch(102)
+    tuned = moved_copy(model, 103)
+    want_copy, nll, b, t = copy_loss_brute(model, tuned, batch)
+    gap = nll - want_copy
+    negative = torch.sort(-gap[gap < 0], descending=True).values
+    assert negative.numel() >= 6
+    k = negative.numel() // 2
+    tau = float((negative[k - 1] + negative[k]) / 2)
+    base = dict(target="tuned", loss_gap_margin=1.0, loss_gap_floor=tau, copy_loss_weight=weight)
+    tv = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**base, loss_gap_floor_order="value"),
+                tuned=tuned.state_dict()).value(batch)
+    by_gap = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**base), tuned=tuned.state_dict()).value(batch)
+    first_order = percentile_rank((tv.parts["adaptation_direct"] / tv.parts["credit_norm_direct"])[b, t].double())
+    unfloored = (first_order + weight * percentile_rank(-want_copy)) / (1 + weight)
+    below = gap < -tau
+    assert int(below.sum()) == k
+    got = tv.adaptation[b, t].double()
+    torch.testing.assert_close(got, torch.where(below, unfloored - 1, unfloored), rtol=0, atol=1e-6)
+    assert got[below].max() < got[~below].min()  # still below every token that is not floored
+    torch.testing.assert_close(by_gap.adaptation[b, t].double(), torch.where(below, percentile_rank(gap) - 1, unfloored),
+                               rtol=0, atol=1e-6)
+    # the two orders agree outside the floor and differ inside it on these inputs
+    torch.testing.assert_close(got[~below], by_gap.adaptation[b, t].double()[~below], rtol=0, atol=1e-6)
+    assert not torch.equal(torch.argsort(got[below]), torch.argsort(by_gap.adaptation[b, t].double()[below]))
+    with pytest.raises(ValueError, match="loss_gap_floor_order"):
+        at.AlphaTokenConfig(loss_gap_floor_order="loss")
+
+
 def test_the_copy_loss_weight_resolves_with_the_target_and_refuses_what_has_no_copy():
     model = tiny_model("llama", seed=98)
     validation = random_batch(99)

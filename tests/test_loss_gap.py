@@ -182,7 +182,7 @@ def test_the_margin_resolves_with_the_target_and_refuses_what_has_no_copy():
     assert resolve_auto(at.AlphaTokenConfig(target="validation"), validation, None).loss_gap_margin == 1.0
     assert resolve_auto(at.AlphaTokenConfig(target="tuned", combine="linear"), validation, None).loss_gap_margin == 1.0
     assert resolve_auto(at.AlphaTokenConfig(loss_gap_margin=0.3), validation, None).loss_gap_margin == 0.3
-    assert resolve_auto(at.AlphaTokenConfig(), validation, None).loss_gap_floor == 3.0  # auto → tuned
+    assert resolve_auto(at.AlphaTokenConfig(), validation, None).loss_gap_floor == 2.0  # auto → tuned
     with pytest.raises(ValueError, match='needs the tuned copy of target="tuned"'):
         _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="validation", loss_gap_margin=0.1),
                validation=validation)

@@ -274,8 +274,17 @@ def alphatoken_rules() -> Dict[str, dict]:
         # (copy_loss_weight, round 13; DESIGN §3.11): alone, under the floor, and under the agreeing floor
         "at_dispval_all_copy1_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
                                             gap=1.0, floor=math.inf, copy=1.0),
-        "at_dispval_all_copy1_floor3_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
-                                                   gap=1.0, floor=3.0, copy=1.0),
+        **{f"at_dispval_all_copy{w:g}_floor{tau:g}_direct": dict(target="disp_val_all", cosine=True, lam=0.0,
+                                                                gamma=0.0, rank=True, gap=1.0, floor=tau, copy=w)
+           for w in (1.0, 2.0) for tau in (2.0, 3.0)},
+        # the floored tokens ordered among themselves by their unfloored rank instead of the gap
+        # (loss_gap_floor_order="value", round 15), alone and with the copy's loss fused
+        **{f"at_dispval_all_copy{w:g}_floor2value_direct": dict(target="disp_val_all", cosine=True, lam=0.0,
+                                                               gamma=0.0, rank=True, gap=1.0, floor=2.0,
+                                                               order="value", copy=w) for w in (0.0, 1.0)},
+        # the copy's loss weighted twice the first-order value, without the floor (round 15)
+        "at_dispval_all_copy2_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
+                                            gap=1.0, floor=math.inf, copy=2.0),
         "at_dispval_all_copy1_agree3_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
                                                    gap=1.0, floor=3.0, agree=True, copy=1.0),
     }
@@ -301,6 +310,7 @@ def apply_rule(tv, rule: dict) -> torch.Tensor:
                           cosine=rule.get("cosine", False), normalize=rule.get("normalize", False),
                           combine="rank" if rule.get("rank") else "linear", loss_gap_margin=rule.get("gap"),
                           loss_gap_floor=rule.get("floor"), loss_gap_floor_agree=rule.get("agree", False),
+                          loss_gap_floor_order=rule.get("order", "gap"),
                           copy_loss_weight=rule.get("copy", 0.0))
     total_flat = combine_paths(parts, cfg, _rms)["total"]
     out = torch.zeros(resp.shape, dtype=torch.float64)

@@ -1,0 +1,100 @@
+"""Round 15 analysis aid: what the loss gap's floor costs the toy detection AUROC, and whether ordering the floored
+tokens differently wins it back.
+
+Reads the per-token parts saved by `../out_r12/dump_parts.py` (detect.py's worlds, references and batches) and
+scores each rule with the library's own `combine_paths`, AUROC per batch as detect.py does, mean over batches, then
+over seeds. Besides the library rules it tries two orders of the floored set (tokens with G_t < −τ): by the copy's
+own loss, and by the rank the token would have without the floor (first-order value fused with the copy's loss).
+
+    python benchmarks/quality/out_r12/dump_parts.py --worlds toy-add,toy-copy,toy-reverse --seeds 0 1 2 --out DIR
+    python benchmarks/quality/out_r15/floor_order.py 'DIR/*.pt'
+"""
+import collections
+import glob
+import math
+import statistics
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+QUAL = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(QUAL))
+from detect import auroc  # noqa: E402
+from alphatoken.combine import combine_paths, percentile_rank as rank  # noqa: E402
+
+
+def _rms(x):
+    return x.double().pow(2).mean().sqrt() if x.numel() else x.new_zeros(())
+
+
+def _cfg(**fields):
+    base = dict(causal_weight=0.0, stability_weight=0.0, cosine=True, normalize=False, combine="rank",
+                loss_gap_margin=1.0, loss_gap_floor=math.inf, loss_gap_floor_agree=False, copy_loss_weight=0.0)
+    return SimpleNamespace(**{**base, **fields})
+
+
+def library_rule(**fields):
+    cfg = _cfg(**fields)
+    return lambda parts: combine_paths(parts, cfg, _rms)["total"]
+
+
+def floor_ordered_by(order: str, tau: float, copy_weight: float):
+    """Floored tokens (G < −τ) below every other, ordered by `order` ("copy": −ℓ_t(θ_val); "value": the unfloored
+    rank); the others by rank(A) fused with the copy's loss at `copy_weight`."""
+    def rule(parts):
+        unfloored = combine_paths(parts, _cfg(copy_loss_weight=copy_weight), _rms)["adaptation"]
+        key = rank(-parts["copy_loss"]) if order == "copy" else unfloored
+        return torch.where(parts["loss_gap"] < -tau, key - 1, unfloored)
+    return rule
+
+
+RULES = {
+    "defaults (floor 2)": library_rule(loss_gap_floor=2.0),
+    "floor 3": library_rule(loss_gap_floor=3.0),
+    "first-order rank alone": library_rule(),
+    "copy_loss_weight=1": library_rule(copy_loss_weight=1.0),
+    "copy_loss_weight=1, floor 2": library_rule(copy_loss_weight=1.0, loss_gap_floor=2.0),
+    "the copy's loss alone": lambda parts: -parts["copy_loss"],
+    "w=1, floor 2 ordered by the copy's loss": floor_ordered_by("copy", 2.0, 1.0),
+    "floor 2 ordered by the unfloored rank (w=0)": floor_ordered_by("value", 2.0, 0.0),
+    "w=1, floor 2 ordered by the unfloored rank": floor_ordered_by("value", 2.0, 1.0),
+}
+
+
+def main(pattern: str):
+    aurocs = collections.defaultdict(list)
+    floored = collections.defaultdict(lambda: [0, 0, 0, 0])  # noise floored, clean floored, noise, clean
+    for path in sorted(glob.glob(pattern)):
+        world, _, stage = Path(path).stem.rsplit("_", 2)
+        per_rule = collections.defaultdict(list)
+        for record in torch.load(path, weights_only=False):
+            resp, scored = record["response"], record["scored"]
+            noise = record["noise"] & scored
+            parts = {k: v[resp] for k, v in record["parts"].items()}
+            for name, rule in RULES.items():
+                value = torch.zeros(resp.shape, dtype=torch.float64)
+                value[resp] = rule(parts).double()
+                per_rule[name].append(auroc(-value[scored], noise[scored]))
+            gap = torch.zeros(resp.shape, dtype=torch.float64)
+            gap[resp] = parts["loss_gap"].double()
+            below = (gap < -2.0) & scored
+            counts = floored[(world, stage)]
+            for i, n in enumerate(((below & noise).sum(), (below & ~noise).sum(), noise.sum(), (scored & ~noise).sum())):
+                counts[i] += int(n)
+        for name, values in per_rule.items():
+            aurocs[(world, stage, name)].append(statistics.mean(values))
+    columns = sorted({(w, s) for w, s, _ in aurocs}, key=lambda c: (c[0], c[1] != "theta0"))
+    print("| rule | " + " | ".join(f"{w} {s}" for w, s in columns) + " | mean |")
+    print("|---" * (len(columns) + 2) + "|")
+    for name in RULES:
+        values = [statistics.mean(aurocs[c + (name,)]) for c in columns]
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {statistics.mean(values):.3f} |")
+    print()
+    for (world, stage), (fn, fc, n, c) in sorted(floored.items()):
+        print(f"{world} {stage}: floored at 2 nats: {fn / n:.2f} of noise, {fc / c:.3f} of clean tokens")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -16,7 +16,7 @@ PATHS = ("auto", "full", "direct")
 DIRECT_LAYERS = ("auto", "head", "all")
 TARGETS = ("auto", "batch", "validation", "tuned", "none")
 COMBINES = ("linear", "rank")
-FLOOR_ORDERS = ("gap", "value")  # how loss_gap_floor orders the tokens it floors (§3.10)
+LOSS_GAP_FLOOR_ORDERS = ("gap", "value")  # how loss_gap_floor orders the tokens it floors (§3.10)
 DEFAULT_LOSS_GAP_FLOOR = 2.0  # τ of loss_gap_floor=None with the tuned target under combine="rank" (§3.10; 3.0 in rounds 11–14)
 DEFAULT_COPY_LOSS_WEIGHT = 0.0  # w of copy_loss_weight=None with the tuned target under combine="rank" (§3.11)
 DEFAULT_TUNE_LR = 1e-4  # the tuned copy's AdamW rate when tune_lr=None and the run's rate is not known (§3.6)
@@ -173,7 +173,7 @@ class AlphaTokenConfig:
             self.loss_gap_floor = _number("loss_gap_floor", self.loss_gap_floor, low=0.0, finite=False,
                                           hint="τ >= 0 nats (math.inf switches it off), e.g. 2.0")
         self.loss_gap_floor_agree = _flag("loss_gap_floor_agree", self.loss_gap_floor_agree)
-        self.loss_gap_floor_order = _choice("loss_gap_floor_order", self.loss_gap_floor_order, FLOOR_ORDERS)
+        self.loss_gap_floor_order = _choice("loss_gap_floor_order", self.loss_gap_floor_order, LOSS_GAP_FLOOR_ORDERS)
         if self.copy_loss_weight is not None:
             self.copy_loss_weight = _number("copy_loss_weight", self.copy_loss_weight, low=0.0,
                                             hint="w >= 0 weighs rank(−ℓ_t(θ_val)) against rank(A) (0 switches it off)")

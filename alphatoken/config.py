@@ -17,7 +17,7 @@ DIRECT_LAYERS = ("auto", "head", "all")
 TARGETS = ("auto", "batch", "validation", "tuned", "none")
 COMBINES = ("linear", "rank")
 LOSS_GAP_FLOOR_ORDERS = ("gap", "value")  # how loss_gap_floor orders the tokens it floors (§3.10)
-DEFAULT_LOSS_GAP_FLOOR = 2.0  # τ of loss_gap_floor=None with the tuned target under combine="rank" (§3.10; 3.0 in rounds 11–14)
+DEFAULT_LOSS_GAP_FLOOR = 2.0  # τ of loss_gap_floor=None, tuned target under combine="rank" (§3.10; 3.0 in rounds 11–14)
 DEFAULT_COPY_LOSS_WEIGHT = 0.0  # w of copy_loss_weight=None with the tuned target under combine="rank" (§3.11)
 DEFAULT_TUNE_LR = 1e-4  # the tuned copy's AdamW rate when tune_lr=None and the run's rate is not known (§3.6)
 
@@ -80,6 +80,7 @@ class AlphaTokenConfig:
         "gap" (default): by the gap, the most negative lowest; "value": by the rank each would have without the
         floor (the first-order value, fused with the copy's loss when copy_loss_weight > 0), so a clean token the run
         has come to predict better than the copy is not put below the noise for its gap alone (DESIGN §3.10, round 15).
+        "value" detects better on the toys after SFT, but forgets more on the real reverse task at lr 2e-4.
     copy_loss_weight: w in adaptation = (rank(A) + w·rank(−ℓ_t(θ_val))) / (1 + w), before the veto and the floor:
         the tuned copy's own loss on the token (how unlikely a model tuned on the clean validation batches finds
         it), rank-fused with the first-order value; it costs the loss gap's forward (DESIGN §3.11, round 13).
@@ -173,7 +174,8 @@ class AlphaTokenConfig:
             self.loss_gap_floor = _number("loss_gap_floor", self.loss_gap_floor, low=0.0, finite=False,
                                           hint="τ >= 0 nats (math.inf switches it off), e.g. 2.0")
         self.loss_gap_floor_agree = _flag("loss_gap_floor_agree", self.loss_gap_floor_agree)
-        self.loss_gap_floor_order = _choice("loss_gap_floor_order", self.loss_gap_floor_order, LOSS_GAP_FLOOR_ORDERS)
+        self.loss_gap_floor_order = _choice("loss_gap_floor_order", self.loss_gap_floor_order,
+                                            LOSS_GAP_FLOOR_ORDERS)
         if self.copy_loss_weight is not None:
             self.copy_loss_weight = _number("copy_loss_weight", self.copy_loss_weight, low=0.0,
                                             hint="w >= 0 weighs rank(−ℓ_t(θ_val)) against rank(A) (0 switches it off)")

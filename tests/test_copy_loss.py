@@ -110,8 +110,8 @@ def test_the_floor_ordered_by_value_keeps_the_unfloored_order_below_every_other_
     got = tv.adaptation[b, t].double()
     torch.testing.assert_close(got, torch.where(below, unfloored - 1, unfloored), rtol=0, atol=1e-6)
     assert got[below].max() < got[~below].min()  # still below every token that is not floored
-    torch.testing.assert_close(by_gap.adaptation[b, t].double(), torch.where(below, percentile_rank(gap) - 1, unfloored),
-                               rtol=0, atol=1e-6)
+    want_by_gap = torch.where(below, percentile_rank(gap) - 1, unfloored)
+    torch.testing.assert_close(by_gap.adaptation[b, t].double(), want_by_gap, rtol=0, atol=1e-6)
     # the two orders agree outside the floor and differ inside it on these inputs
     torch.testing.assert_close(got[~below], by_gap.adaptation[b, t].double()[~below], rtol=0, atol=1e-6)
     assert not torch.equal(torch.argsort(got[below]), torch.argsort(by_gap.adaptation[b, t].double()[below]))

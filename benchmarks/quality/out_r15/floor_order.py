@@ -41,8 +41,8 @@ def library_rule(**fields):
 
 
 def floor_ordered_by(order: str, tau: float, copy_weight: float):
-    """Floored tokens (G < −τ) below every other, ordered by `order` ("copy": −ℓ_t(θ_val); "value": the unfloored
-    rank); the others by rank(A) fused with the copy's loss at `copy_weight`."""
+    """Floored tokens (G < −τ) below every other, ordered by `order` ("copy": −ℓ_t(θ_val); "value": the
+    unfloored rank); the others by rank(A) fused with the copy's loss at `copy_weight`."""
     def rule(parts):
         unfloored = combine_paths(parts, _cfg(copy_loss_weight=copy_weight), _rms)["adaptation"]
         key = rank(-parts["copy_loss"]) if order == "copy" else unfloored
@@ -81,7 +81,8 @@ def main(pattern: str):
             gap[resp] = parts["loss_gap"].double()
             below = (gap < -2.0) & scored
             counts = floored[(world, stage)]
-            for i, n in enumerate(((below & noise).sum(), (below & ~noise).sum(), noise.sum(), (scored & ~noise).sum())):
+            tallies = ((below & noise).sum(), (below & ~noise).sum(), noise.sum(), (scored & ~noise).sum())
+            for i, n in enumerate(tallies):
                 counts[i] += int(n)
         for name, values in per_rule.items():
             aurocs[(world, stage, name)].append(statistics.mean(values))

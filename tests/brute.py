@@ -26,6 +26,14 @@ def nll_per_token(logits, labels):
     return -logp.gather(1, labels[b, t].unsqueeze(1)).squeeze(1), b, t
 
 
+def floor_between(gap: torch.Tensor, k: int) -> float:
+    """A loss-gap floor τ halfway between the k-th and (k+1)-th most negative gaps: exactly k tokens have G < −τ,
+    and none sits at the threshold."""
+    magnitudes = torch.sort(-gap[gap < 0], descending=True).values  # largest first
+    assert magnitudes.numel() > k >= 1, (magnitudes.numel(), k)
+    return float((magnitudes[k - 1] + magnitudes[k]) / 2)
+
+
 def forward(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
 

@@ -3,8 +3,9 @@ tokens differently wins it back.
 
 Reads the per-token parts saved by `../out_r12/dump_parts.py` (detect.py's worlds, references and batches) and
 scores each rule with the library's own `combine_paths`, AUROC per batch as detect.py does, mean over batches, then
-over seeds. Besides the library rules it tries two orders of the floored set (tokens with G_t < −τ): by the copy's
-own loss, and by the rank the token would have without the floor (first-order value fused with the copy's loss).
+over seeds. Besides the library's default rules it tries two orders of the floored set (tokens with G_t < −τ): by
+the copy's own loss (a prototype here), and by the rank the token would have without the floor
+(`loss_gap_floor_order="value"`, the first-order value fused with the copy's loss when copy_loss_weight > 0).
 
     python benchmarks/quality/out_r12/dump_parts.py --worlds toy-add,toy-copy,toy-reverse --seeds 0 1 2 --out DIR
     python benchmarks/quality/out_r15/floor_order.py 'DIR/*.pt'
@@ -31,7 +32,8 @@ def _rms(x):
 
 def _cfg(**fields):
     base = dict(causal_weight=0.0, stability_weight=0.0, cosine=True, normalize=False, combine="rank",
-                loss_gap_margin=1.0, loss_gap_floor=math.inf, loss_gap_floor_agree=False, copy_loss_weight=0.0)
+                loss_gap_margin=1.0, loss_gap_floor=math.inf, loss_gap_floor_agree=False, loss_gap_floor_order="gap",
+                copy_loss_weight=0.0)
     return SimpleNamespace(**{**base, **fields})
 
 
@@ -40,13 +42,12 @@ def library_rule(**fields):
     return lambda parts: combine_paths(parts, cfg, _rms)["total"]
 
 
-def floor_ordered_by(order: str, tau: float, copy_weight: float):
-    """Floored tokens (G < −τ) below every other, ordered by `order` ("copy": −ℓ_t(θ_val); "value": the
-    unfloored rank); the others by rank(A) fused with the copy's loss at `copy_weight`."""
+def floor_ordered_by_copy_loss(tau: float, copy_weight: float):
+    """Floored tokens (G < −τ) below every other, ordered by −ℓ_t(θ_val) (an order the library does not offer);
+    the others by rank(A) fused with the copy's loss at `copy_weight`."""
     def rule(parts):
         unfloored = combine_paths(parts, _cfg(copy_loss_weight=copy_weight), _rms)["adaptation"]
-        key = rank(-parts["copy_loss"]) if order == "copy" else unfloored
-        return torch.where(parts["loss_gap"] < -tau, key - 1, unfloored)
+        return torch.where(parts["loss_gap"] < -tau, rank(-parts["copy_loss"]) - 1, unfloored)
     return rule
 
 
@@ -57,9 +58,10 @@ RULES = {
     "copy_loss_weight=1": library_rule(copy_loss_weight=1.0),
     "copy_loss_weight=1, floor 2": library_rule(copy_loss_weight=1.0, loss_gap_floor=2.0),
     "the copy's loss alone": lambda parts: -parts["copy_loss"],
-    "w=1, floor 2 ordered by the copy's loss": floor_ordered_by("copy", 2.0, 1.0),
-    "floor 2 ordered by the unfloored rank (w=0)": floor_ordered_by("value", 2.0, 0.0),
-    "w=1, floor 2 ordered by the unfloored rank": floor_ordered_by("value", 2.0, 1.0),
+    "w=1, floor 2 ordered by the copy's loss": floor_ordered_by_copy_loss(2.0, 1.0),
+    "floor 2 ordered by the unfloored rank (w=0)": library_rule(loss_gap_floor=2.0, loss_gap_floor_order="value"),
+    "w=1, floor 2 ordered by the unfloored rank": library_rule(copy_loss_weight=1.0, loss_gap_floor=2.0,
+                                                               loss_gap_floor_order="value"),
 }
 
 

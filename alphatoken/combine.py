@@ -23,7 +23,9 @@ ranked adaptation is min(rank(adaptation), rank(G) + m): the exact gap vetoes a 
 With a finite floor τ (nats), a token whose gap G < −τ (and, with loss_gap_floor_agree, whose adaptation before
 ranking is negative too) gets rank(G) − 1 instead, in (−1, 0]: below every token that is not floored, the most
 negative gap lowest; with loss_gap_floor_order="value" it gets r − 1 instead, r its ranked adaptation before the
-floor, so the floored tokens keep among themselves the order they would have had without it.
+floor, so the floored tokens keep among themselves the order they would have had without it. With
+loss_gap_floor_share s < 1 only tokens whose rank(G) <= s are floored (the drop budget's most negative gaps; the
+default s is 1 − keep_ratio): past the budget the floor decides nothing in selection, so those tokens keep their value.
 
 With the tuned copy's own loss ℓ_t(θ_val) (part "copy_loss", DESIGN §3.11) and copy_loss_weight w > 0, the ranked
 adaptation is first (rank(adaptation) + w·rank(−ℓ_t(θ_val))) / (1 + w), in (0, 1], before the veto and the floor.
@@ -124,6 +126,9 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
                 rows["adaptation"] = torch.minimum(rows["adaptation"], gap_rank + margin)
             if floored:
                 below = gap < -floor
+                share = getattr(cfg, "loss_gap_floor_share", None)
+                if share is not None and share < 1:  # only the drop budget's most negative gaps (§3.10, round 16)
+                    below = below & (gap_rank <= share + 1e-9)
                 if getattr(cfg, "loss_gap_floor_agree", False):  # the first-order value must say so too
                     below = below & (adaptation_value < 0)
                 by_value = getattr(cfg, "loss_gap_floor_order", "gap") == "value"

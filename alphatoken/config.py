@@ -81,6 +81,11 @@ class AlphaTokenConfig:
         floor (the first-order value, fused with the copy's loss when copy_loss_weight > 0), so a clean token the run
         has come to predict better than the copy is not put below the noise for its gap alone (DESIGN §3.10, round 15).
         "value" detects better on the toys after SFT, but forgets more on the real reverse task at lr 2e-4.
+    loss_gap_floor_share: the largest share of the batch's response tokens the floor takes, those with the most
+        negative gaps (a token is floored when G_t < −τ and rank(G_t) <= the share). Beyond the drop budget the
+        floor's order decides nothing in selection, so the floored tokens past it are ranked by their value like
+        every other token instead of below all of them (DESIGN §3.10, round 16). None (default): the drop budget,
+        1 − keep_ratio, under selection="batch", else 1.0; 1.0: no cap (rounds 11–15).
     copy_loss_weight: w in adaptation = (rank(A) + w·rank(−ℓ_t(θ_val))) / (1 + w), before the veto and the floor:
         the tuned copy's own loss on the token (how unlikely a model tuned on the clean validation batches finds
         it), rank-fused with the first-order value; it costs the loss gap's forward (DESIGN §3.11, round 13).
@@ -125,6 +130,7 @@ class AlphaTokenConfig:
     loss_gap_floor: Optional[float] = None
     loss_gap_floor_agree: bool = False
     loss_gap_floor_order: str = "gap"
+    loss_gap_floor_share: Optional[float] = None
     copy_loss_weight: Optional[float] = None
     tune_steps: int = 12
     tune_lr: Optional[float] = None
@@ -176,6 +182,10 @@ class AlphaTokenConfig:
         self.loss_gap_floor_agree = _flag("loss_gap_floor_agree", self.loss_gap_floor_agree)
         self.loss_gap_floor_order = _choice("loss_gap_floor_order", self.loss_gap_floor_order,
                                             LOSS_GAP_FLOOR_ORDERS)
+        if self.loss_gap_floor_share is not None:
+            self.loss_gap_floor_share = _number("loss_gap_floor_share", self.loss_gap_floor_share, low=0.0, high=1.0,
+                                                hint="a share of the batch's response tokens in [0, 1] (1.0: no cap), "
+                                                     "e.g. 0.2")
         if self.copy_loss_weight is not None:
             self.copy_loss_weight = _number("copy_loss_weight", self.copy_loss_weight, low=0.0,
                                             hint="w >= 0 weighs rank(−ℓ_t(θ_val)) against rank(A) (0 switches it off)")

@@ -41,6 +41,7 @@ def resolve_auto(cfg, validation, fisher, retention=None, sharded: bool = False,
     * loss_gap_margin None: 1.0 (off; the round-9 defaults' 0.1 is replaced by the floor, §3.10);
     * loss_gap_floor None: DEFAULT_LOSS_GAP_FLOOR for the tuned target under combine="rank" (§3.10), else math.inf
       (off);
+    * loss_gap_floor_share None: the drop budget 1 − keep_ratio under selection="batch" (§3.10), else 1.0 (no cap);
     * copy_loss_weight None: DEFAULT_COPY_LOSS_WEIGHT for the tuned target under combine="rank" (§3.11), else 0.
     """
     target = cfg.target
@@ -70,11 +71,15 @@ def resolve_auto(cfg, validation, fisher, retention=None, sharded: bool = False,
     floor = cfg.loss_gap_floor
     if floor is None:
         floor = DEFAULT_LOSS_GAP_FLOOR if target == "tuned" and cfg.combine == "rank" else math.inf
+    share = cfg.loss_gap_floor_share
+    if share is None:
+        share = 1.0 - cfg.keep_ratio if cfg.selection == "batch" else 1.0
     copy_weight = cfg.copy_loss_weight
     if copy_weight is None:
         copy_weight = DEFAULT_COPY_LOSS_WEIGHT if target == "tuned" and cfg.combine == "rank" else 0.0
     return cfg.replace(target=target, direct_layers=direct_layers, paths=paths, stability_weight=lam,
-                       loss_gap_margin=margin, loss_gap_floor=floor, copy_loss_weight=copy_weight)
+                       loss_gap_margin=margin, loss_gap_floor=floor, loss_gap_floor_share=share,
+                       copy_loss_weight=copy_weight)
 
 
 # ---------------------------------------------------------------- batch

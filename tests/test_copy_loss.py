@@ -98,7 +98,8 @@ def test_the_floor_ordered_by_value_keeps_the_unfloored_order_below_every_other_
     assert n_negative >= 6
     k = n_negative // 2
     tau = floor_between(gap, k)
-    base = dict(target="tuned", loss_gap_margin=1.0, loss_gap_floor=tau, copy_loss_weight=weight)
+    base = dict(target="tuned", loss_gap_margin=1.0, loss_gap_floor=tau, copy_loss_weight=weight,
+                loss_gap_floor_share=1.0)  # every floored token, past the drop budget too
     tv = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**base, loss_gap_floor_order="value"),
                 tuned=tuned.state_dict()).value(batch)
     by_gap = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**base), tuned=tuned.state_dict()).value(batch)

@@ -282,9 +282,14 @@ def alphatoken_rules() -> Dict[str, dict]:
         **{f"at_dispval_all_copy{w:g}_floor2value_direct": dict(target="disp_val_all", cosine=True, lam=0.0,
                                                                gamma=0.0, rank=True, gap=1.0, floor=2.0,
                                                                order="value", copy=w) for w in (0.0, 1.0)},
-        # the copy's loss weighted twice the first-order value, without the floor (round 15)
-        "at_dispval_all_copy2_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
-                                            gap=1.0, floor=math.inf, copy=2.0),
+        # the copy's loss weighted twice (round 15) and three times (round 16) the first-order value, without the floor
+        **{f"at_dispval_all_copy{w:g}_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
+                                                   gap=1.0, floor=math.inf, copy=w) for w in (2.0, 3.0)},
+        # the floor capped at the drop budget of keep 0.8 (loss_gap_floor_share, the default since round 16): only the
+        # 20 % most negative gaps are floored; past them the floor decided nothing in selection
+        **{f"at_dispval_all_copy{w:g}_floor2cap_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0,
+                                                             rank=True, gap=1.0, floor=2.0, share=0.2, copy=w)
+           for w in (0.0, 1.0)},
         "at_dispval_all_copy1_agree3_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
                                                    gap=1.0, floor=3.0, agree=True, copy=1.0),
     }
@@ -310,7 +315,7 @@ def apply_rule(tv, rule: dict) -> torch.Tensor:
                           cosine=rule.get("cosine", False), normalize=rule.get("normalize", False),
                           combine="rank" if rule.get("rank") else "linear", loss_gap_margin=rule.get("gap"),
                           loss_gap_floor=rule.get("floor"), loss_gap_floor_agree=rule.get("agree", False),
-                          loss_gap_floor_order=rule.get("order", "gap"),
+                          loss_gap_floor_order=rule.get("order", "gap"), loss_gap_floor_share=rule.get("share"),
                           copy_loss_weight=rule.get("copy", 0.0))
     total_flat = combine_paths(parts, cfg, _rms)["total"]
     out = torch.zeros(resp.shape, dtype=torch.float64)

@@ -20,6 +20,23 @@ import alphatoken as at  # noqa: E402
 from alphatoken.scorers import token_losses  # noqa: E402
 
 
+def read_dumps(pattern: str):
+    """Per file saved by this script (sorted by path): (world, stage, batches), each batch a dict with its `record`,
+    the (B, T) masks `response`, `scored` (response tokens but the first) and `noise` (scored noise tokens), and
+    `parts`: the valuer's parts on the response tokens plus `gap_clean`, the gap to the oracle's clean copy."""
+    import glob
+    for path in sorted(glob.glob(pattern)):
+        world, _, stage = Path(path).stem.rsplit("_", 2)
+        batches = []
+        for record in torch.load(path, weights_only=False):
+            resp, scored = record["response"], record["scored"]
+            parts = {k: v[resp] for k, v in record["parts"].items()}
+            parts["gap_clean"] = record["gap_clean"][resp]
+            batches.append({"record": record, "response": resp, "scored": scored, "noise": record["noise"] & scored,
+                            "parts": parts})
+        yield world, stage, batches
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--worlds", default="toy-add,toy-copy,toy-reverse")

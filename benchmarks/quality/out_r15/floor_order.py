@@ -11,7 +11,6 @@ the copy's own loss (a prototype here), and by the rank the token would have wit
     python benchmarks/quality/out_r15/floor_order.py 'DIR/*.pt'
 """
 import collections
-import glob
 import math
 import statistics
 import sys
@@ -23,6 +22,7 @@ import torch
 QUAL = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(QUAL))
 from detect import auroc  # noqa: E402
+from out_r12.dump_parts import read_dumps  # noqa: E402
 from alphatoken.combine import combine_paths, percentile_rank as rank  # noqa: E402
 
 
@@ -68,13 +68,10 @@ RULES = {
 def main(pattern: str):
     aurocs = collections.defaultdict(list)
     floored = collections.defaultdict(lambda: [0, 0, 0, 0])  # noise floored, clean floored, noise, clean
-    for path in sorted(glob.glob(pattern)):
-        world, _, stage = Path(path).stem.rsplit("_", 2)
+    for world, stage, batches in read_dumps(pattern):
         per_rule = collections.defaultdict(list)
-        for record in torch.load(path, weights_only=False):
-            resp, scored = record["response"], record["scored"]
-            noise = record["noise"] & scored
-            parts = {k: v[resp] for k, v in record["parts"].items()}
+        for batch in batches:
+            resp, scored, noise, parts = batch["response"], batch["scored"], batch["noise"], batch["parts"]
             for name, rule in RULES.items():
                 value = torch.zeros(resp.shape, dtype=torch.float64)
                 value[resp] = rule(parts).double()

@@ -1,0 +1,103 @@
+"""Round 16 analysis aid: the loss gap's floor capped at the drop budget (`loss_gap_floor_share`), the copy's loss
+fused at larger weights without the floor, and what each drops at keep 0.8.
+
+Reads the per-token parts saved by `../out_r12/dump_parts.py` (detect.py's worlds, references and batches; toys and
+the real tasks) and scores each rule with the library's own `combine_paths`: AUROC per batch as detect.py does, mean
+over batches, then over seeds. A second table gives, at keep 0.8 (the lowest 20 % of each batch dropped), the share
+of the noise dropped, of the first tokens of noise runs (what the floor exists to drop first) and of the clean tokens.
+
+    python benchmarks/quality/out_r12/dump_parts.py --worlds toy-add,toy-copy,toy-reverse,toy-sort --seeds 0 1 2 3 4 --out DIR
+    python benchmarks/quality/out_r12/dump_parts.py --worlds real-capitals,real-reverse --seeds 0 1 --out DIR
+    python benchmarks/quality/out_r16/floor_share.py 'DIR/*.pt'
+"""
+import collections
+import math
+import statistics
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+QUAL = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(QUAL))
+from detect import auroc  # noqa: E402
+from out_r12.dump_parts import read_dumps  # noqa: E402
+from alphatoken.combine import combine_paths  # noqa: E402
+
+KEEP = 0.8
+
+
+def _rms(x):
+    return x.double().pow(2).mean().sqrt() if x.numel() else x.new_zeros(())
+
+
+def library_rule(**fields):
+    base = dict(causal_weight=0.0, stability_weight=0.0, cosine=True, normalize=False, combine="rank",
+                loss_gap_margin=1.0, loss_gap_floor=math.inf, loss_gap_floor_agree=False, loss_gap_floor_order="gap",
+                loss_gap_floor_share=1.0, copy_loss_weight=0.0)
+    cfg = SimpleNamespace(**{**base, **fields})
+    return lambda parts: combine_paths(parts, cfg, _rms)["total"]
+
+
+RULES = {
+    "the copy's loss (validation copy)": lambda p: -p["copy_loss"],
+    "the oracle copy's loss": lambda p: -(p["copy_loss"] + p["loss_gap"] - p["gap_clean"]),
+    "round-15 defaults (floor 2, uncapped)": library_rule(loss_gap_floor=2.0),
+    "floor 2 capped at the budget (round-16 defaults)": library_rule(loss_gap_floor=2.0, loss_gap_floor_share=1 - KEEP),
+    "w = 1, floor 2 capped": library_rule(loss_gap_floor=2.0, loss_gap_floor_share=1 - KEEP, copy_loss_weight=1.0),
+    "floor 2 capped at 0.3": library_rule(loss_gap_floor=2.0, loss_gap_floor_share=0.3),
+    "w = 1, no floor": library_rule(copy_loss_weight=1.0),
+    "w = 2, no floor": library_rule(copy_loss_weight=2.0),
+    "w = 3, no floor": library_rule(copy_loss_weight=3.0),
+}
+
+
+def first_of_runs(noise):
+    before = torch.zeros_like(noise)
+    before[:, 1:] = noise[:, :-1]
+    return noise & ~before
+
+
+def main(pattern: str):
+    aurocs = collections.defaultdict(list)
+    drops = collections.defaultdict(lambda: [0] * 6)  # noise dropped, noise, first dropped, first, clean dropped, clean
+    for world, stage, batches in read_dumps(pattern):
+        per_rule = collections.defaultdict(list)
+        for batch in batches:
+            resp, scored, noise, parts = batch["response"], batch["scored"], batch["noise"], batch["parts"]
+            first = first_of_runs(batch["record"]["noise"]) & scored
+            for name, rule in RULES.items():
+                value = torch.zeros(resp.shape, dtype=torch.float64)
+                value[resp] = rule(parts).double()
+                per_rule[name].append(auroc(-value[scored], noise[scored]))
+                n_drop = int((1 - KEEP) * int(scored.sum()))
+                dropped = torch.zeros_like(scored)
+                if n_drop:
+                    cut = torch.sort(value[scored]).values[n_drop - 1]
+                    dropped = scored & (value <= cut)
+                tally = drops[(world, stage, name)]
+                for i, x in enumerate(((dropped & noise).sum(), noise.sum(), (dropped & first).sum(), first.sum(),
+                                       (dropped & ~noise).sum(), (scored & ~noise).sum())):
+                    tally[i] += int(x)
+        for name, values in per_rule.items():
+            aurocs[(world, stage, name)].append(statistics.mean(values))
+    columns = sorted({(w, s) for w, s, _ in aurocs}, key=lambda c: (c[0], c[1] != "theta0"))
+    head = " | ".join(f"{w.split('-', 1)[1]} {'θ₀' if s == 'theta0' else 'SFT'}" for w, s in columns)
+    print(f"AUROC of −value for noise, mean over seeds ({len(aurocs[columns[0] + (next(iter(RULES)),)])} in the first column)")
+    print(f"| rule | {head} | mean |\n" + "|---" * (len(columns) + 2) + "|")
+    for name in RULES:
+        values = [statistics.mean(aurocs[c + (name,)]) for c in columns]
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {statistics.mean(values):.3f} |")
+    print(f"\nDropped at keep {KEEP}: noise / first tokens of noise runs / clean (shares of each)")
+    print(f"| rule | {head} |\n" + "|---" * (len(columns) + 1) + "|")
+    for name in RULES:
+        cells = []
+        for c in columns:
+            t = drops[c + (name,)]
+            cells.append(f"{t[0] / t[1]:.2f} / {t[2] / max(t[3], 1):.2f} / {t[4] / t[5]:.3f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

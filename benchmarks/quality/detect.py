@@ -90,6 +90,8 @@ class World:
     tracked_layers: object = "all"
     fisher_batches: List[dict] = field(default_factory=list)
     retention: Optional[dict] = None         # the base model's own answer openings (alphatoken.retention)
+    run_lr: float = 1e-4                     # the SFT stage's learning rate, which the library's own copy is tuned at
+    trainable: Optional[Callable] = None     # trainable(model): the parameters the run trains (None: all)
 
 
 def _strip(batch: dict) -> dict:
@@ -113,7 +115,7 @@ def toy_world(task: str, seed: int, n_batches: int, batch_size: int, sft_steps: 
         finetune(m, tokenizer, examples, "full", steps=sft_steps, batch_size=64, lr=4e-4, seed=seed)
 
     fisher_batches = [_strip(b) for b in batches[:4]]
-    return World(f"toy-{task}", model, tokenizer, batches, validation, tune, "all", fisher_batches)
+    return World(f"toy-{task}", model, tokenizer, batches, validation, tune, "all", fisher_batches, run_lr=4e-4)
 
 
 def real_world(task: str, seed: int, n_batches: int, batch_size: int, sft_steps: int, train_blocks: int,
@@ -135,7 +137,8 @@ def real_world(task: str, seed: int, n_batches: int, batch_size: int, sft_steps:
 
     fisher_batches = [_strip(b) for b in batches[:2]]
     retention = R.own_answer_openings(model, tokenizer, 16, 8)  # at θ₀, made once
-    return World(f"real-{task}", model, tokenizer, batches, validation, tune, "all", fisher_batches, retention)
+    return World(f"real-{task}", model, tokenizer, batches, validation, tune, "all", fisher_batches, retention,
+                 run_lr=1e-4, trainable=lambda m: set_trainable_blocks(m, train_blocks))
 
 
 def finetune_real(model, tokenizer, examples, steps: int, seed: int, train_blocks: int, batch_size: int = 8,
@@ -290,6 +293,13 @@ def alphatoken_rules() -> Dict[str, dict]:
         **{f"at_dispval_all_copy{w:g}_floor2cap_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0,
                                                              rank=True, gap=1.0, floor=2.0, share=0.2, copy=w)
            for w in (0.0, 1.0)},
+        # the library's defaults end to end: the copy it tunes itself (own_copy) instead of Rho-1's reference (round 16)
+        **{f"at_dispown_all_copy{w:g}_floor2{cap}_direct": dict(target="disp_own_all", cosine=True, lam=0.0, gamma=0.0,
+                                                               rank=True, gap=1.0, floor=2.0, copy=w,
+                                                               share=0.2 if cap else None)
+           for w in (0.0, 1.0) for cap in ("", "cap")},
+        "at_dispown_all_copy1_direct": dict(target="disp_own_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
+                                            gap=1.0, floor=math.inf, copy=1.0),
         "at_dispval_all_copy1_agree3_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
                                                    gap=1.0, floor=3.0, agree=True, copy=1.0),
     }
@@ -343,6 +353,7 @@ VALUERS = {
     "disp_val": ("tuned", {}), "disp_clean": ("tuned", {}),
     "validation_all": ("validation", {"direct_layers": "all"}),
     "disp_val_all": ("tuned", {"direct_layers": "all"}), "disp_clean_all": ("tuned", {"direct_layers": "all"}),
+    "disp_own_all": ("tuned", {"direct_layers": "all"}),  # the library's own copy (own_copy), as its defaults tune it
 }
 
 
@@ -476,7 +487,23 @@ def prepare_world(world: World, seed: int):
         ref = copy.deepcopy(world.model)
         world.finetune(ref, kind)
         references[ref_name] = ref.eval()
+    references["own"] = own_copy(world)
     return theta0, fisher, references
+
+
+def own_copy(world: World):
+    """The copy the library tunes by itself with its defaults (DESIGN §3.6): `tune_steps` AdamW steps on the
+    validation batch at the run's own rate, training what the run trains. The "val" reference above is the
+    benchmark's Rho-1 reference (the world's SFT on the validation examples: 100 steps on the toys, 20 on the real
+    tasks), which the tuned rules get as their copy unless named "_own"."""
+    from alphatoken.tuned import tune_on_validation
+    own = copy.deepcopy(world.model)
+    if world.trainable is not None:
+        world.trainable(own)
+    state = tune_on_validation(own, _strip(world.validation), steps=AlphaTokenConfig().tune_steps, lr=world.run_lr,
+                               progress=False)
+    own.load_state_dict(state)
+    return own.eval()
 
 
 def run_world(name: str, seed: int, args, writer) -> None:

@@ -7,9 +7,11 @@ and clean copies, and the tuned target's parts over every layer (`disp_val_all` 
     python benchmarks/quality/out_r12/dump_parts.py --worlds toy-add,toy-copy,toy-reverse --seeds 0 1 2 --out DIR
 """
 import argparse
+import math
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -17,6 +19,7 @@ QUAL = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(QUAL))
 import detect as D  # noqa: E402
 import alphatoken as at  # noqa: E402
+from alphatoken.combine import combine_paths  # noqa: E402
 from alphatoken.scorers import token_losses  # noqa: E402
 
 
@@ -35,6 +38,21 @@ def read_dumps(pattern: str):
             batches.append({"record": record, "response": resp, "scored": scored, "noise": record["noise"] & scored,
                             "parts": parts})
         yield world, stage, batches
+
+
+def rule_config(**fields):
+    """The combine fields of the tuned rules read from these files (the direct path over every layer, λ 0, the
+    cosine rule, ranks; no veto, floor or copy loss unless `fields` set them, as AlphaTokenConfig names them)."""
+    base = dict(causal_weight=0.0, stability_weight=0.0, cosine=True, normalize=False, combine="rank",
+                loss_gap_margin=1.0, loss_gap_floor=math.inf, loss_gap_floor_agree=False, loss_gap_floor_order="gap",
+                loss_gap_floor_share=1.0, copy_loss_weight=0.0)
+    return SimpleNamespace(**{**base, **fields})
+
+
+def library_rule(**fields):
+    """parts -> the library's total under `rule_config(**fields)` (`combine_paths`, as the engine combines)."""
+    cfg = rule_config(**fields)
+    return lambda parts: combine_paths(parts, cfg, D._rms)["total"]
 
 
 def main():

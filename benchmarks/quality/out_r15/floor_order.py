@@ -11,42 +11,25 @@ the copy's own loss (a prototype here), and by the rank the token would have wit
     python benchmarks/quality/out_r15/floor_order.py 'DIR/*.pt'
 """
 import collections
-import math
 import statistics
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 QUAL = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(QUAL))
+import detect as D  # noqa: E402
 from detect import auroc  # noqa: E402
-from out_r12.dump_parts import read_dumps  # noqa: E402
+from out_r12.dump_parts import library_rule, read_dumps, rule_config  # noqa: E402
 from alphatoken.combine import combine_paths, percentile_rank as rank  # noqa: E402
-
-
-def _rms(x):
-    return x.double().pow(2).mean().sqrt() if x.numel() else x.new_zeros(())
-
-
-def _cfg(**fields):
-    base = dict(causal_weight=0.0, stability_weight=0.0, cosine=True, normalize=False, combine="rank",
-                loss_gap_margin=1.0, loss_gap_floor=math.inf, loss_gap_floor_agree=False, loss_gap_floor_order="gap",
-                copy_loss_weight=0.0)
-    return SimpleNamespace(**{**base, **fields})
-
-
-def library_rule(**fields):
-    cfg = _cfg(**fields)
-    return lambda parts: combine_paths(parts, cfg, _rms)["total"]
 
 
 def floor_ordered_by_copy_loss(tau: float, copy_weight: float):
     """Floored tokens (G < −τ) below every other, ordered by −ℓ_t(θ_val) (an order the library does not offer);
     the others by rank(A) fused with the copy's loss at `copy_weight`."""
     def rule(parts):
-        unfloored = combine_paths(parts, _cfg(copy_loss_weight=copy_weight), _rms)["adaptation"]
+        unfloored = combine_paths(parts, rule_config(copy_loss_weight=copy_weight), D._rms)["adaptation"]
         return torch.where(parts["loss_gap"] < -tau, rank(-parts["copy_loss"]) - 1, unfloored)
     return rule
 

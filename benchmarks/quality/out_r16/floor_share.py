@@ -6,38 +6,24 @@ the real tasks) and scores each rule with the library's own `combine_paths`: AUR
 over batches, then over seeds. A second table gives, at keep 0.8 (the lowest 20 % of each batch dropped), the share
 of the noise dropped, of the first tokens of noise runs (what the floor exists to drop first) and of the clean tokens.
 
-    python benchmarks/quality/out_r12/dump_parts.py --worlds toy-add,toy-copy,toy-reverse,toy-sort --seeds 0 1 2 3 4 --out DIR
+    python benchmarks/quality/out_r12/dump_parts.py --worlds toy-add,toy-copy,toy-reverse,toy-sort \
+        --seeds 0 1 2 3 4 --out DIR
     python benchmarks/quality/out_r12/dump_parts.py --worlds real-capitals,real-reverse --seeds 0 1 --out DIR
     python benchmarks/quality/out_r16/floor_share.py 'DIR/*.pt'
 """
 import collections
-import math
 import statistics
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 QUAL = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(QUAL))
 from detect import auroc  # noqa: E402
-from out_r12.dump_parts import read_dumps  # noqa: E402
-from alphatoken.combine import combine_paths  # noqa: E402
+from out_r12.dump_parts import library_rule, read_dumps  # noqa: E402
 
 KEEP = 0.8
-
-
-def _rms(x):
-    return x.double().pow(2).mean().sqrt() if x.numel() else x.new_zeros(())
-
-
-def library_rule(**fields):
-    base = dict(causal_weight=0.0, stability_weight=0.0, cosine=True, normalize=False, combine="rank",
-                loss_gap_margin=1.0, loss_gap_floor=math.inf, loss_gap_floor_agree=False, loss_gap_floor_order="gap",
-                loss_gap_floor_share=1.0, copy_loss_weight=0.0)
-    cfg = SimpleNamespace(**{**base, **fields})
-    return lambda parts: combine_paths(parts, cfg, _rms)["total"]
 
 
 RULES = {
@@ -84,7 +70,8 @@ def main(pattern: str):
             aurocs[(world, stage, name)].append(statistics.mean(values))
     columns = sorted({(w, s) for w, s, _ in aurocs}, key=lambda c: (c[0], c[1] != "theta0"))
     head = " | ".join(f"{w.split('-', 1)[1]} {'θ₀' if s == 'theta0' else 'SFT'}" for w, s in columns)
-    print(f"AUROC of −value for noise, mean over seeds ({len(aurocs[columns[0] + (next(iter(RULES)),)])} in the first column)")
+    n_seeds = len(aurocs[columns[0] + (next(iter(RULES)),)])
+    print(f"AUROC of −value for noise, mean over seeds ({n_seeds} in the first column)")
     print(f"| rule | {head} | mean |\n" + "|---" * (len(columns) + 2) + "|")
     for name in RULES:
         values = [statistics.mean(aurocs[c + (name,)]) for c in columns]

@@ -26,9 +26,16 @@ negative gap lowest; with loss_gap_floor_order="value" it gets r − 1 instead, 
 floor, so the floored tokens keep among themselves the order they would have had without it. With
 loss_gap_floor_share s < 1 only tokens whose rank(G) <= s are floored (the drop budget's most negative gaps; the
 default s is 1 − keep_ratio): past the budget the floor decides nothing in selection, so those tokens keep their value.
+With loss_gap_floor_copy_share q < 1 a floored token must also have rank(−ℓ_t(θ_val)) <= q: the copy finds it among
+the batch's least likely tokens, not merely less likely than the run does.
 
 With the tuned copy's own loss ℓ_t(θ_val) (part "copy_loss", DESIGN §3.11) and copy_loss_weight w > 0, the ranked
 adaptation is first (rank(adaptation) + w·rank(−ℓ_t(θ_val))) / (1 + w), in (0, 1], before the veto and the floor.
+
+With copy_loss_order_weight w_o > 0 under selection="batch" (DESIGN §3.12), the tokens the value above puts in the
+drop budget, rank <= 1 − keep_ratio, stay there, and both sets are reordered by o = rank((a + w_o·rank(−ℓ_t(θ_val)))
+/ (1 + w_o)), a the ranked adaptation before the veto and the floor: o − 1 inside the budget, o outside it. The
+tokens dropped are the same (with λ = 0 and no forced keeps inside the budget); their order is the copy's loss fused.
 """
 from __future__ import annotations
 
@@ -116,6 +123,7 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
         copy_loss, copy_weight = parts.get("copy_loss"), getattr(cfg, "copy_loss_weight", None) or 0.0
         if copy_loss is not None and copy_weight > 0:  # the tuned copy's own loss, rank-fused (§3.11)
             rows["adaptation"] = (rows["adaptation"] + copy_weight * rank(-copy_loss)) / (1 + copy_weight)
+        before_floor = rows["adaptation"]
         gap = parts.get("loss_gap")  # the tuned copy's exact gap (§3.10): a rank veto and / or a floor in nats
         margin, floor = getattr(cfg, "loss_gap_margin", None), getattr(cfg, "loss_gap_floor", None)
         veto = gap is not None and margin is not None and margin < 1
@@ -129,11 +137,20 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
                 share = getattr(cfg, "loss_gap_floor_share", None)
                 if share is not None and share < 1:  # only the drop budget's most negative gaps (§3.10, round 16)
                     below = below & (gap_rank <= share + 1e-9)
+                copy_share = getattr(cfg, "loss_gap_floor_copy_share", None)
+                if copy_share is not None and copy_share < 1 and copy_loss is not None:  # the copy's loss agrees
+                    below = below & (rank(-copy_loss) <= copy_share + 1e-9)
                 if getattr(cfg, "loss_gap_floor_agree", False):  # the first-order value must say so too
                     below = below & (adaptation_value < 0)
                 by_value = getattr(cfg, "loss_gap_floor_order", "gap") == "value"
                 floored_key = rows["adaptation"] if by_value else gap_rank
                 rows["adaptation"] = torch.where(below, floored_key - 1, rows["adaptation"])
+        order_weight = getattr(cfg, "copy_loss_order_weight", None) or 0.0
+        if copy_loss is not None and order_weight > 0 and getattr(cfg, "selection", None) == "batch":
+            # the order inside the dropped set and inside the kept set (§3.12); which tokens are dropped stays
+            dropped = rank(rows["adaptation"]) <= 1.0 - cfg.keep_ratio + 1e-9
+            order = rank((before_floor + order_weight * rank(-copy_loss)) / (1 + order_weight))
+            rows["adaptation"] = torch.where(dropped, order - 1, order)
         rows["total"] = rows["adaptation"] + lam * rows["stability"]
     return rows
 

@@ -19,6 +19,7 @@ COMBINES = ("linear", "rank")
 LOSS_GAP_FLOOR_ORDERS = ("gap", "value")  # how loss_gap_floor orders the tokens it floors (§3.10)
 DEFAULT_LOSS_GAP_FLOOR = 2.0  # τ of loss_gap_floor=None, tuned target under combine="rank" (§3.10; 3.0 in rounds 11–14)
 DEFAULT_COPY_LOSS_WEIGHT = 0.0  # w of copy_loss_weight=None with the tuned target under combine="rank" (§3.11)
+DEFAULT_COPY_LOSS_ORDER_WEIGHT = 1.0  # w_o of copy_loss_order_weight=None, the same and selection="batch" (§3.12)
 DEFAULT_TUNE_LR = 1e-4  # the tuned copy's AdamW rate when tune_lr=None and the run's rate is not known (§3.6)
 
 
@@ -86,10 +87,20 @@ class AlphaTokenConfig:
         floor's order decides nothing in selection, so the floored tokens past it are ranked by their value like
         every other token instead of below all of them (DESIGN §3.10, round 16). None (default): the drop budget,
         1 − keep_ratio, under selection="batch", else 1.0; 1.0: no cap (rounds 11–15).
+    loss_gap_floor_copy_share: the floor also asks the copy's own loss: a token is floored only where
+        rank(−ℓ_t(θ_val)) <= this share too, i.e. the copy finds it among the batch's least likely tokens, not
+        merely less likely than the run does (a clean token it has made less sure; DESIGN §3.10, round 17).
+        None (default): 1.0 (off); e.g. the drop budget, 1 − keep_ratio.
     copy_loss_weight: w in adaptation = (rank(A) + w·rank(−ℓ_t(θ_val))) / (1 + w), before the veto and the floor:
         the tuned copy's own loss on the token (how unlikely a model tuned on the clean validation batches finds
         it), rank-fused with the first-order value; it costs the loss gap's forward (DESIGN §3.11, round 13).
         None (default): DEFAULT_COPY_LOSS_WEIGHT with the tuned target and combine="rank", else 0; 0: off.
+    copy_loss_order_weight: w_o, under selection="batch": the tokens in the drop budget (the lowest 1 − keep_ratio
+        of the value above) stay there, and the order inside the dropped set and inside the kept set becomes the
+        first-order rank fused with the copy's own loss at w_o, (rank(A) + w_o·rank(−ℓ_t(θ_val))) / (1 + w_o). Which
+        tokens are dropped does not change (with λ = 0); how well the order separates noise does (DESIGN §3.12,
+        round 17). None (default): DEFAULT_COPY_LOSS_ORDER_WEIGHT with the tuned target, combine="rank" and
+        selection="batch", else 0; 0: off.
     tune_steps / tune_lr: with target="tuned" (U = θ − θ_val, the displacement from a copy of the model tuned on
         the validation batches; DESIGN §3.6), the AdamW steps and learning rate of that tuning, done once when the
         valuer is built (unless it is given tuned=<the tuned model or state dict>). tune_lr None (default): the
@@ -131,7 +142,9 @@ class AlphaTokenConfig:
     loss_gap_floor_agree: bool = False
     loss_gap_floor_order: str = "gap"
     loss_gap_floor_share: Optional[float] = None
+    loss_gap_floor_copy_share: Optional[float] = None
     copy_loss_weight: Optional[float] = None
+    copy_loss_order_weight: Optional[float] = None
     tune_steps: int = 12
     tune_lr: Optional[float] = None
     tracked_layers: Union[str, int] = "all"
@@ -186,9 +199,17 @@ class AlphaTokenConfig:
             self.loss_gap_floor_share = _number("loss_gap_floor_share", self.loss_gap_floor_share, low=0.0, high=1.0,
                                                 hint="a share of the batch's response tokens in [0, 1] (1.0: no cap), "
                                                      "e.g. 0.2")
+        if self.loss_gap_floor_copy_share is not None:
+            self.loss_gap_floor_copy_share = _number(
+                "loss_gap_floor_copy_share", self.loss_gap_floor_copy_share, low=0.0, high=1.0,
+                hint="a share of the batch's response tokens in [0, 1] (1.0: the copy's loss is not asked), e.g. 0.2")
         if self.copy_loss_weight is not None:
             self.copy_loss_weight = _number("copy_loss_weight", self.copy_loss_weight, low=0.0,
                                             hint="w >= 0 weighs rank(−ℓ_t(θ_val)) against rank(A) (0 switches it off)")
+        if self.copy_loss_order_weight is not None:
+            self.copy_loss_order_weight = _number(
+                "copy_loss_order_weight", self.copy_loss_order_weight, low=0.0,
+                hint="w_o >= 0 weighs rank(−ℓ_t(θ_val)) in the order inside the kept and dropped sets (0: off)")
         self.tune_steps = _integer("tune_steps", self.tune_steps, low=1)
         if self.tune_lr is not None:
             self.tune_lr = _number("tune_lr", self.tune_lr, low=0.0, low_open=True,

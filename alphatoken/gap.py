@@ -31,9 +31,10 @@ from .own import module_weights, response_nll
 
 def uses_loss_gap(cfg) -> bool:
     """Whether the (resolved) config reads the tuned copy's forward: a margin below 1, a finite floor, or a
-    positive copy_loss_weight (§3.11)."""
+    positive copy_loss_weight (§3.11) or copy_loss_order_weight (§3.12)."""
     return (cfg.loss_gap_margin < 1 or math.isfinite(cfg.loss_gap_floor)
-            or (getattr(cfg, "copy_loss_weight", 0.0) or 0.0) > 0)
+            or (getattr(cfg, "copy_loss_weight", 0.0) or 0.0) > 0
+            or (getattr(cfg, "copy_loss_order_weight", 0.0) or 0.0) > 0)
 
 
 def check_loss_gap(cfg) -> None:
@@ -43,14 +44,19 @@ def check_loss_gap(cfg) -> None:
         return
     setting = (f"loss_gap_margin={cfg.loss_gap_margin}" if cfg.loss_gap_margin < 1
                else f"loss_gap_floor={cfg.loss_gap_floor}" if math.isfinite(cfg.loss_gap_floor)
-               else f"copy_loss_weight={cfg.copy_loss_weight}")
-    off = "loss_gap_margin=1.0, loss_gap_floor=math.inf and copy_loss_weight=0"
+               else f"copy_loss_weight={cfg.copy_loss_weight}" if (cfg.copy_loss_weight or 0.0) > 0
+               else f"copy_loss_order_weight={cfg.copy_loss_order_weight}")
+    off = "loss_gap_margin=1.0, loss_gap_floor=math.inf, copy_loss_weight=0 and copy_loss_order_weight=0"
     if cfg.target != "tuned":
         raise ValueError(f"{setting} needs the tuned copy of target=\"tuned\" (this config has "
                          f"target={cfg.target!r}); set {off} to switch the loss gap off")
     if cfg.combine != "rank":
         raise ValueError(f"{setting} ranks the tokens: it needs combine=\"rank\" (the gap is in nats, the "
                          f"first-order value in the cosine rule's units); set {off} with combine=\"linear\"")
+    if (getattr(cfg, "copy_loss_order_weight", 0.0) or 0.0) > 0 and cfg.selection != "batch":
+        raise ValueError(f"copy_loss_order_weight={cfg.copy_loss_order_weight} reorders the tokens inside and outside "
+                         f"the drop budget of selection=\"batch\" (this config has selection={cfg.selection!r}); "
+                         f"set copy_loss_order_weight=0")
 
 
 def tuned_nll(model: nn.Module, layers: list[TrackedLayer], tuned_weight: Callable[[TrackedLayer], torch.Tensor],

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .batch import model_inputs, nonpad_rows, response_mask, response_rows
-from .config import DEFAULT_COPY_LOSS_WEIGHT, DEFAULT_LOSS_GAP_FLOOR
+from .config import DEFAULT_COPY_LOSS_ORDER_WEIGHT, DEFAULT_COPY_LOSS_WEIGHT, DEFAULT_LOSS_GAP_FLOOR
 from .credits import Direction, add_directions, direction_square_norm, embedding_direction, matched
 from .distributed import all_reduce_sum
 from .hooks import Capture, LayerRows
@@ -42,6 +42,9 @@ def resolve_auto(cfg, validation, fisher, retention=None, sharded: bool = False,
     * loss_gap_floor None: DEFAULT_LOSS_GAP_FLOOR for the tuned target under combine="rank" (§3.10), else math.inf
       (off);
     * loss_gap_floor_share None: the drop budget 1 − keep_ratio under selection="batch" (§3.10), else 1.0 (no cap);
+    * loss_gap_floor_copy_share None: 1.0 (the copy's own loss is not asked, §3.10);
+    * copy_loss_order_weight None: DEFAULT_COPY_LOSS_ORDER_WEIGHT for the tuned target under combine="rank" and
+      selection="batch" (§3.12), else 0;
     * copy_loss_weight None: DEFAULT_COPY_LOSS_WEIGHT for the tuned target under combine="rank" (§3.11), else 0.
     """
     target = cfg.target
@@ -74,12 +77,18 @@ def resolve_auto(cfg, validation, fisher, retention=None, sharded: bool = False,
     share = cfg.loss_gap_floor_share
     if share is None:
         share = 1.0 - cfg.keep_ratio if cfg.selection == "batch" else 1.0
+    copy_share = 1.0 if cfg.loss_gap_floor_copy_share is None else cfg.loss_gap_floor_copy_share
+    order_weight = cfg.copy_loss_order_weight
+    if order_weight is None:
+        order_weight = DEFAULT_COPY_LOSS_ORDER_WEIGHT if (target == "tuned" and cfg.combine == "rank"
+                                                          and cfg.selection == "batch") else 0.0
     copy_weight = cfg.copy_loss_weight
     if copy_weight is None:
         copy_weight = DEFAULT_COPY_LOSS_WEIGHT if target == "tuned" and cfg.combine == "rank" else 0.0
     return cfg.replace(target=target, direct_layers=direct_layers, paths=paths, stability_weight=lam,
                        loss_gap_margin=margin, loss_gap_floor=floor, loss_gap_floor_share=share,
-                       copy_loss_weight=copy_weight)
+                       loss_gap_floor_copy_share=copy_share, copy_loss_weight=copy_weight,
+                       copy_loss_order_weight=order_weight)
 
 
 # ---------------------------------------------------------------- batch

@@ -12,13 +12,18 @@ import torch
 
 import alphatoken as at
 from alphatoken.combine import percentile_rank
-from alphatoken.config import DEFAULT_COPY_LOSS_WEIGHT
+from alphatoken.config import DEFAULT_COPY_LOSS_ORDER_WEIGHT, DEFAULT_COPY_LOSS_WEIGHT
 from alphatoken.layers import discover_layers
 from alphatoken.targets import resolve_auto
 
 from brute import floor_between, forward, nll_per_token
 from models import moved_copy, random_batch, tiny_model
 from test_loss_gap import tracked_swapped
+
+
+# the tuned target with the order inside and outside the drop budget left alone (copy_loss_order_weight, on by
+# default since round 17): these tests hold the floor and the veto to their own formulas
+TUNED = dict(target="tuned", copy_loss_order_weight=0.0)
 
 
 def _quiet(fn, *args, **kwargs):
@@ -69,7 +74,7 @@ def test_the_copy_loss_is_rank_fused_with_the_first_order_value_before_the_floor
     gap = nll - want_copy
     assert int((gap < 0).sum()) >= 4
     tau = floor_between(gap, 2)  # two tokens below the floor, none at it
-    cfg = at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0, loss_gap_floor=tau, copy_loss_weight=weight)
+    cfg = at.AlphaTokenConfig(**TUNED, loss_gap_margin=1.0, loss_gap_floor=tau, copy_loss_weight=weight)
     tv = _quiet(at.AlphaToken, model, cfg, tuned=tuned.state_dict()).value(batch)
     first_order = percentile_rank((tv.parts["adaptation_direct"] / tv.parts["credit_norm_direct"])[b, t].double())
     fused = (first_order + weight * percentile_rank(-want_copy)) / (1 + weight)
@@ -99,7 +104,7 @@ def test_the_floor_ordered_by_value_keeps_the_unfloored_order_below_every_other_
     assert n_negative >= 6
     k = n_negative // 2
     tau = floor_between(gap, k)
-    base = dict(target="tuned", loss_gap_margin=1.0, loss_gap_floor=tau, copy_loss_weight=weight,
+    base = dict(**TUNED, loss_gap_margin=1.0, loss_gap_floor=tau, copy_loss_weight=weight,
                 loss_gap_floor_share=1.0)  # every floored token, past the drop budget too
     tv = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**base, loss_gap_floor_order="value"),
                 tuned=tuned.state_dict()).value(batch)
@@ -136,7 +141,7 @@ def test_the_floor_takes_at_most_the_drop_budget_and_drops_the_same_tokens(weigh
     tau = floor_between(gap, k)
     budget = k // 2  # fewer tokens dropped than floored: the cap has work to do
     keep_ratio = 1 - (budget + 0.5) / n
-    base = dict(target="tuned", loss_gap_margin=1.0, loss_gap_floor=tau, copy_loss_weight=weight,
+    base = dict(**TUNED, loss_gap_margin=1.0, loss_gap_floor=tau, copy_loss_weight=weight,
                 keep_ratio=keep_ratio, min_keep_per_sequence=0)
     valuer = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**base), tuned=tuned.state_dict())
     assert valuer.cfg.loss_gap_floor_share == pytest.approx(1 - keep_ratio)  # None resolved to the budget
@@ -170,6 +175,107 @@ def test_the_floor_takes_at_most_the_drop_budget_and_drops_the_same_tokens(weigh
     torch.testing.assert_close(none, unfloored, rtol=0, atol=1e-6)
 
 
+def _all_but_one_floored(seed: int):
+    """A tiny model, a batch, a moved copy, the brute-force copy loss and gap, and a floor τ below which all but one
+    of the negative gaps lie (at least 8 of them)."""
+    model = tiny_model("llama", seed=seed)
+    batch = random_batch(seed + 1, B=4, T=10)
+    tuned = moved_copy(model, seed + 2)
+    want_copy, nll, b, t = copy_loss_brute(model, tuned, batch)
+    gap = nll - want_copy
+    n_negative = int((gap < 0).sum())
+    assert n_negative >= 8
+    return model, batch, tuned, want_copy, b, t, gap, floor_between(gap, n_negative - 1)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_the_floor_asks_the_copys_own_loss_when_given_a_copy_share(weight):
+    """loss_gap_floor_copy_share q (round 17): a token is floored only where G < −τ, rank(G) <= s and the copy's
+    own loss ranks it among the batch's q least likely tokens, rank(−ℓ_t(θ_val)) <= q; every other token keeps
+    its value. Checked against the float64 brute-force gap and copy loss, with the selection it implies."""
+    model, batch, tuned, want_copy, b, t, gap, tau = _all_but_one_floored(84)
+    n, n_negative = gap.numel(), int((gap < 0).sum())
+    share = 0.5
+    base = dict(**TUNED, loss_gap_margin=1.0, loss_gap_floor=tau, loss_gap_floor_share=share,
+                copy_loss_weight=weight, keep_ratio=0.5, min_keep_per_sequence=0)
+    valuer = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**base), tuned=tuned.state_dict())
+    assert valuer.cfg.loss_gap_floor_copy_share == 1.0  # None resolves to off
+    without = valuer.value(batch)
+    first_order = percentile_rank((without.parts["adaptation_direct"] / without.parts["credit_norm_direct"])
+                                  [b, t].double())
+    unfloored = (first_order + weight * percentile_rank(-want_copy)) / (1 + weight)
+    gap_rank, copy_rank = percentile_rank(gap), percentile_rank(-want_copy)
+    floored = (gap < -tau) & (gap_rank <= share + 1e-9)
+    for copy_share in (0.5, 0.25):
+        asked = floored & (copy_rank <= copy_share + 1e-9)
+        assert asked.any() and (floored & ~asked).any()  # the copy's loss spares some floored tokens
+        got = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**base, loss_gap_floor_copy_share=copy_share),
+                     tuned=tuned.state_dict()).value(batch)
+        torch.testing.assert_close(got.adaptation[b, t].double(), torch.where(asked, gap_rank - 1, unfloored),
+                                   rtol=0, atol=1e-6)
+        spared = floored & ~asked
+        assert (got.adaptation[b, t][spared] > 0).all()  # valued like every unfloored token
+        dropped = ~got.mask[b, t]
+        assert dropped[asked].all()  # the asked floor is below every other token, so inside the dropped half
+    # q = 1 asks nothing: the capped floor as before
+    one = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**base, loss_gap_floor_copy_share=1.0),
+                 tuned=tuned.state_dict()).value(batch)
+    torch.testing.assert_close(one.adaptation, without.adaptation, rtol=0, atol=0)
+    for bad in (-0.1, 1.5, float("nan"), "0.2"):
+        with pytest.raises(ValueError, match="loss_gap_floor_copy_share"):
+            at.AlphaTokenConfig(loss_gap_floor_copy_share=bad)
+
+
+@pytest.mark.parametrize("weight,order_weight", [(0.0, 1.0), (1.0, 0.5)])
+def test_the_order_weight_reorders_each_side_of_the_drop_budget_and_drops_the_same_tokens(weight, order_weight):
+    """copy_loss_order_weight w_o (round 17, DESIGN §3.12): the tokens the capped floor and the first-order rank
+    put in the drop budget stay there, and both sides are reordered by o = rank((a + w_o·rank(−ℓ_t(θ_val))) /
+    (1 + w_o)), a the ranked adaptation before the floor: o − 1 inside the budget, o outside. Checked against the
+    float64 brute-force gap and copy loss; the mask is the one without the reordering."""
+    model, batch, tuned, want_copy, b, t, gap, tau = _all_but_one_floored(87)
+    n, n_negative = gap.numel(), int((gap < 0).sum())
+    budget = n_negative // 2 + 2  # more than the floor's share below: the first-order rank fills the rest
+    keep_ratio = 1 - (budget + 0.5) / n
+    share = (n_negative // 2 + 0.5) / n
+    base = dict(target="tuned", loss_gap_margin=1.0, loss_gap_floor=tau, loss_gap_floor_share=share,
+                copy_loss_weight=weight, keep_ratio=keep_ratio, min_keep_per_sequence=0)
+    plain = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**base, copy_loss_order_weight=0.0),
+                   tuned=tuned.state_dict()).value(batch)
+    got = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**base, copy_loss_order_weight=order_weight),
+                 tuned=tuned.state_dict()).value(batch)
+    first_order = percentile_rank((plain.parts["adaptation_direct"] / plain.parts["credit_norm_direct"])
+                                  [b, t].double())
+    copy_rank = percentile_rank(-want_copy)
+    before_floor = (first_order + weight * copy_rank) / (1 + weight)
+    gap_rank = percentile_rank(gap)
+    floored = (gap < -tau) & (gap_rank <= share + 1e-9)
+    value = torch.where(floored, gap_rank - 1, before_floor)
+    torch.testing.assert_close(plain.adaptation[b, t].double(), value, rtol=0, atol=1e-6)
+    dropped = torch.zeros(n, dtype=torch.bool)
+    dropped[torch.argsort(value)[:budget]] = True
+    assert (dropped & ~floored).any()  # the budget holds unfloored tokens too
+    order = percentile_rank((before_floor + order_weight * copy_rank) / (1 + order_weight))
+    torch.testing.assert_close(got.adaptation[b, t].double(), torch.where(dropped, order - 1, order),
+                               rtol=0, atol=1e-6)
+    assert torch.equal(~got.mask[b, t], dropped) and torch.equal(got.mask, plain.mask)
+    assert not torch.equal(torch.argsort(got.adaptation[b, t]), torch.argsort(plain.adaptation[b, t]))
+    # where it applies, what it resolves to, and where it is refused
+    assert _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**base), tuned=tuned.state_dict()).cfg \
+        .copy_loss_order_weight == DEFAULT_COPY_LOSS_ORDER_WEIGHT
+    validation = random_batch(90)
+    assert resolve_auto(at.AlphaTokenConfig(selection="sequence"), validation, None).copy_loss_order_weight == 0.0
+    assert resolve_auto(at.AlphaTokenConfig(target="validation"), validation, None).copy_loss_order_weight == 0.0
+    with pytest.raises(ValueError, match='copy_loss_order_weight=1.0 reorders .* selection="batch"'):
+        _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", selection="sequence",
+                                                         copy_loss_order_weight=1.0), tuned=tuned.state_dict())
+    with pytest.raises(ValueError, match='copy_loss_order_weight=1.0 needs the tuned copy of target="tuned"'):
+        _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="validation", copy_loss_order_weight=1.0,
+                                                         loss_gap_floor=math.inf), validation=validation)
+    for bad in (-0.5, float("nan"), math.inf, "1"):
+        with pytest.raises(ValueError, match="copy_loss_order_weight"):
+            at.AlphaTokenConfig(copy_loss_order_weight=bad)
+
+
 def test_the_copy_loss_weight_resolves_with_the_target_and_refuses_what_has_no_copy():
     model = tiny_model("llama", seed=98)
     validation = random_batch(99)
@@ -188,7 +294,7 @@ def test_the_copy_loss_weight_resolves_with_the_target_and_refuses_what_has_no_c
         with pytest.raises(ValueError, match="copy_loss_weight"):
             at.AlphaTokenConfig(copy_loss_weight=bad)
     # off with the gap off too: the copy's forward is not run
-    off = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0,
+    off = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**TUNED, loss_gap_margin=1.0,
                                                            loss_gap_floor=math.inf, copy_loss_weight=0.0),
                  tuned=moved_copy(model, 101).state_dict()).value(validation)
     assert "copy_loss" not in off.parts and "loss_gap" not in off.parts

@@ -19,6 +19,11 @@ from brute import floor_between, forward, nll_per_token
 from models import moved_copy, random_batch, tiny_model
 
 
+# the tuned target with the order inside and outside the drop budget left alone (copy_loss_order_weight, on by
+# default since round 17): these tests hold the floor and the veto to their own formulas
+TUNED = dict(target="tuned", copy_loss_order_weight=0.0)
+
+
 def _quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -66,9 +71,9 @@ def test_the_gap_vetoes_by_rank_and_the_margin_switches_it_off():
     model = tiny_model("llama", seed=64)
     batch = random_batch(65)
     tuned = moved_copy(model, 66).state_dict()
-    with_gap = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=0.05,
+    with_gap = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**TUNED, loss_gap_margin=0.05,
                                                                 loss_gap_floor=math.inf), tuned=tuned).value(batch)
-    without = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0,
+    without = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**TUNED, loss_gap_margin=1.0,
                                                                loss_gap_floor=math.inf), tuned=tuned).value(batch)
     resp = with_gap.response
     first_order = percentile_rank((with_gap.parts["adaptation_direct"] / with_gap.parts["credit_norm_direct"])
@@ -90,10 +95,10 @@ def test_the_floor_ranks_the_tokens_the_copy_rules_out_by_more_than_tau_nats_low
     assert n_negative >= 4  # some tokens the copy makes less likely, so the floor has work to do
     k = n_negative // 2
     tau = floor_between(want_gap, k)
-    floored = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0, loss_gap_floor=tau,
+    floored = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**TUNED, loss_gap_margin=1.0, loss_gap_floor=tau,
                                                                            loss_gap_floor_agree=False),
                      tuned=tuned.state_dict()).value(batch)
-    plain = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0,
+    plain = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**TUNED, loss_gap_margin=1.0,
                                                              loss_gap_floor=math.inf),
                    tuned=tuned.state_dict()).value(batch)
     assert "loss_gap" not in plain.parts  # neither margin nor floor: the gap is not computed
@@ -110,8 +115,9 @@ def test_the_floor_ranks_the_tokens_the_copy_rules_out_by_more_than_tau_nats_low
     assert torch.all(torch.diff(got[below][order]) > 0)  # the most negative gap lowest
     torch.testing.assert_close(plain.adaptation[b, t].double(), first_order, rtol=0, atol=1e-6)
     # with a keep ratio below the floored share, what is dropped is floored, the most negative gap first
-    kept = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0, loss_gap_floor=tau,
-                                                            loss_gap_floor_agree=False, keep_ratio=1 - (k - 1) / want_gap.numel()),
+    kept = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**TUNED, loss_gap_margin=1.0, loss_gap_floor=tau,
+                                                            loss_gap_floor_agree=False,
+                                                            keep_ratio=1 - (k - 1) / want_gap.numel()),
                   tuned=tuned.state_dict()).value(batch).mask[b, t]
     most_negative = torch.zeros_like(below)
     most_negative[torch.argsort(want_gap)[:k - 1]] = True
@@ -126,7 +132,7 @@ def test_the_agreeing_floor_takes_only_the_tokens_whose_first_order_value_is_neg
     tuned = moved_copy(model, 79)
     want_gap, b, t = gap_brute(model, tuned, discover_layers(model), batch)
     assert not at.AlphaTokenConfig().loss_gap_floor_agree  # off by default
-    cfg = at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0, loss_gap_floor=0.0, loss_gap_floor_agree=True,
+    cfg = at.AlphaTokenConfig(**TUNED, loss_gap_margin=1.0, loss_gap_floor=0.0, loss_gap_floor_agree=True,
                               loss_gap_floor_share=1.0)  # every floored token, past the drop budget too
     tv = _quiet(at.AlphaToken, model, cfg, tuned=tuned.state_dict()).value(batch)
     first_order_value = (tv.parts["adaptation_direct"] / tv.parts["credit_norm_direct"])[b, t].double()
@@ -138,7 +144,7 @@ def test_the_agreeing_floor_takes_only_the_tokens_whose_first_order_value_is_neg
     got = tv.adaptation[b, t].double()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert got[agree].max() < got[~agree].min()
-    gap_alone = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=1.0,
+    gap_alone = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**TUNED, loss_gap_margin=1.0,
                                                                  loss_gap_floor=0.0, loss_gap_floor_agree=False,
                                                                  loss_gap_floor_share=1.0),
                        tuned=tuned.state_dict()).value(batch).adaptation[b, t].double()
@@ -152,7 +158,7 @@ def test_the_veto_and_the_agreeing_floor_together_match_the_brute_force_ranks():
     tuned = moved_copy(model, 83)
     want_gap, b, t = gap_brute(model, tuned, discover_layers(model), batch)
     margin = 0.05
-    tv = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(target="tuned", loss_gap_margin=margin, loss_gap_floor=0.0,
+    tv = _quiet(at.AlphaToken, model, at.AlphaTokenConfig(**TUNED, loss_gap_margin=margin, loss_gap_floor=0.0,
                                                           loss_gap_floor_agree=True, loss_gap_floor_share=1.0),
                 tuned=tuned.state_dict()).value(batch)
     first_order_value = (tv.parts["adaptation_direct"] / tv.parts["credit_norm_direct"])[b, t].double()

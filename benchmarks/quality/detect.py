@@ -298,6 +298,18 @@ def alphatoken_rules() -> Dict[str, dict]:
                                                                rank=True, gap=1.0, floor=2.0, copy=w,
                                                                share=0.2 if cap else None)
            for w in (0.0, 1.0) for cap in ("", "cap")},
+        # the capped floor that also asks the copy's own loss (loss_gap_floor_copy_share, round 17): floored only
+        # where rank(−ℓ_t(θ_val)) <= 0.2 too, with Rho-1's reference and with the library's own copy
+        **{f"at_disp{ref}_all_copy0_floor2capcs_direct": dict(target=f"disp_{ref}_all", cosine=True, lam=0.0,
+                                                             gamma=0.0, rank=True, gap=1.0, floor=2.0, share=0.2,
+                                                             copy_share=0.2, copy=0.0)
+           for ref in ("val", "own")},
+        # the mask of those floors, the order inside the dropped and kept sets by the copy's loss fused at w_o
+        # (copy_loss_order_weight, round 17): the same tokens dropped at keep 0.8, a different order
+        **{f"at_disp{ref}_all_copy0_floor2cap{cs}_order{w:g}_direct": dict(
+            target=f"disp_{ref}_all", cosine=True, lam=0.0, gamma=0.0, rank=True, gap=1.0, floor=2.0, share=0.2,
+            copy_share=0.2 if cs else None, copy=0.0, order_copy=w)
+           for ref in ("val", "own") for cs in ("", "cs") for w in (0.5, 1.0)},
         "at_dispown_all_copy1_direct": dict(target="disp_own_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
                                             gap=1.0, floor=math.inf, copy=1.0),
         "at_dispval_all_copy1_agree3_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
@@ -326,7 +338,8 @@ def apply_rule(tv, rule: dict) -> torch.Tensor:
                           combine="rank" if rule.get("rank") else "linear", loss_gap_margin=rule.get("gap"),
                           loss_gap_floor=rule.get("floor"), loss_gap_floor_agree=rule.get("agree", False),
                           loss_gap_floor_order=rule.get("order", "gap"), loss_gap_floor_share=rule.get("share"),
-                          copy_loss_weight=rule.get("copy", 0.0))
+                          loss_gap_floor_copy_share=rule.get("copy_share"), copy_loss_weight=rule.get("copy", 0.0),
+                          copy_loss_order_weight=rule.get("order_copy", 0.0), keep_ratio=0.8, selection="batch")
     total_flat = combine_paths(parts, cfg, _rms)["total"]
     out = torch.zeros(resp.shape, dtype=torch.float64)
     out[resp] = total_flat.double()

@@ -2,7 +2,8 @@
 
 For each world and seed (as detect.py builds them: the same references, Fisher and batches), at θ₀ and after the
 short SFT, saves per scoring batch: the response and noise masks, ℓ_t(θ), the Rho-1 gaps against the validation
-and clean copies, and the tuned target's parts over every layer (`disp_val_all` in detect.py).
+and clean copies, and the tuned target's parts over every layer (`disp_val_all` in detect.py; with `--copy own`,
+valued with the copy the library tunes itself, as the `at_dispown_*` rules are).
 
     python benchmarks/quality/out_r12/dump_parts.py --worlds toy-add,toy-copy,toy-reverse --seeds 0 1 2 --out DIR
 """
@@ -45,7 +46,8 @@ def rule_config(**fields):
     cosine rule, ranks; no veto, floor or copy loss unless `fields` set them, as AlphaTokenConfig names them)."""
     base = dict(causal_weight=0.0, stability_weight=0.0, cosine=True, normalize=False, combine="rank",
                 loss_gap_margin=1.0, loss_gap_floor=math.inf, loss_gap_floor_agree=False, loss_gap_floor_order="gap",
-                loss_gap_floor_share=1.0, copy_loss_weight=0.0)
+                loss_gap_floor_share=1.0, loss_gap_floor_copy_share=1.0, copy_loss_weight=0.0,
+                copy_loss_order_weight=0.0, keep_ratio=0.8, selection="batch")
     return SimpleNamespace(**{**base, **fields})
 
 
@@ -60,6 +62,9 @@ def main():
     ap.add_argument("--worlds", default="toy-add,toy-copy,toy-reverse")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--copy", choices=("val", "own"), default="val",
+                    help="the valuer's tuned copy: Rho-1's validation reference (the benchmark's rows) or the copy "
+                         "the library tunes itself (detect.own_copy, the at_dispown_* rules)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +82,7 @@ def main():
                 records = []
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    valuer = at.AlphaToken(world.model, cfg, fisher=fisher, reference=theta0, tuned=refs["val"])
+                    valuer = at.AlphaToken(world.model, cfg, fisher=fisher, reference=theta0, tuned=refs[a.copy])
                     try:
                         for batch in world.batches:
                             b = D._strip(batch)

@@ -121,8 +121,13 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
             x = rows[key]
             rows[key] = torch.where((x == 0).all(), torch.zeros_like(x), rank(x))
         copy_loss, copy_weight = parts.get("copy_loss"), getattr(cfg, "copy_loss_weight", None) or 0.0
-        if copy_loss is not None and copy_weight > 0:  # the tuned copy's own loss, rank-fused (§3.11)
-            rows["adaptation"] = (rows["adaptation"] + copy_weight * rank(-copy_loss)) / (1 + copy_weight)
+        copy_share = getattr(cfg, "loss_gap_floor_copy_share", None)
+        order_weight = getattr(cfg, "copy_loss_order_weight", None) or 0.0
+        asks_copy = copy_weight > 0 or order_weight > 0 or (copy_share is not None and copy_share < 1)
+        # rank(−ℓ_t(θ_val)) once for every rule that reads it: under global selection a rank gathers every rank's values
+        copy_rank = rank(-copy_loss) if copy_loss is not None and asks_copy else None
+        if copy_rank is not None and copy_weight > 0:  # the tuned copy's own loss, rank-fused (§3.11)
+            rows["adaptation"] = (rows["adaptation"] + copy_weight * copy_rank) / (1 + copy_weight)
         before_floor = rows["adaptation"]
         gap = parts.get("loss_gap")  # the tuned copy's exact gap (§3.10): a rank veto and / or a floor in nats
         margin, floor = getattr(cfg, "loss_gap_margin", None), getattr(cfg, "loss_gap_floor", None)
@@ -137,19 +142,17 @@ def combine_paths(parts: dict, cfg, rms: Callable[[torch.Tensor], torch.Tensor],
                 share = getattr(cfg, "loss_gap_floor_share", None)
                 if share is not None and share < 1:  # only the drop budget's most negative gaps (§3.10, round 16)
                     below = below & (gap_rank <= share + 1e-9)
-                copy_share = getattr(cfg, "loss_gap_floor_copy_share", None)
-                if copy_share is not None and copy_share < 1 and copy_loss is not None:  # the copy's loss agrees
-                    below = below & (rank(-copy_loss) <= copy_share + 1e-9)
+                if copy_share is not None and copy_share < 1 and copy_rank is not None:  # the copy's loss agrees
+                    below = below & (copy_rank <= copy_share + 1e-9)
                 if getattr(cfg, "loss_gap_floor_agree", False):  # the first-order value must say so too
                     below = below & (adaptation_value < 0)
                 by_value = getattr(cfg, "loss_gap_floor_order", "gap") == "value"
                 floored_key = rows["adaptation"] if by_value else gap_rank
                 rows["adaptation"] = torch.where(below, floored_key - 1, rows["adaptation"])
-        order_weight = getattr(cfg, "copy_loss_order_weight", None) or 0.0
-        if copy_loss is not None and order_weight > 0 and getattr(cfg, "selection", None) == "batch":
+        if copy_rank is not None and order_weight > 0 and getattr(cfg, "selection", None) == "batch":
             # the order inside the dropped set and inside the kept set (§3.12); which tokens are dropped stays
             dropped = rank(rows["adaptation"]) <= 1.0 - cfg.keep_ratio + 1e-9
-            order = rank((before_floor + order_weight * rank(-copy_loss)) / (1 + order_weight))
+            order = rank((before_floor + order_weight * copy_rank) / (1 + order_weight))
             rows["adaptation"] = torch.where(dropped, order - 1, order)
         rows["total"] = rows["adaptation"] + lam * rows["stability"]
     return rows

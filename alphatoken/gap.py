@@ -29,12 +29,17 @@ from .layers import TrackedLayer
 from .own import module_weights, response_nll
 
 
+def orders_by_copy_loss(cfg) -> bool:
+    """Whether the (resolved) config reorders each side of the drop budget by the copy's loss (a positive
+    copy_loss_order_weight, §3.12)."""
+    return (getattr(cfg, "copy_loss_order_weight", 0.0) or 0.0) > 0
+
+
 def uses_loss_gap(cfg) -> bool:
     """Whether the (resolved) config reads the tuned copy's forward: a margin below 1, a finite floor, or a
     positive copy_loss_weight (§3.11) or copy_loss_order_weight (§3.12)."""
     return (cfg.loss_gap_margin < 1 or math.isfinite(cfg.loss_gap_floor)
-            or (getattr(cfg, "copy_loss_weight", 0.0) or 0.0) > 0
-            or (getattr(cfg, "copy_loss_order_weight", 0.0) or 0.0) > 0)
+            or (getattr(cfg, "copy_loss_weight", 0.0) or 0.0) > 0 or orders_by_copy_loss(cfg))
 
 
 def check_loss_gap(cfg) -> None:
@@ -53,7 +58,7 @@ def check_loss_gap(cfg) -> None:
     if cfg.combine != "rank":
         raise ValueError(f"{setting} ranks the tokens: it needs combine=\"rank\" (the gap is in nats, the "
                          f"first-order value in the cosine rule's units); set {off} with combine=\"linear\"")
-    if (getattr(cfg, "copy_loss_order_weight", 0.0) or 0.0) > 0 and cfg.selection != "batch":
+    if orders_by_copy_loss(cfg) and cfg.selection != "batch":
         raise ValueError(f"copy_loss_order_weight={cfg.copy_loss_order_weight} reorders the tokens inside and outside "
                          f"the drop budget of selection=\"batch\" (this config has selection={cfg.selection!r}); "
                          f"set copy_loss_order_weight=0")

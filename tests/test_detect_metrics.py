@@ -40,3 +40,36 @@ def test_every_detect_valuation_computes_the_parts_its_rules_weigh():
         settled = resolve_auto(cfg, validation={"input_ids": None}, fisher=None)
         assert settled.paths == "full" and settled.stability_weight == 0.5, name
         assert settled.direct_layers == ("all" if name.endswith("_all") else "head"), name
+
+
+def test_the_defaults_rule_is_the_librarys_defaults_valued_at_each_keep_ratio():
+    """The benchmark's defaults row (`at_dispval_all_copy0_floor2cap_order1_direct`) must be what the library's
+    resolved defaults give at every keep ratio it reports: the floor's cap and the order's drop budget both follow
+    keep_ratio, so the precision / recall at keep 0.6 is read from values at 0.6, not from keep 0.8's."""
+    from types import SimpleNamespace
+
+    from detect import KEEP_RATIOS, _rms, alphatoken_rules, apply_rule, keep_dependent
+    from alphatoken.combine import combine_paths
+    from alphatoken.config import AlphaTokenConfig
+    from alphatoken.targets import resolve_auto
+
+    rule = alphatoken_rules()["at_dispval_all_copy0_floor2cap_order1_direct"]
+    assert keep_dependent(rule) and not keep_dependent(alphatoken_rules()["at_dispval_all_gap_direct"])
+    g = torch.Generator().manual_seed(7)
+    shape = (4, 12)
+    response = torch.rand(shape, generator=g) < 0.85
+    parts = {"adaptation_direct": torch.randn(shape, generator=g, dtype=torch.float64),
+             "stability_direct": torch.randn(shape, generator=g, dtype=torch.float64),
+             "credit_norm_direct": torch.rand(shape, generator=g, dtype=torch.float64) + 0.1,
+             "loss_gap": 3 * torch.randn(shape, generator=g, dtype=torch.float64),  # a share below the floor, −2
+             "copy_loss": 4 * torch.rand(shape, generator=g, dtype=torch.float64)}
+    for path in ("adaptation", "stability", "credit_norm"):  # the direct path only, as paths="direct" values
+        parts[f"{path}_causal"] = torch.zeros(shape, dtype=torch.float64)
+    tv = SimpleNamespace(response=response, parts=parts)
+    values = {}
+    for keep in KEEP_RATIOS:
+        library = resolve_auto(AlphaTokenConfig(keep_ratio=keep), validation={"input_ids": None}, fisher=None)
+        expected = combine_paths({k: v[response] for k, v in parts.items()}, library, _rms)["total"]
+        values[keep] = apply_rule(tv, rule, keep)
+        assert torch.allclose(values[keep][response], expected.double(), atol=1e-12), keep
+    assert not torch.equal(values[KEEP_RATIOS[0]], values[KEEP_RATIOS[1]])

@@ -5,7 +5,9 @@ systematic wrong spans). For every scorer, on the noisy training set:
 
 * AUROC of −score for "this token is noise" (1.0: every noise token scores below every clean one; 0.5: chance),
   computed within each scoring batch (selection compares tokens within a batch) and averaged over batches;
-* precision and recall of the dropped set at keep 0.8 and 0.6 (batch-level top-k selection, as training uses);
+* precision and recall of the dropped set at keep 0.8 and 0.6 (batch-level top-k selection, as training uses; a
+  rule whose values depend on the keep ratio, the floor capped at the drop budget or the copy's-loss order, is
+  valued again at 0.6, as the library would value the batch with keep_ratio=0.6; its AUROC reads keep 0.8's values);
 
 at θ₀ (the pre-trained model) and after a short full SFT on the noisy data. Worlds:
 
@@ -51,7 +53,8 @@ from alphatoken.scorers import token_entropies, token_losses
 from alphatoken.select import select_local
 
 HERE = Path(__file__).resolve().parent
-KEEP_RATIOS = (0.8, 0.6)
+KEEP_RATIOS = (0.8, 0.6)  # the first is the library's default keep_ratio: the AUROC reads the values scored at it
+BUDGET = "budget"  # a rule's floor share equal to the drop budget, 1 − keep_ratio (loss_gap_floor_share=None)
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -288,26 +291,26 @@ def alphatoken_rules() -> Dict[str, dict]:
         # the copy's loss weighted twice (round 15) and three times (round 16) the first-order value, without the floor
         **{f"at_dispval_all_copy{w:g}_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
                                                    gap=1.0, floor=math.inf, copy=w) for w in (2.0, 3.0)},
-        # the floor capped at the drop budget of keep 0.8 (loss_gap_floor_share, the default since round 16): only the
-        # 20 % most negative gaps are floored; past them the floor decided nothing in selection
+        # the floor capped at the drop budget (loss_gap_floor_share, the default since round 16): only the 1 − keep
+        # most negative gaps are floored; past them the floor decided nothing in selection
         **{f"at_dispval_all_copy{w:g}_floor2cap_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0,
-                                                             rank=True, gap=1.0, floor=2.0, share=0.2, copy=w)
+                                                             rank=True, gap=1.0, floor=2.0, share=BUDGET, copy=w)
            for w in (0.0, 1.0)},
         # the library's defaults end to end: the copy it tunes itself (own_copy) instead of Rho-1's reference (round 16)
         **{f"at_dispown_all_copy{w:g}_floor2{cap}_direct": dict(target="disp_own_all", cosine=True, lam=0.0, gamma=0.0,
                                                                rank=True, gap=1.0, floor=2.0, copy=w,
-                                                               share=0.2 if cap else None)
+                                                               share=BUDGET if cap else None)
            for w in (0.0, 1.0) for cap in ("", "cap")},
         # the capped floor that also asks the copy's own loss (loss_gap_floor_copy_share, round 17): floored only
         # where rank(−ℓ_t(θ_val)) <= 0.2 too, with Rho-1's reference and with the library's own copy
         **{f"at_disp{ref}_all_copy0_floor2capcs_direct": dict(target=f"disp_{ref}_all", cosine=True, lam=0.0,
-                                                             gamma=0.0, rank=True, gap=1.0, floor=2.0, share=0.2,
+                                                             gamma=0.0, rank=True, gap=1.0, floor=2.0, share=BUDGET,
                                                              copy_share=0.2, copy=0.0)
            for ref in ("val", "own")},
         # the mask of those floors, the order inside the dropped and kept sets by the copy's loss fused at w_o
-        # (copy_loss_order_weight, round 17): the same tokens dropped at keep 0.8, a different order
+        # (copy_loss_order_weight, round 17): the same tokens dropped at each keep ratio, a different order
         **{f"at_disp{ref}_all_copy0_floor2cap{cs}_order{w:g}_direct": dict(
-            target=f"disp_{ref}_all", cosine=True, lam=0.0, gamma=0.0, rank=True, gap=1.0, floor=2.0, share=0.2,
+            target=f"disp_{ref}_all", cosine=True, lam=0.0, gamma=0.0, rank=True, gap=1.0, floor=2.0, share=BUDGET,
             copy_share=0.2 if cs else None, copy=0.0, order_copy=w)
            for ref in ("val", "own") for cs in ("", "cs") for w in (0.5, 1.0)},
         "at_dispown_all_copy1_direct": dict(target="disp_own_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
@@ -322,24 +325,43 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return x.double().pow(2).mean().sqrt().to(x.dtype) if x.numel() else x.new_zeros(())
 
 
-def apply_rule(tv, rule: dict) -> torch.Tensor:
-    """(B, T) total of the parts in `tv` under `rule` (0 outside the response)."""
+def combine_config(**fields) -> SimpleNamespace:
+    """The fields `combine_paths` reads, as AlphaTokenConfig names them, resolved: the veto, floor, copy's loss and
+    order off and keep 0.8 under batch selection unless `fields` set them (causal_weight, stability_weight, cosine,
+    normalize and combine have no default: each rule says them)."""
+    off = dict(loss_gap_margin=1.0, loss_gap_floor=math.inf, loss_gap_floor_agree=False, loss_gap_floor_order="gap",
+               loss_gap_floor_share=1.0, loss_gap_floor_copy_share=1.0, copy_loss_weight=0.0,
+               copy_loss_order_weight=0.0, keep_ratio=KEEP_RATIOS[0], selection="batch")
+    return SimpleNamespace(**{**off, **fields})
+
+
+def keep_dependent(rule: dict) -> bool:
+    """Whether the rule's values depend on the keep ratio: a floor capped at the drop budget, or the copy's-loss order
+    (copy_loss_order_weight) on each side of it; such a rule is scored at each of KEEP_RATIOS, as the library
+    would value the batch at that keep_ratio."""
+    return rule.get("share") == BUDGET or (rule.get("order_copy") or 0.0) > 0
+
+
+def apply_rule(tv, rule: dict, keep_ratio: float = KEEP_RATIOS[0]) -> torch.Tensor:
+    """(B, T) total of the parts in `tv` under `rule` at `keep_ratio` (0 outside the response)."""
     resp = tv.response
     parts = {k: v[resp] for k, v in tv.parts.items()}
     if rule.get("adapt_weight") is not None:
         parts["adaptation_direct"] = parts["adaptation_direct"] * rule["adapt_weight"]
         parts["adaptation_causal"] = parts["adaptation_causal"] * rule["adapt_weight"]
     n = parts["adaptation_direct"].numel()
+    share = rule.get("share")
     if rule.get("leave_one_out"):
         parts["adaptation_direct"] = parts["adaptation_direct"] - parts["credit_norm_direct"] ** 2 / n
         parts["adaptation_causal"] = parts["adaptation_causal"] - parts["credit_norm_causal"] ** 2 / n
-    cfg = SimpleNamespace(causal_weight=rule.get("gamma", 1.0), stability_weight=rule.get("lam", 1.0),
-                          cosine=rule.get("cosine", False), normalize=rule.get("normalize", False),
-                          combine="rank" if rule.get("rank") else "linear", loss_gap_margin=rule.get("gap"),
-                          loss_gap_floor=rule.get("floor"), loss_gap_floor_agree=rule.get("agree", False),
-                          loss_gap_floor_order=rule.get("order", "gap"), loss_gap_floor_share=rule.get("share"),
-                          loss_gap_floor_copy_share=rule.get("copy_share"), copy_loss_weight=rule.get("copy", 0.0),
-                          copy_loss_order_weight=rule.get("order_copy", 0.0), keep_ratio=0.8, selection="batch")
+    cfg = combine_config(causal_weight=rule.get("gamma", 1.0), stability_weight=rule.get("lam", 1.0),
+                         cosine=rule.get("cosine", False), normalize=rule.get("normalize", False),
+                         combine="rank" if rule.get("rank") else "linear", loss_gap_margin=rule.get("gap"),
+                         loss_gap_floor=rule.get("floor"), loss_gap_floor_agree=rule.get("agree", False),
+                         loss_gap_floor_order=rule.get("order", "gap"),
+                         loss_gap_floor_share=1 - keep_ratio if share == BUDGET else share,
+                         loss_gap_floor_copy_share=rule.get("copy_share"), copy_loss_weight=rule.get("copy", 0.0),
+                         copy_loss_order_weight=rule.get("order_copy", 0.0), keep_ratio=keep_ratio)
     total_flat = combine_paths(parts, cfg, _rms)["total"]
     out = torch.zeros(resp.shape, dtype=torch.float64)
     out[resp] = total_flat.double()
@@ -383,10 +405,12 @@ def valuer_configs(tracked_layers) -> Dict[str, AlphaTokenConfig]:
 
 
 def score_world(world: World, stage: str, references: Dict[str, object], fisher, theta0_state, seed: int,
-                rules: Dict[str, dict]) -> Dict[str, List[torch.Tensor]]:
-    """{scorer: [(B, T) score per batch]} for the world's current model."""
+                rules: Dict[str, dict]):
+    """({scorer: [(B, T) score per batch]}, {rule: {keep: [(B, T) score per batch]}}) for the world's current model:
+    every score at KEEP_RATIOS[0], and each keep-dependent rule (`keep_dependent`) again at the other keep ratios."""
     model = world.model
     out: Dict[str, List[torch.Tensor]] = {}
+    rescored: Dict[str, Dict[float, List[torch.Tensor]]] = {}
     gen = torch.Generator().manual_seed(seed)
 
     def add(name, score):
@@ -437,23 +461,31 @@ def score_world(world: World, stage: str, references: Dict[str, object], fisher,
                 if rule["target"] not in tvs:
                     continue
                 add(name, fused_rule(tvs, rule) if "also" in rule else apply_rule(tvs[rule["target"]], rule))
+                if keep_dependent(rule):
+                    for keep in KEEP_RATIOS[1:]:
+                        rescored.setdefault(name, {}).setdefault(keep, []).append(
+                            apply_rule(tvs[rule["target"]], rule, keep).double().cpu())
     finally:
         for v in valuers.values():
             v.close()
-    return out
+    return out, rescored
 
 
-def metrics(world: World, scores: Dict[str, List[torch.Tensor]]) -> Dict[str, dict]:
+def metrics(world: World, scores: Dict[str, List[torch.Tensor]],
+            rescored: Optional[Dict[str, Dict[float, List[torch.Tensor]]]] = None) -> Dict[str, dict]:
+    """Per scorer: the AUROC of its scores (mean over batches) and the precision / recall of the set it drops at
+    each of KEEP_RATIOS, read from its `rescored` values at that keep ratio where it has them."""
     out = {}
     for name, per_batch in scores.items():
         aucs, pr = [], {k: [] for k in KEEP_RATIOS}
-        for batch, score in zip(world.batches, per_batch):
+        for i, (batch, score) in enumerate(zip(world.batches, per_batch)):
             resp = batch["labels"] != -100
             resp[:, 0] = False
             noise = batch["noise"] & resp
             aucs.append(auroc(-score[resp], noise[resp]))
             for keep in KEEP_RATIOS:
-                pr[keep].append(drop_precision_recall(score, resp, noise, keep))
+                at_keep = (rescored or {}).get(name, {}).get(keep)
+                pr[keep].append(drop_precision_recall(score if at_keep is None else at_keep[i], resp, noise, keep))
         row = {"auroc": sum(aucs) / len(aucs)}
         for keep in KEEP_RATIOS:
             row[f"precision@{keep}"] = sum(p for p, _ in pr[keep]) / len(pr[keep])
@@ -531,8 +563,8 @@ def run_world(name: str, seed: int, args, writer) -> None:
             world.finetune(world.model, "noisy")
             world.model.eval()
         t1 = time.perf_counter()
-        scores = score_world(world, stage, references, fisher, theta0, seed, rules)
-        result = metrics(world, scores)
+        scores, rescored = score_world(world, stage, references, fisher, theta0, seed, rules)
+        result = metrics(world, scores, rescored)
         noise_share = float(sum(int((b["noise"] & (b["labels"] != -100)).sum()) for b in world.batches) /
                             sum(int((b["labels"] != -100).sum()) for b in world.batches))
         for scorer, row in result.items():

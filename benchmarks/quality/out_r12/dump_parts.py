@@ -8,11 +8,9 @@ valued with the copy the library tunes itself, as the `at_dispown_*` rules are).
     python benchmarks/quality/out_r12/dump_parts.py --worlds toy-add,toy-copy,toy-reverse --seeds 0 1 2 --out DIR
 """
 import argparse
-import math
 import sys
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -27,7 +25,8 @@ from alphatoken.scorers import token_losses  # noqa: E402
 def read_dumps(pattern: str):
     """Per file saved by this script (sorted by path): (world, stage, batches), each batch a dict with its `record`,
     the (B, T) masks `response`, `scored` (response tokens but the first) and `noise` (scored noise tokens), and
-    `parts`: the valuer's parts on the response tokens plus `gap_clean`, the gap to the oracle's clean copy."""
+    `parts`: the valuer's parts on the response tokens plus `gap_clean`, the gap to the oracle's clean copy, and
+    `loss`, ℓ_t(θ)."""
     import glob
     for path in sorted(glob.glob(pattern)):
         world, _, stage = Path(path).stem.rsplit("_", 2)
@@ -36,6 +35,7 @@ def read_dumps(pattern: str):
             resp, scored = record["response"], record["scored"]
             parts = {k: v[resp] for k, v in record["parts"].items()}
             parts["gap_clean"] = record["gap_clean"][resp]
+            parts["loss"] = record["loss"][resp]
             batches.append({"record": record, "response": resp, "scored": scored, "noise": record["noise"] & scored,
                             "parts": parts})
         yield world, stage, batches
@@ -44,11 +44,8 @@ def read_dumps(pattern: str):
 def rule_config(**fields):
     """The combine fields of the tuned rules read from these files (the direct path over every layer, λ 0, the
     cosine rule, ranks; no veto, floor or copy loss unless `fields` set them, as AlphaTokenConfig names them)."""
-    base = dict(causal_weight=0.0, stability_weight=0.0, cosine=True, normalize=False, combine="rank",
-                loss_gap_margin=1.0, loss_gap_floor=math.inf, loss_gap_floor_agree=False, loss_gap_floor_order="gap",
-                loss_gap_floor_share=1.0, loss_gap_floor_copy_share=1.0, copy_loss_weight=0.0,
-                copy_loss_order_weight=0.0, keep_ratio=0.8, selection="batch")
-    return SimpleNamespace(**{**base, **fields})
+    return D.combine_config(**{**dict(causal_weight=0.0, stability_weight=0.0, cosine=True, normalize=False,
+                                      combine="rank"), **fields})
 
 
 def library_rule(**fields):

@@ -45,45 +45,69 @@ def first_of_runs(noise):
     return noise & ~before
 
 
-def main(pattern: str):
+def score_rules(pattern: str, rules: dict, drop_over: str = "scored"):
+    """({(world, stage, rule): [AUROC per seed]}, {(world, stage, rule): tally}) over the dumps `pattern` names: the
+    AUROC of −value for noise per batch (on the scored tokens, as detect.py does), mean over a file's batches; the
+    tally sums over batches [noise dropped, noise, first tokens of runs dropped, first tokens, clean dropped, clean]
+    at keep KEEP, the lowest 1 − KEEP of the `drop_over` tokens ("scored", or "response": the library's budget)
+    dropped."""
     aurocs = collections.defaultdict(list)
-    drops = collections.defaultdict(lambda: [0] * 6)  # noise dropped, noise, first dropped, first, clean dropped, clean
+    drops = collections.defaultdict(lambda: [0] * 6)
     for world, stage, batches in read_dumps(pattern):
         per_rule = collections.defaultdict(list)
         for batch in batches:
             resp, scored, noise, parts = batch["response"], batch["scored"], batch["noise"], batch["parts"]
             first = first_of_runs(batch["record"]["noise"]) & scored
-            for name, rule in RULES.items():
+            pool = scored if drop_over == "scored" else resp
+            for name, rule in rules.items():
                 value = torch.zeros(resp.shape, dtype=torch.float64)
                 value[resp] = rule(parts).double()
                 per_rule[name].append(auroc(-value[scored], noise[scored]))
-                n_drop = int((1 - KEEP) * int(scored.sum()))
-                dropped = torch.zeros_like(scored)
+                n_drop = int((1 - KEEP) * int(pool.sum()))
+                dropped = torch.zeros_like(pool)
                 if n_drop:
-                    cut = torch.sort(value[scored]).values[n_drop - 1]
-                    dropped = scored & (value <= cut)
+                    cut = torch.sort(value[pool]).values[n_drop - 1]
+                    dropped = pool & (value <= cut)
                 tally = drops[(world, stage, name)]
                 for i, x in enumerate(((dropped & noise).sum(), noise.sum(), (dropped & first).sum(), first.sum(),
-                                       (dropped & ~noise).sum(), (scored & ~noise).sum())):
+                                       (dropped & scored & ~noise).sum(), (scored & ~noise).sum())):
                     tally[i] += int(x)
         for name, values in per_rule.items():
             aurocs[(world, stage, name)].append(statistics.mean(values))
-    columns = sorted({(w, s) for w, s, _ in aurocs}, key=lambda c: (c[0], c[1] != "theta0"))
-    head = " | ".join(f"{w.split('-', 1)[1]} {'θ₀' if s == 'theta0' else 'SFT'}" for w, s in columns)
-    n_seeds = len(aurocs[columns[0] + (next(iter(RULES)),)])
+    return aurocs, drops
+
+
+def columns_of(aurocs) -> list:
+    """The (world, stage) columns of `score_rules`' AUROCs, each world's θ₀ before its SFT."""
+    return sorted({(w, s) for w, s, _ in aurocs}, key=lambda c: (c[0], c[1] != "theta0"))
+
+
+def print_aurocs(aurocs, rules, columns, head: str) -> None:
+    n_seeds = len(aurocs[columns[0] + (next(iter(rules)),)])
     print(f"AUROC of −value for noise, mean over seeds ({n_seeds} in the first column)")
     print(f"| rule | {head} | mean |\n" + "|---" * (len(columns) + 2) + "|")
-    for name in RULES:
+    for name in rules:
         values = [statistics.mean(aurocs[c + (name,)]) for c in columns]
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {statistics.mean(values):.3f} |")
+
+
+def print_drops(drops, rules, columns, head: str) -> None:
     print(f"\nDropped at keep {KEEP}: noise / first tokens of noise runs / clean (shares of each)")
     print(f"| rule | {head} |\n" + "|---" * (len(columns) + 1) + "|")
-    for name in RULES:
+    for name in rules:
         cells = []
         for c in columns:
             t = drops[c + (name,)]
             cells.append(f"{t[0] / t[1]:.2f} / {t[2] / max(t[3], 1):.2f} / {t[4] / t[5]:.3f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def main(pattern: str):
+    aurocs, drops = score_rules(pattern, RULES)
+    columns = columns_of(aurocs)
+    head = " | ".join(f"{w.split('-', 1)[1]} {'θ₀' if s == 'theta0' else 'SFT'}" for w, s in columns)
+    print_aurocs(aurocs, RULES, columns, head)
+    print_drops(drops, RULES, columns, head)
 
 
 if __name__ == "__main__":

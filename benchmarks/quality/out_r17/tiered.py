@@ -11,7 +11,6 @@ scorers alone (BASELINES) and the defaults. The rows named "library: ..." are th
     python benchmarks/quality/out_r12/dump_parts.py --worlds real-capitals,real-reverse --seeds 0 1 --out DIR
     python benchmarks/quality/out_r17/tiered.py 'DIR/*.pt'
 """
-import collections
 import statistics
 import sys
 from pathlib import Path
@@ -20,12 +19,10 @@ import torch
 
 QUAL = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(QUAL))
-from detect import auroc  # noqa: E402
 from alphatoken.combine import percentile_rank  # noqa: E402
-from out_r12.dump_parts import library_rule, read_dumps  # noqa: E402
-from out_r16.floor_share import first_of_runs  # noqa: E402
+from out_r12.dump_parts import library_rule  # noqa: E402
+from out_r16.floor_share import KEEP, columns_of, print_aurocs, print_drops, score_rules  # noqa: E402
 
-KEEP = 0.8
 DEFAULTS = library_rule(loss_gap_floor=2.0, loss_gap_floor_share=1 - KEEP)
 
 
@@ -108,37 +105,10 @@ RULES = {
 
 
 def main(pattern: str):
-    aurocs = collections.defaultdict(list)
-    drops = collections.defaultdict(lambda: [0] * 6)  # noise dropped, noise, first dropped, first, clean dropped, clean
-    for world, stage, batches in read_dumps(pattern):
-        per_rule = collections.defaultdict(list)
-        for batch in batches:
-            resp, scored, noise, parts = batch["response"], batch["scored"], batch["noise"], batch["parts"]
-            parts = {**parts, "loss": batch["record"]["loss"][resp]}
-            for name, rule in RULES.items():
-                value = torch.zeros(resp.shape, dtype=torch.float64)
-                value[resp] = rule(parts).double()
-                per_rule[name].append(auroc(-value[scored], noise[scored]))
-                n_drop = int((1 - KEEP) * int(resp.sum()))
-                dropped = torch.zeros_like(resp)
-                if n_drop:
-                    cut = torch.sort(value[resp]).values[n_drop - 1]
-                    dropped = resp & (value <= cut)
-                first = first_of_runs(batch["record"]["noise"]) & scored
-                tally = drops[(world, stage, name)]
-                for i, x in enumerate(((dropped & noise).sum(), noise.sum(), (dropped & first).sum(), first.sum(),
-                                       (dropped & scored & ~noise).sum(), (scored & ~noise).sum())):
-                    tally[i] += int(x)
-        for name, values in per_rule.items():
-            aurocs[(world, stage, name)].append(statistics.mean(values))
-    columns = sorted({(w, s) for w, s, _ in aurocs}, key=lambda c: (c[0], c[1] != "theta0"))
+    aurocs, drops = score_rules(pattern, RULES, drop_over="response")
+    columns = columns_of(aurocs)
     head = " | ".join(f"{w.replace('-', ' ')} {'θ₀' if s == 'theta0' else 'SFT'}" for w, s in columns)
-    n_seeds = len(aurocs[columns[0] + (next(iter(RULES)),)])
-    print(f"AUROC of −value for noise, mean over seeds ({n_seeds} in the first column)")
-    print(f"| rule | {head} | mean |\n" + "|---" * (len(columns) + 2) + "|")
-    for name in RULES:
-        values = [statistics.mean(aurocs[c + (name,)]) for c in columns]
-        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {statistics.mean(values):.3f} |")
+    print_aurocs(aurocs, RULES, columns, head)
     print("\nPaired over seeds against the best baseline of each column (Δ ± standard error)")
     print(f"| rule | {head} |\n" + "|---" * (len(columns) + 1) + "|")
     best = {c: max(BASELINES, key=lambda b: statistics.mean(aurocs[c + (b,)])) for c in columns}
@@ -152,14 +122,7 @@ def main(pattern: str):
             cells.append(f"{statistics.mean(d):+.3f} ± {se:.3f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("| (best baseline) | " + " | ".join(best[c] for c in columns) + " |")
-    print(f"\nDropped at keep {KEEP}: noise / first tokens of noise runs / clean (shares of each)")
-    print(f"| rule | {head} |\n" + "|---" * (len(columns) + 1) + "|")
-    for name in RULES:
-        cells = []
-        for c in columns:
-            t = drops[c + (name,)]
-            cells.append(f"{t[0] / t[1]:.2f} / {t[2] / max(t[3], 1):.2f} / {t[4] / t[5]:.3f}")
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    print_drops(drops, RULES, columns, head)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,12 @@ from .tokens import nll_with_graph
 from .tuned import TunedDirections, tuned_anchor
 
 
+def default_floor_share(keep_ratio: float, selection: str) -> float:
+    """loss_gap_floor_share=None resolved: the drop budget 1 − keep_ratio under selection="batch"; 1.0 (no cap)
+    under "sequence" and "threshold", which have no batch budget (§3.10)."""
+    return 1.0 - keep_ratio if selection == "batch" else 1.0
+
+
 def resolve_auto(cfg, validation, fisher, retention=None, sharded: bool = False, stacklevel: int = 3):
     """The config with every automatic field settled (DESIGN §3.5):
 
@@ -76,7 +82,7 @@ def resolve_auto(cfg, validation, fisher, retention=None, sharded: bool = False,
         floor = DEFAULT_LOSS_GAP_FLOOR if target == "tuned" and cfg.combine == "rank" else math.inf
     share = cfg.loss_gap_floor_share
     if share is None:
-        share = 1.0 - cfg.keep_ratio if cfg.selection == "batch" else 1.0
+        share = default_floor_share(cfg.keep_ratio, cfg.selection)
     copy_share = 1.0 if cfg.loss_gap_floor_copy_share is None else cfg.loss_gap_floor_copy_share
     order_weight = cfg.copy_loss_order_weight
     if order_weight is None:

@@ -51,10 +51,11 @@ from alphatoken.combine import combine_paths, percentile_rank
 from alphatoken.config import AlphaTokenConfig
 from alphatoken.scorers import token_entropies, token_losses
 from alphatoken.select import select_local
+from alphatoken.targets import default_floor_share
 
 HERE = Path(__file__).resolve().parent
 KEEP_RATIOS = (0.8, 0.6)  # the first is the library's default keep_ratio: the AUROC reads the values scored at it
-BUDGET = "budget"  # a rule's floor share equal to the drop budget, 1 − keep_ratio (loss_gap_floor_share=None)
+BUDGET = "budget"  # a rule's floor share as loss_gap_floor_share=None resolves it: the drop budget, 1 − keep_ratio
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -291,8 +292,8 @@ def alphatoken_rules() -> Dict[str, dict]:
         # the copy's loss weighted twice (round 15) and three times (round 16) the first-order value, without the floor
         **{f"at_dispval_all_copy{w:g}_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0, rank=True,
                                                    gap=1.0, floor=math.inf, copy=w) for w in (2.0, 3.0)},
-        # the floor capped at the drop budget (loss_gap_floor_share, the default since round 16): only the 1 − keep
-        # most negative gaps are floored; past them the floor decided nothing in selection
+        # the floor capped at the drop budget (loss_gap_floor_share, the default since round 16): only the budget's
+        # most negative gaps are floored; past them the floor decides nothing in selection
         **{f"at_dispval_all_copy{w:g}_floor2cap_direct": dict(target="disp_val_all", cosine=True, lam=0.0, gamma=0.0,
                                                              rank=True, gap=1.0, floor=2.0, share=BUDGET, copy=w)
            for w in (0.0, 1.0)},
@@ -359,7 +360,7 @@ def apply_rule(tv, rule: dict, keep_ratio: float = KEEP_RATIOS[0]) -> torch.Tens
                          combine="rank" if rule.get("rank") else "linear", loss_gap_margin=rule.get("gap"),
                          loss_gap_floor=rule.get("floor"), loss_gap_floor_agree=rule.get("agree", False),
                          loss_gap_floor_order=rule.get("order", "gap"),
-                         loss_gap_floor_share=1 - keep_ratio if share == BUDGET else share,
+                         loss_gap_floor_share=default_floor_share(keep_ratio, "batch") if share == BUDGET else share,
                          loss_gap_floor_copy_share=rule.get("copy_share"), copy_loss_weight=rule.get("copy", 0.0),
                          copy_loss_order_weight=rule.get("order_copy", 0.0), keep_ratio=keep_ratio)
     total_flat = combine_paths(parts, cfg, _rms)["total"]

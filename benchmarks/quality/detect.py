@@ -351,10 +351,10 @@ def apply_rule(tv, rule: dict, keep_ratio: float = KEEP_RATIOS[0]) -> torch.Tens
         parts["adaptation_direct"] = parts["adaptation_direct"] * rule["adapt_weight"]
         parts["adaptation_causal"] = parts["adaptation_causal"] * rule["adapt_weight"]
     n = parts["adaptation_direct"].numel()
-    share = rule.get("share")
     if rule.get("leave_one_out"):
         parts["adaptation_direct"] = parts["adaptation_direct"] - parts["credit_norm_direct"] ** 2 / n
         parts["adaptation_causal"] = parts["adaptation_causal"] - parts["credit_norm_causal"] ** 2 / n
+    share = rule.get("share")
     cfg = combine_config(causal_weight=rule.get("gamma", 1.0), stability_weight=rule.get("lam", 1.0),
                          cosine=rule.get("cosine", False), normalize=rule.get("normalize", False),
                          combine="rank" if rule.get("rank") else "linear", loss_gap_margin=rule.get("gap"),
@@ -462,7 +462,7 @@ def score_world(world: World, stage: str, references: Dict[str, object], fisher,
                 if rule["target"] not in tvs:
                     continue
                 add(name, fused_rule(tvs, rule) if "also" in rule else apply_rule(tvs[rule["target"]], rule))
-                if keep_dependent(rule):
+                if keep_dependent(rule) and "also" not in rule:  # a fused rule reads no keep ratio
                     for keep in KEEP_RATIOS[1:]:
                         rescored.setdefault(name, {}).setdefault(keep, []).append(
                             apply_rule(tvs[rule["target"]], rule, keep).double().cpu())

@@ -45,11 +45,11 @@ def first_of_runs(noise):
     return noise & ~before
 
 
-def score_rules(pattern: str, rules: dict, drop_over: str = "scored"):
+def score_rules(pattern: str, rules: dict, drop_over: str = "scored", keep: float = KEEP):
     """({(world, stage, rule): [AUROC per seed]}, {(world, stage, rule): tally}) over the dumps `pattern` names: the
     AUROC of −value for noise per batch (on the scored tokens, as detect.py does), mean over a file's batches; the
     tally sums over batches [noise dropped, noise, first tokens of runs dropped, first tokens, clean dropped, clean]
-    at keep KEEP, the lowest 1 − KEEP of the `drop_over` tokens ("scored", or "response": the library's budget)
+    at `keep`, the lowest 1 − keep of the `drop_over` tokens ("scored", or "response": the library's budget)
     dropped."""
     aurocs = collections.defaultdict(list)
     drops = collections.defaultdict(lambda: [0] * 6)
@@ -63,7 +63,7 @@ def score_rules(pattern: str, rules: dict, drop_over: str = "scored"):
                 value = torch.zeros(resp.shape, dtype=torch.float64)
                 value[resp] = rule(parts).double()
                 per_rule[name].append(auroc(-value[scored], noise[scored]))
-                n_drop = int((1 - KEEP) * int(pool.sum()))
+                n_drop = int((1 - keep) * int(pool.sum()))
                 dropped = torch.zeros_like(pool)
                 if n_drop:
                     cut = torch.sort(value[pool]).values[n_drop - 1]
@@ -91,8 +91,8 @@ def print_aurocs(aurocs, rules, columns, head: str) -> None:
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {statistics.mean(values):.3f} |")
 
 
-def print_drops(drops, rules, columns, head: str) -> None:
-    print(f"\nDropped at keep {KEEP}: noise / first tokens of noise runs / clean (shares of each)")
+def print_drops(drops, rules, columns, head: str, keep: float = KEEP) -> None:
+    print(f"\nDropped at keep {keep}: noise / first tokens of noise runs / clean (shares of each)")
     print(f"| rule | {head} |\n" + "|---" * (len(columns) + 1) + "|")
     for name in rules:
         cells = []

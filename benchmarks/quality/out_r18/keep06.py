@@ -39,12 +39,11 @@ RULES = {
 
 
 def main(pattern: str):
-    F.KEEP = KEEP  # score_rules drops the lowest 1 − KEEP of the response tokens
-    aurocs, drops = F.score_rules(pattern, RULES, drop_over="response")
+    aurocs, drops = F.score_rules(pattern, RULES, drop_over="response", keep=KEEP)
     columns = F.columns_of(aurocs)
     head = " | ".join(f"{w.replace('-', ' ')} {'θ₀' if s == 'theta0' else 'SFT'}" for w, s in columns)
     F.print_aurocs(aurocs, RULES, columns, head)
-    F.print_drops(drops, RULES, columns, head)
+    F.print_drops(drops, RULES, columns, head, keep=KEEP)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ keep 0.8 and cut at 0.6), and against every scorer that is not AlphaToken's, pai
 """
 import argparse
 import csv
-import math
 import statistics as st
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from frontier import paired  # noqa: E402
 
 
 def read(paths):
@@ -16,11 +20,6 @@ def read(paths):
         for r in csv.DictReader(open(path)):
             rows[(r["world"], r["stage"], r["scorer"], int(r["seed"]))] = r
     return rows
-
-
-def mean_se(xs):
-    se = st.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
-    return f"{st.mean(xs):+.3f} ± {se:.3f}"
 
 
 def main(argv=None):
@@ -42,15 +41,15 @@ def main(argv=None):
             seeds = sorted(k[3] for k in new if k[:3] == (w, s, rule) and (w, s, rule, k[3]) in old)
             if not seeds:
                 continue
-            now_p = [float(new[(w, s, rule, x)][p]) for x in seeds]
-            now_r = [float(new[(w, s, rule, x)][r]) for x in seeds]
-            dp = [float(new[(w, s, rule, x)][p]) - float(old[(w, s, rule, x)][p]) for x in seeds]
-            dr = [float(new[(w, s, rule, x)][r]) - float(old[(w, s, rule, x)][r]) for x in seeds]
+            now = {x: (float(new[(w, s, rule, x)][p]), float(new[(w, s, rule, x)][r])) for x in seeds}
+            before = {x: (float(old[(w, s, rule, x)][p]), float(old[(w, s, rule, x)][r])) for x in seeds}
+            dp, dr = (paired(now, before, i) for i in (0, 1))
             best = max(others, key=lambda o: st.mean(float(new[(w, s, o, x)][r]) for x in seeds))
             bp = st.mean(float(new[(w, s, best, x)][p]) for x in seeds)
             br = st.mean(float(new[(w, s, best, x)][r]) for x in seeds)
-            print(f"| {rule} | {w} {s} | {len(seeds)} | {st.mean(now_p):.3f} | {st.mean(now_r):.3f} | {mean_se(dp)} | "
-                  f"{mean_se(dr)} | {best} ({bp:.3f} / {br:.3f}) |")
+            print(f"| {rule} | {w} {s} | {len(seeds)} | {st.mean(v[0] for v in now.values()):.3f} | "
+                  f"{st.mean(v[1] for v in now.values()):.3f} | {dp[0]:+.3f} ± {dp[1]:.3f} | "
+                  f"{dr[0]:+.3f} ± {dr[1]:.3f} | {best} ({bp:.3f} / {br:.3f}) |")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ match, forgetting and the shares of noise and clean tokens dropped (mean ± stan
 """
 import argparse
 import csv
-import math
 import statistics as st
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from frontier import paired  # noqa: E402
 
 FIELDS = ("target_exact_match", "forgetting", "noise_dropped_share", "clean_dropped_share")
 
@@ -27,11 +31,11 @@ def main(argv=None):
     seeds = sorted(set(rows_a) & set(rows_b))
     print(f"{len(seeds)} seeds paired: {seeds}")
     for field in FIELDS:
-        xa = [float(rows_a[s][field]) for s in seeds]
-        xb = [float(rows_b[s][field]) for s in seeds]
-        d = [x - y for x, y in zip(xa, xb)]
-        se = st.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-        print(f"{field:22s} A {st.mean(xa):.4f}  B {st.mean(xb):.4f}  A − B {st.mean(d):+.4f} ± {se:.4f}")
+        xa = {s: (float(rows_a[s][field]),) for s in seeds}
+        xb = {s: (float(rows_b[s][field]),) for s in seeds}
+        diff, se, _ = paired(xa, xb, 0)
+        mean_a, mean_b = (st.mean(v[0] for v in x.values()) for x in (xa, xb))
+        print(f"{field:22s} A {mean_a:.4f}  B {mean_b:.4f}  A − B {diff:+.4f} ± {se:.4f}")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,15 @@ Each scorer gives every response token a score in `TokenValues.total` and keeps 
 | `loss_high`     | ℓ_t                                             | the highest-loss (hardest) tokens           |
 | `entropy`       | H(p_θ(· | y_<t))                                | the most uncertain positions                |
 | `excess_loss`   | ℓ_t(θ) − ℓ_t(reference)  (Rho-1)                | tokens the model finds harder than the ref  |
+| `grad_norm_low` | −‖∇_{W_head} ℓ_t‖ = −‖p_t − e_{y_t}‖·‖h_t‖      | the smallest own head gradients (GraNd)     |
 
 ℓ_t = −log p_θ(y_t | y_<t), read from the logits at t−1 (HF causal-LM convention). `excess_loss` (alias `rho1`)
 compares with a reference model: by default a frozen snapshot of the model taken at construction (θ₀, the
 pre-trained model), as AlphaToken's reference. The score is stored in `total`, `adaptation` and `direct`;
 `stability` and `causal` are 0, so `total = adaptation + λ·stability = direct + γ·causal` holds.
+`grad_norm_low` is GraNd per token at the output head: p_t the model's distribution at the predicting position,
+e_{y_t} the label's one-hot, h_t the head's input there (the head credit of DESIGN §2.3, AlphaToken's `|C_t|`); it
+reads h_t from a forward pre-hook on the output embedding held for the forward only.
 
     with make_scorer("excess_loss", model, AlphaTokenConfig(keep_ratio=0.6)) as scorer:
         loss = scorer.value_and_loss(batch)      # masked mean CE over the kept tokens
@@ -79,15 +83,19 @@ class Scorer:
         self.last_values = tv
         return tv
 
+    def _forward(self, batch: dict) -> torch.Tensor:
+        """The model's logits for `batch` (subclasses may capture more of the same forward)."""
+        return self.model(**_model_inputs(self.model, batch)).logits
+
     def value(self, batch: dict) -> TokenValues:
         """Score the batch's response tokens and select (one forward, no gradients)."""
         with torch.no_grad():
-            logits = self.model(**_model_inputs(self.model, batch)).logits
+            logits = self._forward(batch)
         return self._values(logits, batch)
 
     def value_and_loss(self, batch: dict) -> torch.Tensor:
         """One forward: the values (in `last_values`) and the masked mean CE over kept tokens, to backpropagate."""
-        logits = self.model(**_model_inputs(self.model, batch)).logits
+        logits = self._forward(batch)
         tv = self._values(logits, batch)
         loss = masked_causal_lm_loss(logits, tv.apply(batch["labels"].to(logits.device)))
         if self.cfg.check_finite and not bool(torch.isfinite(loss)):
@@ -167,18 +175,63 @@ class ExcessLossScorer(Scorer):
         self.reference = None
 
 
+class GradNormScorer(Scorer):
+    """GraNd per token at the output head: score −‖∇_{W_head} ℓ_t‖ = −‖p_t − e_{y_t}‖·‖h_t‖, keeps the tokens whose
+    own head gradient is smallest. ℓ_t is predicted at position t−1, so p_t and h_t are read there."""
+
+    name = "grad_norm_low"
+
+    def __init__(self, model, cfg: Optional[AlphaTokenConfig] = None):
+        super().__init__(model, cfg)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not isinstance(head, torch.nn.Linear):
+            raise ValueError("grad_norm_low needs a model whose get_output_embeddings() is an nn.Linear head; got "
+                             f"{type(head).__name__}")
+        self.head = head
+        self._head_input: Optional[torch.Tensor] = None
+
+    def _forward(self, batch):
+        def keep_input(module, args):
+            self._head_input = args[0].detach()
+
+        handle = self.head.register_forward_pre_hook(keep_input)
+        try:
+            return super()._forward(batch)
+        finally:
+            handle.remove()
+
+    def score(self, logits, batch):
+        labels = batch["labels"]
+        h = self._head_input
+        self._head_input = None
+        if h is None or h.shape[:2] != labels.shape:
+            raise ValueError("grad_norm_low: the head's input was not captured for every position of the batch "
+                             f"(got {None if h is None else tuple(h.shape)} for labels {tuple(labels.shape)})")
+        log_p = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        p = log_p.exp()
+        target = labels[:, 1:]
+        p_label = p.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        # ‖p − e_y‖² = ‖p‖² − 2 p_y + 1
+        error_norm = (p.square().sum(-1) - 2 * p_label + 1).clamp(min=0).sqrt()
+        out = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+        out[:, 1:] = -(error_norm * h[:, :-1].float().norm(dim=-1).to(logits.device))
+        return torch.where(labels != -100, out, torch.zeros_like(out))
+
+
 SCORERS = {
     "random": lambda model, cfg, reference=None, seed=0: RandomScorer(model, cfg, seed=seed),
     "loss_low": lambda model, cfg, reference=None, seed=0: LossScorer(model, cfg, mode="low"),
     "loss_high": lambda model, cfg, reference=None, seed=0: LossScorer(model, cfg, mode="high"),
     "entropy": lambda model, cfg, reference=None, seed=0: EntropyScorer(model, cfg),
     "excess_loss": lambda model, cfg, reference=None, seed=0: ExcessLossScorer(model, cfg, reference=reference),
+    "grad_norm_low": lambda model, cfg, reference=None, seed=0: GradNormScorer(model, cfg),
 }
-ALIASES = {"rho1": "excess_loss", "rho-1": "excess_loss", "loss": "loss_low", "high_entropy": "entropy"}
+ALIASES = {"rho1": "excess_loss", "rho-1": "excess_loss", "loss": "loss_low", "high_entropy": "entropy",
+           "grand": "grad_norm_low"}
 
 
 def make_scorer(name: str, model, cfg: Optional[AlphaTokenConfig] = None, reference=None, seed: int = 0) -> Scorer:
-    """A scorer by name: random, loss_low, loss_high, entropy, excess_loss (alias rho1).
+    """A scorer by name: random, loss_low, loss_high, entropy, excess_loss (alias rho1), grad_norm_low (alias grand).
 
     reference: the model for excess_loss (default: a frozen copy of `model` taken now); seed: for random.
     """
@@ -188,5 +241,5 @@ def make_scorer(name: str, model, cfg: Optional[AlphaTokenConfig] = None, refere
     return SCORERS[key](model, cfg, reference=reference, seed=seed)
 
 
-__all__ = ["Scorer", "RandomScorer", "LossScorer", "EntropyScorer", "ExcessLossScorer", "SCORERS", "make_scorer",
-           "token_losses", "token_entropies"]
+__all__ = ["Scorer", "RandomScorer", "LossScorer", "EntropyScorer", "ExcessLossScorer", "GradNormScorer", "SCORERS",
+           "make_scorer", "token_losses", "token_entropies"]

@@ -73,3 +73,34 @@ def test_the_defaults_rule_is_the_librarys_defaults_valued_at_each_keep_ratio():
         values[keep] = apply_rule(tv, rule, keep)
         assert torch.allclose(values[keep][response], expected.double(), atol=1e-12), keep
     assert not torch.equal(values[KEEP_RATIOS[0]], values[KEEP_RATIOS[1]])
+
+
+def test_the_benchmarks_grad_norm_row_is_the_librarys_grad_norm_scorer():
+    """detect.py's grad_norm_low reads |C_t| from a valuer's parts: under the benchmark's tuned config over every
+    layer (and the head-only one) that is the library's GraNd scorer, −‖∇_{W_head} ℓ_t‖, on every response token."""
+    import copy
+    import warnings
+
+    from detect import valuer_configs
+    from test_scorers import random_batch, tiny_model
+
+    import alphatoken as at
+    from alphatoken.scorers import make_scorer
+
+    model = tiny_model(5).double()
+    batch = random_batch(12)
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    expected = make_scorer("grad_norm_low", model).value(batch)
+    configs = valuer_configs("all")
+    for name in ("disp_val_all", "disp_val"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with at.AlphaToken(model, configs[name], validation=batch, tuned=tuned) as valuer:
+                tv = valuer.value(batch)
+        response = tv.response
+        assert torch.equal(response, expected.response)
+        torch.testing.assert_close(-tv.parts["credit_norm_direct"][response].double(),
+                                   expected.total[response].double(), rtol=1e-5, atol=1e-6)

@@ -114,7 +114,7 @@ def test_random_scorer_is_seeded_and_keeps_count():
     assert int(a.mask.sum()) == expected_kept(batch, 0.6)
 
 
-@pytest.mark.parametrize("name", ["random", "loss_low", "loss_high", "entropy", "excess_loss"])
+@pytest.mark.parametrize("name", ["random", "loss_low", "loss_high", "entropy", "excess_loss", "grad_norm_low"])
 def test_value_and_loss_is_masked_mean_ce(name):
     model = tiny_model(0).train()
     batch = random_batch(5)
@@ -157,7 +157,7 @@ def _left_padded(batch):
     return out
 
 
-@pytest.mark.parametrize("name", ["loss_low", "entropy", "excess_loss"])
+@pytest.mark.parametrize("name", ["loss_low", "entropy", "excess_loss", "grad_norm_low"])
 def test_left_and_right_padding_get_the_same_values(name):
     """Left-padded sequences get their position_ids from the attention mask (alphatoken.batch.model_inputs), so a
     scorer values them as the right-padded ones (the unpadded sequences)."""
@@ -174,3 +174,32 @@ def test_left_and_right_padding_get_the_same_values(name):
         T = right["input_ids"].shape[1]
         torch.testing.assert_close(tv_left.total[b, T - n:], tv_right.total[b, :n], rtol=1e-5, atol=1e-5)
         assert torch.equal(tv_left.response[b, T - n:], tv_right.response[b, :n])
+
+
+def test_grad_norm_scorer_is_the_norm_of_each_tokens_own_head_gradient():
+    """grad_norm_low = −‖∇_{W_head} ℓ_t‖, each token's head gradient from its own backward pass (float64)."""
+    from alphatoken.scorers import GradNormScorer
+    from brute import head_token_gradients
+
+    model = tiny_model(3).double()
+    batch = random_batch(11)
+    scorer = GradNormScorer(model, AlphaTokenConfig(keep_ratio=0.6))
+    tv = scorer.value(batch)
+    grads, b, t = head_token_gradients(model, batch, "lm_head")
+    expected = -grads.flatten(1).norm(dim=1)
+    torch.testing.assert_close(tv.total[b, t].double(), expected, rtol=1e-5, atol=1e-6)
+    assert tv.total[~tv.response].abs().sum() == 0
+    assert int(tv.mask.sum()) == expected_kept(batch, 0.6)
+    assert not model.lm_head._forward_pre_hooks  # the hook lives for the scorer's own forward only
+    assert make_scorer("grand", model).name == "grad_norm_low"
+
+
+def test_grad_norm_scorer_refuses_a_model_without_a_linear_head():
+    from alphatoken.scorers import GradNormScorer
+
+    class NoHead(torch.nn.Module):
+        def get_output_embeddings(self):
+            return None
+
+    with pytest.raises(ValueError, match="nn.Linear head"):
+        GradNormScorer(NoHead())

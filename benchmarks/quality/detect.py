@@ -18,9 +18,11 @@ at θ₀ (the pre-trained model) and after a short full SFT on the noisy data. W
 Scorers: random, loss_low (−ℓ), loss_high (ℓ), entropy, Rho-1 with three references (θ₀; a copy fine-tuned on the
 clean validation set, the clean data AlphaToken gets; a copy fine-tuned on a clean training set of the same size
 as the noisy one, the method's intended oracle), the loss under the latter two references (ref_loss_val,
-ref_loss_clean: −ℓ_t(θ_ref), how unlikely a clean-tuned model finds the token), and AlphaToken variants. AlphaToken is valued once per batch and
-target (validation, batch) with the engine's per-path parts (`TokenValues.parts`); every combination rule is then
-applied to the same parts by `alphatoken.combine.combine_paths`, so the variants differ only in the rule.
+ref_loss_clean: −ℓ_t(θ_ref), how unlikely a clean-tuned model finds the token), grad_norm_low (GraNd per token:
+−|C_t| = −‖p_t − e_{y_t}‖·‖h_t‖, the norm of the token's own gradient of the head weight, read from a valuer's parts;
+scored wherever an AlphaToken rule is), and AlphaToken variants. AlphaToken is valued once per batch and target
+(validation, batch) with the engine's per-path parts (`TokenValues.parts`); every combination rule is then applied
+to the same parts by `alphatoken.combine.combine_paths`, so the variants differ only in the rule.
 
     python benchmarks/quality/detect.py --worlds toy-sort,toy-add --out benchmarks/quality/out_detect
     python benchmarks/quality/detect.py --worlds real-capitals,real-reverse --out benchmarks/quality/out_detect
@@ -452,8 +454,10 @@ def score_world(world: World, stage: str, references: Dict[str, object], fisher,
                 if ref_name != "theta0":  # the reference's own loss: how unlikely a clean-tuned model finds it
                     add(f"ref_loss_{ref_name}", -ref_loss)
             tvs = {target: v.value(b) for target, v in valuers.items()}
-            if tvs:  # Rho-1's exact loss difference under the cosine rule's scale: ℓ_t(θ) − ℓ_t(θ_ref), over |C_t|
+            if tvs:  # |C_t|: the head credit's norm ‖p_t − e_{y_t}‖·‖h_t‖ under every valuer's config (§2.3)
                 norm = next(iter(tvs.values())).parts["credit_norm_direct"].double()
+                add("grad_norm_low", -norm)  # GraNd per token, as alphatoken.scorers' grad_norm_low
+                # Rho-1's exact loss difference under the cosine rule's scale: ℓ_t(θ) − ℓ_t(θ_ref), over |C_t|
                 for ref_name in ("val", "clean"):
                     if ref_name in excess:
                         add(f"rho1_{ref_name}_cos", torch.where(norm > 0, excess[ref_name] / norm.clamp(min=1e-30),

@@ -56,6 +56,7 @@ METHODS = {
 METHODS["at_auto"] = MethodSpec("at_auto", config=dict(LIBRARY_DEFAULT), fisher="kfac")
 # Variants explored in RESULTS.md (run with --methods <name>); not part of "all".
 VARIANTS = {
+    "grad_norm_low": MethodSpec("grad_norm_low", kind="scorer", scorer="grad_norm_low"),  # GraNd per token (round 19)
     "at_adapt_val": MethodSpec("at_adapt_val", config=dict(stability_weight=0.0, target="validation", refresh=5), fisher=None),
     "at_stab_diag": MethodSpec("at_stab_diag", config=dict(target="none"), fisher="diag"),
     "at_adapt_direct": MethodSpec("at_adapt_direct", config=dict(stability_weight=0.0, paths="direct"), fisher=None),

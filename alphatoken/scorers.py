@@ -34,7 +34,7 @@ import torch
 from .config import AlphaTokenConfig
 from .batch import model_inputs, response_mask
 from .losses import masked_causal_lm_loss
-from .tokens import token_entropies, token_losses
+from .tokens import token_entropies, token_error_norms, token_losses
 from .values import TokenValues
 
 def _model_inputs(model, batch: dict) -> dict:
@@ -207,15 +207,9 @@ class GradNormScorer(Scorer):
         if h is None or h.shape[:2] != labels.shape:
             raise ValueError("grad_norm_low: the head's input was not captured for every position of the batch "
                              f"(got {None if h is None else tuple(h.shape)} for labels {tuple(labels.shape)})")
-        log_p = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        p = log_p.exp()
-        target = labels[:, 1:]
-        p_label = p.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        # ‖p − e_y‖² = ‖p‖² − 2 p_y + 1
-        error_norm = (p.square().sum(-1) - 2 * p_label + 1).clamp(min=0).sqrt()
-        out = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-        out[:, 1:] = -(error_norm * h[:, :-1].float().norm(dim=-1).to(logits.device))
-        return torch.where(labels != -100, out, torch.zeros_like(out))
+        feature_norm = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+        feature_norm[:, 1:] = h[:, :-1].float().norm(dim=-1).to(logits.device)  # h at t−1 predicts token t
+        return -(token_error_norms(logits, labels) * feature_norm)  # 0 outside the response
 
 
 SCORERS = {

@@ -34,6 +34,12 @@ def entropy(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def error_norm(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """‖p − e_y‖ of each row from its log-probs (n, V) and targets (n,): sqrt(‖p‖² − 2 p_y + 1)."""
+    p = logp.exp()
+    return (p.square().sum(-1) - 2 * gather(p, targets) + 1).clamp(min=0).sqrt()
+
+
 def nll_with_graph(rows: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs (n, V), NLL (n,)) of the targets from their logit rows (n, V), in the graph
     (also when the caller is under torch.no_grad: the valuation backward needs it)."""
@@ -66,6 +72,11 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def token_entropies(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B, T) float32: entropy of the predictive distribution at t−1 for response positions t; 0 elsewhere."""
     return _per_response_token(logits, labels, lambda logp, y: entropy(logp))
+
+
+def token_error_norms(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) float32: ‖p_θ(· | y_<t) − e_{y_t}‖ from logits[:, t−1] (EL2N per token); 0 outside the response."""
+    return _per_response_token(logits, labels, error_norm)
 
 
 def reference_logprobs(model, batch: dict) -> torch.Tensor:

@@ -140,10 +140,17 @@ def test_sequence_selection_and_unknown_name():
 
 
 def test_helpers_zero_outside_response():
+    from alphatoken.tokens import token_error_norms
+
     logits = torch.randn(2, 5, 7)
     labels = torch.tensor([[-100, 1, 2, -100, -100], [-100, -100, 3, 4, 5]])
     assert token_losses(logits, labels)[labels == -100].abs().sum() == 0
     assert token_entropies(logits, labels)[labels == -100].abs().sum() == 0
+    norms = token_error_norms(logits, labels)
+    assert norms[labels == -100].abs().sum() == 0
+    for b, t in (labels != -100).nonzero().tolist():  # ‖softmax − one-hot‖ written out, float64
+        p = torch.softmax(logits[b, t - 1].double(), -1)
+        assert abs(float(norms[b, t]) - float((p - torch.eye(7, dtype=torch.float64)[labels[b, t]]).norm())) < 1e-6
 
 
 def _left_padded(batch):

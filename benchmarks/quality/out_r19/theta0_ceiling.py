@@ -72,17 +72,23 @@ RULES = {
 }
 
 
-def features(p):
-    """(n, k) per-token features of one batch's parts and their names: per-batch ranks, then nats."""
-    cols = {"rank A": percentile_rank(p["adaptation_direct"].double()),
-            "rank copy's loss": percentile_rank(-p["copy_loss"].double()),
-            "rank |C_t|": percentile_rank(-p["credit_norm_direct"].double()),
-            "rank causal A": percentile_rank(p["adaptation_causal"].double()),
-            "rank −ℓ": percentile_rank(-p["loss"].double()),
-            "rank gap": percentile_rank(p["loss_gap"].double()),
-            "copy's loss": -p["copy_loss"].double(), "−ℓ": -p["loss"].double(), "gap": p["loss_gap"].double(),
-            "A / |C_t|": p["adaptation_direct"].double() / (p["credit_norm_direct"].double() + 1e-12)}
-    return torch.stack(list(cols.values()), 1), list(cols)
+FEATURES = {  # per-token features of one batch's parts: per-batch ranks, then nats
+    "rank A": lambda p: percentile_rank(p["adaptation_direct"].double()),
+    "rank copy's loss": lambda p: percentile_rank(-p["copy_loss"].double()),
+    "rank |C_t|": lambda p: percentile_rank(-p["credit_norm_direct"].double()),
+    "rank causal A": lambda p: percentile_rank(p["adaptation_causal"].double()),
+    "rank −ℓ": lambda p: percentile_rank(-p["loss"].double()),
+    "rank gap": lambda p: percentile_rank(p["loss_gap"].double()),
+    "copy's loss": lambda p: -p["copy_loss"].double(),
+    "−ℓ": lambda p: -p["loss"].double(),
+    "gap": lambda p: p["loss_gap"].double(),
+    "A / |C_t|": lambda p: p["adaptation_direct"].double() / (p["credit_norm_direct"].double() + 1e-12),
+}
+
+
+def features(p) -> torch.Tensor:
+    """(n, len(FEATURES)) features of one batch's parts, columns in FEATURES' order."""
+    return torch.stack([f(p) for f in FEATURES.values()], 1)
 
 
 FITS = {"fit: ranks of A, copy's loss": ["rank A", "rank copy's loss"],
@@ -95,7 +101,7 @@ def scored_batches(path):
     out = []
     for _, _, batches in read_dumps(path):
         for b in batches:
-            x, _ = features(b["parts"])
+            x = features(b["parts"])
             full = torch.zeros(b["response"].shape + (x.shape[1],), dtype=torch.float64)
             full[b["response"]] = x
             out.append((full[b["scored"]], b["noise"][b["scored"]]))
@@ -123,8 +129,7 @@ def fit_logistic(train, cols):
 
 def fitted_ceiling(root: str, columns):
     """{(world, stage, fit): [held-out AUROC per seed]}: leave one seed out within each world and stage."""
-    _, names = features({k: torch.zeros(1) for k in ("adaptation_direct", "copy_loss", "credit_norm_direct",
-                                                      "adaptation_causal", "loss", "loss_gap")})
+    names = list(FEATURES)
     out = {}
     for world, stage in columns:
         per_seed = {path: scored_batches(path) for path in sorted(glob.glob(f"{root}/{world}_s*_{stage}.pt"))}

@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 
 from .config import AlphaTokenConfig
-from .batch import model_inputs, response_mask
+from .batch import model_inputs, response_mask, unwrap_model
+from .layers import find_head
 from .losses import masked_causal_lm_loss
 from .tokens import token_entropies, token_error_norms, token_losses
 from .values import TokenValues
@@ -183,11 +184,7 @@ class GradNormScorer(Scorer):
 
     def __init__(self, model, cfg: Optional[AlphaTokenConfig] = None):
         super().__init__(model, cfg)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if not isinstance(head, torch.nn.Linear):
-            raise ValueError("grad_norm_low needs a model whose get_output_embeddings() is an nn.Linear head; got "
-                             f"{type(head).__name__}")
-        self.head = head
+        _, self.head = find_head(unwrap_model(model))  # the valuer's head (§2.2), inside any DDP / compile wrapper
         self._head_input: Optional[torch.Tensor] = None
 
     def _forward(self, batch):

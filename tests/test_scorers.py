@@ -200,6 +200,17 @@ def test_grad_norm_scorer_is_the_norm_of_each_tokens_own_head_gradient():
     assert not model.lm_head._forward_pre_hooks  # the hook lives for the scorer's own forward only
     assert make_scorer("grand", model).name == "grad_norm_low"
 
+    class Wrapped(torch.nn.Module):  # a DDP-style wrapper: `.module`, no get_output_embeddings of its own
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kwargs):
+            return self.module(**kwargs)
+
+    wrapped = GradNormScorer(Wrapped(model), AlphaTokenConfig(keep_ratio=0.6)).value(batch)
+    assert torch.equal(wrapped.total, tv.total)
+
 
 def test_grad_norm_scorer_refuses_a_model_without_a_linear_head():
     from alphatoken.scorers import GradNormScorer
@@ -208,5 +219,5 @@ def test_grad_norm_scorer_refuses_a_model_without_a_linear_head():
         def get_output_embeddings(self):
             return None
 
-    with pytest.raises(ValueError, match="nn.Linear head"):
-        GradNormScorer(NoHead())
+    with pytest.raises(ValueError, match=r"linear output head: NoHead\.get_output_embeddings\(\) returned None"):
+        GradNormScorer(NoHead())  # the valuer's own head check (layers.find_head), message and all

@@ -26,9 +26,19 @@ from out_r12.dump_parts import library_rule, read_dumps  # noqa: E402
 KEEP = 0.8
 
 
+def copy_loss(p):
+    """−ℓ_t(θ_val): the tuned copy's own loss as a score (its gap's forward; §3.11)."""
+    return -p["copy_loss"]
+
+
+def oracle_copy_loss(p):
+    """−ℓ_t(θ_clean) = −(ℓ_t(θ_val) + G_t − G_t^clean): the oracle copy's own loss, from the two gaps."""
+    return -(p["copy_loss"] + p["loss_gap"] - p["gap_clean"])
+
+
 RULES = {
-    "the copy's loss (validation copy)": lambda p: -p["copy_loss"],
-    "the oracle copy's loss": lambda p: -(p["copy_loss"] + p["loss_gap"] - p["gap_clean"]),
+    "the copy's loss (validation copy)": copy_loss,
+    "the oracle copy's loss": oracle_copy_loss,
     "round-15 defaults (floor 2, uncapped)": library_rule(loss_gap_floor=2.0),
     "floor 2 capped at the budget (round-16 defaults)": library_rule(loss_gap_floor=2.0, loss_gap_floor_share=1 - KEEP),
     "w = 1, floor 2 capped": library_rule(loss_gap_floor=2.0, loss_gap_floor_share=1 - KEEP, copy_loss_weight=1.0),

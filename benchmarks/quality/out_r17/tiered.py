@@ -21,13 +21,10 @@ QUAL = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(QUAL))
 from alphatoken.combine import percentile_rank  # noqa: E402
 from out_r12.dump_parts import library_rule  # noqa: E402
-from out_r16.floor_share import KEEP, columns_of, print_aurocs, print_drops, score_rules  # noqa: E402
+from out_r16.floor_share import (KEEP, columns_of, copy_loss, oracle_copy_loss, print_aurocs,  # noqa: E402
+                                 print_drops, score_rules)
 
 DEFAULTS = library_rule(loss_gap_floor=2.0, loss_gap_floor_share=1 - KEEP)
-
-
-def copy_loss(p):
-    return -p["copy_loss"]
 
 
 def tiered(select, order):
@@ -66,7 +63,7 @@ BASELINES = {
     "Rho-1 (validation copy)": lambda p: p["loss_gap"],
     "Rho-1 (oracle copy)": lambda p: p["gap_clean"],
     "the copy's loss": copy_loss,
-    "the oracle copy's loss": lambda p: -(p["copy_loss"] + p["loss_gap"] - p["gap_clean"]),
+    "the oracle copy's loss": oracle_copy_loss,
 }
 RULES = {
     **BASELINES,

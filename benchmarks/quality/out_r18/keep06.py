@@ -25,8 +25,8 @@ def at_keep(keep=KEEP, **fields):
 
 
 RULES = {
-    "the copy's loss": lambda p: -p["copy_loss"],
-    "the oracle copy's loss": lambda p: -(p["copy_loss"] + p["loss_gap"] - p["gap_clean"]),
+    "the copy's loss": F.copy_loss,
+    "the oracle copy's loss": F.oracle_copy_loss,
     "Rho-1 (validation copy)": lambda p: p["loss_gap"],
     "defaults at keep 0.6 (floor share 0.4, order weight 1)": at_keep(),
     "keep 0.8's defaults cut at 0.6 (detect.py before round 18)": at_keep(0.8),

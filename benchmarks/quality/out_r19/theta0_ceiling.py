@@ -28,7 +28,7 @@ sys.path.insert(0, str(QUAL))
 from alphatoken.combine import percentile_rank  # noqa: E402
 from detect import auroc  # noqa: E402
 from out_r12.dump_parts import library_rule, read_dumps  # noqa: E402
-from out_r16.floor_share import columns_of, print_aurocs, score_rules  # noqa: E402
+from out_r16.floor_share import columns_of, copy_loss, oracle_copy_loss, print_aurocs, score_rules  # noqa: E402
 
 DEFAULTS = library_rule(loss_gap_floor=2.0, loss_gap_floor_share=0.2, copy_loss_order_weight=1.0)
 FIRST_ORDER = library_rule()  # the ranked first-order value alone (the cosine rule, no floor, no copy's loss)
@@ -52,17 +52,13 @@ def agreement_weighted(parts_of):
     return rule
 
 
-def copy_loss(p):
-    return -p["copy_loss"]
-
-
 def grad_norm(p):
     return -p["credit_norm_direct"]
 
 
 RULES = {
     "the copy's loss": copy_loss,
-    "the oracle copy's loss": lambda p: -(p["copy_loss"] + p["loss_gap"] - p["gap_clean"]),
+    "the oracle copy's loss": oracle_copy_loss,
     "−ℓ": lambda p: -p["loss"],
     "GraNd per token (−|C_t|)": grad_norm,
     "defaults": DEFAULTS,

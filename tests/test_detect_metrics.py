@@ -78,10 +78,10 @@ def test_the_defaults_rule_is_the_librarys_defaults_valued_at_each_keep_ratio():
 def test_the_benchmarks_grad_norm_row_is_the_librarys_grad_norm_scorer():
     """detect.py's grad_norm_low reads |C_t| from a valuer's parts: under the benchmark's tuned config over every
     layer (and the head-only one) that is the library's GraNd scorer, −‖∇_{W_head} ℓ_t‖, on every response token."""
-    import copy
     import warnings
 
     from detect import valuer_configs
+    from models import moved_copy
     from test_scorers import random_batch, tiny_model
 
     import alphatoken as at
@@ -89,10 +89,7 @@ def test_the_benchmarks_grad_norm_row_is_the_librarys_grad_norm_scorer():
 
     model = tiny_model(5).double()
     batch = random_batch(12)
-    tuned = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    tuned = moved_copy(model, 5)
     expected = make_scorer("grad_norm_low", model).value(batch)
     configs = valuer_configs("all")
     for name in ("disp_val_all", "disp_val"):

@@ -101,3 +101,35 @@ def test_the_benchmarks_grad_norm_row_is_the_librarys_grad_norm_scorer():
         assert torch.equal(response, expected.response)
         torch.testing.assert_close(-tv.parts["credit_norm_direct"][response].double(),
                                    expected.total[response].double(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_benchmarks_reference_grad_norm_rows_are_the_librarys_scorer_on_that_reference():
+    """detect.py's ref_grad_norm_<ref> and its factor rows read one forward with a head pre-hook
+    (`logits_and_feature_norms`): the feature norm is ‖h_{t−1}‖ of the final hidden state (brute force from
+    output_hidden_states), and EL2N times it is the library's GraNd scorer run on that reference."""
+    from detect import logits_and_feature_norms
+    from models import moved_copy
+    from test_scorers import random_batch, tiny_model
+
+    from alphatoken.layers import find_head
+    from alphatoken.scorers import make_scorer, token_error_norms
+
+    model = tiny_model(7).double()
+    reference = moved_copy(model, 8)
+    batch = random_batch(13)
+    for net in (model, reference):
+        logits, feature_norm = logits_and_feature_norms(net, batch)
+        with torch.no_grad():
+            out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        torch.testing.assert_close(logits, out.logits)
+        hidden = out.hidden_states[-1].double()  # the head's input (Llama applies its final norm there)
+        expected_norm = torch.zeros_like(feature_norm)
+        expected_norm[:, 1:] = hidden[:, :-1].norm(dim=-1)
+        torch.testing.assert_close(feature_norm, expected_norm)
+        assert len(find_head(net)[1]._forward_pre_hooks) == 0  # the hook is gone
+        library = make_scorer("grad_norm_low", net).value(batch)
+        row = -token_error_norms(logits, batch["labels"]).double() * feature_norm
+        response = library.response
+        assert response.sum() > 10
+        torch.testing.assert_close(row[response], library.total[response].double(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(logits_and_feature_norms(model, batch)[1], feature_norm)  # the copy moved

@@ -20,7 +20,9 @@ clean validation set, the clean data AlphaToken gets; a copy fine-tuned on a cle
 as the noisy one, the method's intended oracle), the loss under the latter two references (ref_loss_val,
 ref_loss_clean: −ℓ_t(θ_ref), how unlikely a clean-tuned model finds the token), grad_norm_low (GraNd per token:
 −|C_t| = −‖p_t − e_{y_t}‖·‖h_t‖, the norm of the token's own gradient of the head weight, read from a valuer's parts;
-scored wherever an AlphaToken rule is), and AlphaToken variants. AlphaToken is valued once per batch and target
+scored wherever an AlphaToken rule is), its two factors' analysis rows under the run's model (error_norm_low:
+−‖p_t − e_{y_t}‖, EL2N; feature_norm_low: −‖h_t‖), GraNd under each clean-tuned reference (ref_grad_norm_val,
+_clean, _own), and AlphaToken variants. AlphaToken is valued once per batch and target
 (validation, batch) with the engine's per-path parts (`TokenValues.parts`); every combination rule is then applied
 to the same parts by `alphatoken.combine.combine_paths`, so the variants differ only in the rule.
 
@@ -51,7 +53,9 @@ import torch
 import alphatoken as at
 from alphatoken.combine import combine_paths, percentile_rank
 from alphatoken.config import AlphaTokenConfig
-from alphatoken.scorers import token_entropies, token_losses
+from alphatoken.batch import unwrap_model
+from alphatoken.layers import find_head
+from alphatoken.scorers import token_entropies, token_error_norms, token_losses
 from alphatoken.select import select_local
 from alphatoken.targets import default_floor_share
 
@@ -98,6 +102,23 @@ class World:
     retention: Optional[dict] = None         # the base model's own answer openings (alphatoken.retention)
     run_lr: float = 1e-4                     # the SFT stage's learning rate, which the library's own copy is tuned at
     trainable: Optional[Callable] = None     # trainable(model): the parameters the run trains (None: all)
+
+
+def logits_and_feature_norms(model, batch: dict):
+    """(logits, (B, T) ‖h_t‖): one forward of `model` on `batch`, with h_t the head's input at the row that predicts
+    token t (row t − 1; 0 at t = 0), read by a forward pre-hook held for this forward only, as
+    `alphatoken.scorers.GradNormScorer` reads it (tests/test_detect_metrics.py holds the two to each other)."""
+    _, head = find_head(unwrap_model(model))
+    seen = {}
+    handle = head.register_forward_pre_hook(lambda module, args: seen.__setitem__("h", args[0].detach()))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    finally:
+        handle.remove()
+    norms = torch.zeros(batch["labels"].shape, dtype=torch.float64)
+    norms[:, 1:] = seen["h"][:, :-1].double().norm(dim=-1).cpu()
+    return logits, norms
 
 
 def _strip(batch: dict) -> dict:
@@ -437,22 +458,24 @@ def score_world(world: World, stage: str, references: Dict[str, object], fisher,
     try:
         for batch in world.batches:
             b = _strip(batch)
-            with torch.no_grad():
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            logits, feature_norm = logits_and_feature_norms(model, b)
             loss = token_losses(logits, b["labels"]).double()
             add("random", torch.rand(b["labels"].shape, generator=gen))
             add("loss_low", -loss)
             add("loss_high", loss)
             add("entropy", token_entropies(logits, b["labels"]))
+            add("error_norm_low", -token_error_norms(logits, b["labels"]).double())  # GraNd's two factors
+            add("feature_norm_low", -feature_norm)
             excess = {}
             for ref_name, ref in references.items():
-                with torch.no_grad():
-                    ref_logits = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                ref_logits, ref_feature_norm = logits_and_feature_norms(ref, b)
                 ref_loss = token_losses(ref_logits, b["labels"]).double()
                 excess[ref_name] = loss - ref_loss
                 add(f"rho1_{ref_name}", excess[ref_name])
-                if ref_name != "theta0":  # the reference's own loss: how unlikely a clean-tuned model finds it
+                if ref_name != "theta0":  # how unlikely a clean-tuned model finds the token, and its GraNd there
                     add(f"ref_loss_{ref_name}", -ref_loss)
+                    add(f"ref_grad_norm_{ref_name}",
+                        -token_error_norms(ref_logits, b["labels"]).double() * ref_feature_norm)
             tvs = {target: v.value(b) for target, v in valuers.items()}
             if tvs:  # |C_t|: the head credit's norm ‖p_t − e_{y_t}‖·‖h_t‖ under every valuer's config (§2.3)
                 norm = next(iter(tvs.values())).parts["credit_norm_direct"].double()

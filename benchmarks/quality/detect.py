@@ -20,7 +20,7 @@ clean validation set, the clean data AlphaToken gets; a copy fine-tuned on a cle
 as the noisy one, the method's intended oracle), the loss under the latter two references (ref_loss_val,
 ref_loss_clean: −ℓ_t(θ_ref), how unlikely a clean-tuned model finds the token), grad_norm_low (GraNd per token:
 −|C_t| = −‖p_t − e_{y_t}‖·‖h_t‖, the norm of the token's own gradient of the head weight, read from a valuer's parts;
-scored wherever an AlphaToken rule is), its two factors' analysis rows under the run's model (error_norm_low:
+scored wherever an AlphaToken rule is), GraNd's two factors under the run's model as analysis rows (error_norm_low:
 −‖p_t − e_{y_t}‖, EL2N; feature_norm_low: −‖h_t‖), GraNd under each clean-tuned reference (ref_grad_norm_val,
 _clean, _own), and AlphaToken variants. AlphaToken is valued once per batch and target
 (validation, batch) with the engine's per-path parts (`TokenValues.parts`); every combination rule is then applied
@@ -51,9 +51,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import alphatoken as at
+from alphatoken.batch import unwrap_model
 from alphatoken.combine import combine_paths, percentile_rank
 from alphatoken.config import AlphaTokenConfig
-from alphatoken.batch import unwrap_model
 from alphatoken.layers import find_head
 from alphatoken.scorers import token_entropies, token_error_norms, token_losses
 from alphatoken.select import select_local

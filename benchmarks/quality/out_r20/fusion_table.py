@@ -12,14 +12,14 @@ from pathlib import Path
 SCORERS = [
     ("at_dispval_all_copy0_floor2cap_order1_direct", "defaults"),
     ("grad_norm_low", "GraNd under the run's model"),
-    ("grand_val", "GraNd under the validation copy (`ref_grad_norm_val`)"),
+    ("ref_grad_norm_val", "GraNd under the validation copy (`ref_grad_norm_val`)"),
     ("el2n_val", "the validation copy's EL2N, −‖p_val − e_y‖"),
     ("featnorm_val", "the validation copy's feature norm, −‖h_val‖"),
     ("ref_loss_val", "the validation copy's loss"),
-    ("ord+0.5grand_val", "defaults' order fused with the copy's GraNd, w 0.5 (mask kept)"),
-    ("ord+1grand_val", "defaults' order fused with the copy's GraNd, w 1 (mask kept)"),
-    ("def+0.5grand_val", "defaults' values rank-fused with the copy's GraNd, w 0.5 (mask moves)"),
-    ("def+1grand_val", "defaults' values rank-fused with the copy's GraNd, w 1 (mask moves)"),
+    ("ord+0.5:val", "defaults' order fused with the copy's GraNd, w 0.5 (mask kept)"),
+    ("ord+1:val", "defaults' order fused with the copy's GraNd, w 1 (mask kept)"),
+    ("def+0.5:val", "defaults' values rank-fused with the copy's GraNd, w 0.5 (mask moves)"),
+    ("def+1:val", "defaults' values rank-fused with the copy's GraNd, w 1 (mask moves)"),
 ]
 
 

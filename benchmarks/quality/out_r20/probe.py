@@ -1,17 +1,21 @@
-"""Round 20 probe: GraNd's two factors under each model, GraNd under the clean-tuned copies, and two ways of fusing
-the validation copy's GraNd into the defaults (an idea check, not a library rule).
+"""Round 20 probe: GraNd's two factors under each clean-tuned copy, and two ways of fusing the validation copy's
+GraNd into the defaults (an idea check, not a library rule).
 
 For one world and seed (built as detect.py builds it: the same references, Fisher and batches), at θ₀ and after the
-short SFT, scores every detect.py row at the defaults' rule plus, per response token:
+short SFT, writes every detect.py row at the defaults' rule (GraNd under each copy is detect.py's
+`ref_grad_norm_<ref>`) plus, per response token:
 
-* grand_<ref>, el2n_<ref>, featnorm_<ref>: −‖p − e_y‖·‖h‖, −‖p − e_y‖ and −‖h‖ under θ₀, the validation copy, the
-  oracle's clean copy and the library's own copy (h: the head's input at the predicting row);
-* def+<w>grand_<ref>: the defaults' values and the copy's GraNd rank-fused, (rank(v) + w·rank(g)) / (1 + w): the
-  mask moves;
-* ord+<w>grand_<ref>: the defaults' mask kept, each side of the drop budget reordered by rank(o + w·rank(g)), o
-  the defaults' own order (an emulation of a third term in DESIGN §3.12's order).
+* el2n_<ref>, featnorm_<ref>: GraNd's two factors under the validation copy, the oracle's clean copy and the
+  library's own copy, −‖p_ref − e_y‖ and −‖h_ref‖ (h: the head's input at the predicting row);
+* def+<w>:<ref>: the defaults' values and the copy's GraNd rank-fused, (rank(v) + w·rank(g)) / (1 + w): the mask
+  moves;
+* ord+<w>:<ref>: the defaults' mask kept, each side of the drop budget reordered by rank(o + w·rank(g)), o the
+  defaults' own order (an emulation of a third term in DESIGN §3.12's order).
 
-    python benchmarks/quality/out_r20/probe.py toy-copy 0 OUT.csv      # AUROC rows; fusion_table.py reads p_*.csv
+Ranks are the library's percentile ranks over the batch's response tokens (`alphatoken.combine.percentile_rank`,
+ties sharing their average rank).
+
+    python benchmarks/quality/out_r20/probe.py toy-copy 0 OUT/p_toy-copy0.csv     # fusion_table.py reads p_*.csv
 """
 import copy
 import csv
@@ -24,24 +28,17 @@ import torch
 QUAL = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(QUAL))
 import detect as D  # noqa: E402
-from alphatoken.tokens import token_error_norms, token_losses  # noqa: E402
+from alphatoken.combine import percentile_rank  # noqa: E402
+from alphatoken.tokens import token_error_norms  # noqa: E402
 
 DEF = "at_dispval_all_copy0_floor2cap_order1_direct"  # the defaults' rule in detect.py
+COPIES = ("val", "clean", "own")
 
 
-def head_stats(model, b):
-    """(ℓ_t, ‖p_t − e_{y_t}‖, ‖h_t‖) per (B, T) under `model`, from one forward (detect.logits_and_feature_norms)."""
-    logits, feature_norm = D.logits_and_feature_norms(model, b)
-    return (token_losses(logits, b["labels"]).double(), token_error_norms(logits, b["labels"]).double(),
-            feature_norm)
-
-
-def prank(x, resp):
-    """Percentile ranks in (0, 1] of x over the positions `resp` (0 elsewhere; ties broken by position)."""
+def ranked(x: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """(B, T) percentile ranks of x over the response positions (0 elsewhere)."""
     out = torch.zeros_like(x)
-    v = x[resp]
-    order = v.argsort().argsort().double()
-    out[resp] = (order + 1) / len(v)
+    out[response] = percentile_rank(x[response])
     return out
 
 
@@ -63,23 +60,21 @@ def main(world_name: str, seed: int, out_csv: str) -> None:
         extra = {}
         for i, batch in enumerate(world.batches):
             b = D._strip(batch)
-            _, en, hn = head_stats(world.model, b)
-            st = {rn: head_stats(refs[rn], b) for rn in ("val", "clean", "own", "theta0")}
-            cand = {
-                "el2n": -en, "feat_norm_low": -hn,
-                **{f"grand_{rn}": -(st[rn][1] * st[rn][2]) for rn in st},
-                **{f"el2n_{rn}": -st[rn][1] for rn in st},
-                **{f"featnorm_{rn}": -st[rn][2] for rn in st},
-            }
-            d = scores[DEF][i]
-            rv = b["labels"] != -100  # the defaults' ranks are over every response token
-            dropped = d <= 0
-            o = torch.where(dropped, d + 1, d)
-            for k in ("grand_val", "grand_own", "grand_clean"):
+            cand = {}
+            for ref_name in COPIES:  # GraNd's factors under each copy (their product is detect.py's row)
+                logits, feature_norm = D.logits_and_feature_norms(refs[ref_name], b)
+                cand[f"el2n_{ref_name}"] = -token_error_norms(logits, b["labels"]).double()
+                cand[f"featnorm_{ref_name}"] = -feature_norm
+            values = scores[DEF][i]
+            response = b["labels"] != -100  # the defaults' ranks are over every response token
+            dropped = values <= 0
+            order = torch.where(dropped, values + 1, values)
+            for ref_name in COPIES:
+                grand = ranked(scores[f"ref_grad_norm_{ref_name}"][i], response)
                 for w in (0.5, 1.0, 2.0):
-                    cand[f"def+{w:g}{k}"] = (prank(d, rv) + w * prank(cand[k], rv)) / (1 + w)
-                    o2 = prank(o + w * prank(cand[k], rv), rv)
-                    cand[f"ord+{w:g}{k}"] = torch.where(dropped, o2 - 1, o2)
+                    cand[f"def+{w:g}:{ref_name}"] = (ranked(values, response) + w * grand) / (1 + w)
+                    reordered = ranked(order + w * grand, response)
+                    cand[f"ord+{w:g}:{ref_name}"] = torch.where(dropped, reordered - 1, reordered)
             for k, v in cand.items():
                 extra.setdefault(k, []).append(v)
         scores.update(extra)
@@ -87,13 +82,12 @@ def main(world_name: str, seed: int, out_csv: str) -> None:
         for k, r in res.items():
             rows.append({"world": world_name, "seed": seed, "stage": stage, "scorer": k, "auroc": r["auroc"],
                          "git": D.git_revision()})
-        shown = [DEF, "grad_norm_low", "grand_val", "grand_own", "def+1grand_val", "ord+1grand_val", "ord+2grand_val",
-                 "ord+1grand_own", "ref_loss_val", "ref_loss_clean"]
+        shown = [DEF, "grad_norm_low", "ref_grad_norm_val", "ref_loss_val", "def+1:val", "ord+1:val"]
         print(world_name, seed, stage, {k: round(res[k]["auroc"], 3) for k in shown}, flush=True)
     with open(out_csv, "w") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,25 @@ class ExcessLossScorer(Scorer):
         self.reference = None
 
 
+def logits_and_head_input(model, head: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward `model(**inputs)`: (its logits, the input of its output head `head`, (B, T, d), detached), the
+    latter read by a forward pre-hook held for this forward only."""
+    seen = {}
+    handle = head.register_forward_pre_hook(lambda module, args: seen.__setitem__("h", args[0].detach()))
+    try:
+        logits = model(**inputs).logits
+    finally:
+        handle.remove()
+    return logits, seen.get("h")
+
+
+def predicting_feature_norms(head_input: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, T) ‖h_{t−1}‖ in `dtype`: the norm of the head's input at the row that predicts token t (0 at t = 0)."""
+    norms = torch.zeros(head_input.shape[:2], dtype=dtype, device=head_input.device)
+    norms[:, 1:] = head_input[:, :-1].to(dtype).norm(dim=-1)
+    return norms
+
+
 class GradNormScorer(Scorer):
     """GraNd per token at the output head: score −‖∇_{W_head} ℓ_t‖ = −‖p_t − e_{y_t}‖·‖h_t‖, keeps the tokens whose
     own head gradient is smallest. ℓ_t is predicted at position t−1, so p_t and h_t are read there."""
@@ -188,14 +207,8 @@ class GradNormScorer(Scorer):
         self._head_input: Optional[torch.Tensor] = None
 
     def _forward(self, batch):
-        def keep_input(module, args):
-            self._head_input = args[0].detach()
-
-        handle = self.head.register_forward_pre_hook(keep_input)
-        try:
-            return super()._forward(batch)
-        finally:
-            handle.remove()
+        logits, self._head_input = logits_and_head_input(self.model, self.head, _model_inputs(self.model, batch))
+        return logits
 
     def score(self, logits, batch):
         labels = batch["labels"]
@@ -204,8 +217,7 @@ class GradNormScorer(Scorer):
         if h is None or h.shape[:2] != labels.shape:
             raise ValueError("grad_norm_low: the head's input was not captured for every position of the batch "
                              f"(got {None if h is None else tuple(h.shape)} for labels {tuple(labels.shape)})")
-        feature_norm = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-        feature_norm[:, 1:] = h[:, :-1].float().norm(dim=-1).to(logits.device)  # h at t−1 predicts token t
+        feature_norm = predicting_feature_norms(h).to(logits.device)  # h at t−1 predicts token t
         return -(token_error_norms(logits, labels) * feature_norm)  # 0 outside the response
 
 
@@ -233,4 +245,4 @@ def make_scorer(name: str, model, cfg: Optional[AlphaTokenConfig] = None, refere
 
 
 __all__ = ["Scorer", "RandomScorer", "LossScorer", "EntropyScorer", "ExcessLossScorer", "GradNormScorer", "SCORERS",
-           "make_scorer", "token_losses", "token_entropies"]
+           "make_scorer", "token_losses", "token_entropies", "logits_and_head_input", "predicting_feature_norms"]

@@ -55,7 +55,8 @@ from alphatoken.batch import unwrap_model
 from alphatoken.combine import combine_paths, percentile_rank
 from alphatoken.config import AlphaTokenConfig
 from alphatoken.layers import find_head
-from alphatoken.scorers import token_entropies, token_error_norms, token_losses
+from alphatoken.scorers import (logits_and_head_input, predicting_feature_norms, token_entropies, token_error_norms,
+                                token_losses)
 from alphatoken.select import select_local
 from alphatoken.targets import default_floor_share
 
@@ -105,20 +106,13 @@ class World:
 
 
 def logits_and_feature_norms(model, batch: dict):
-    """(logits, (B, T) ‖h_t‖): one forward of `model` on `batch`, with h_t the head's input at the row that predicts
-    token t (row t − 1; 0 at t = 0), read by a forward pre-hook held for this forward only, as
-    `alphatoken.scorers.GradNormScorer` reads it (tests/test_detect_metrics.py holds the two to each other)."""
+    """(logits, (B, T) ‖h_t‖ in float64): one forward of `model` on `batch`, with h_t the head's input at the row that
+    predicts token t (0 at t = 0), read as `alphatoken.scorers.GradNormScorer` reads it (the same two functions)."""
     _, head = find_head(unwrap_model(model))
-    seen = {}
-    handle = head.register_forward_pre_hook(lambda module, args: seen.__setitem__("h", args[0].detach()))
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    finally:
-        handle.remove()
-    norms = torch.zeros(batch["labels"].shape, dtype=torch.float64)
-    norms[:, 1:] = seen["h"][:, :-1].double().norm(dim=-1).cpu()
-    return logits, norms
+    with torch.no_grad():
+        logits, head_input = logits_and_head_input(
+            model, head, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    return logits, predicting_feature_norms(head_input, torch.float64).cpu()
 
 
 def _strip(batch: dict) -> dict:

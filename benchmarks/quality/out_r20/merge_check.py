@@ -19,4 +19,4 @@ for r in rows:
         same += 1
     else:
         diff += 1; print("DIFF", k, r["auroc"], prev[k]["auroc"])
-print(f"{len(rows)} rows: {same} equal to round 19, {diff} differ, {new} new")
+print(f"{len(rows)} rows: {same} equal to {old}, {diff} differ, {new} not in it")
